@@ -1,0 +1,172 @@
+"""The embedded backend: each attempt in a forked child process on this machine.
+
+Forking (not spawning) is what lets lambdas and closures run, and lets a task
+read its upstream results from the parent's ``Workflow`` as it was at fork
+time. A child process per attempt is what lets a timeout kill the attempt and
+everything it started (the child leads its own process group), and keeps a
+segfault or ``os._exit`` in a task from taking the run down.
+"""
+from __future__ import annotations
+
+import multiprocessing
+import os
+import pickle
+import signal
+import time
+from collections import deque
+from dataclasses import dataclass
+from multiprocessing.connection import Connection, wait
+from typing import Any, Mapping, Optional, Sequence
+
+from orchestrator.actions import Dispatch
+from orchestrator.coordinator import Step
+from orchestrator.task import Task
+from shared.events import Event, TaskFailed, TaskStarted, TaskSucceeded
+from shared.messages import SUCCEEDED, Outcome
+from shared.states import FailureKind
+from worker.execute import describe_exception, run_attempt
+
+DEFAULT_MAX_WORKERS = 4
+
+
+@dataclass
+class _Attempt:
+    task: str
+    attempt: int
+    process: multiprocessing.process.BaseProcess
+    conn: Connection
+    started_at: float
+    deadline: Optional[float]
+
+
+def _child(task: Task, attempt: int, run_id: str, conn: Connection) -> None:
+    os.setpgrp()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the coordinator's to handle
+    try:
+        func = task.resolve()
+    except Exception as exc:
+        outcome = Outcome(run_id=run_id, task=task.name, attempt=attempt, status="failed", at=time.time(),
+                          error=describe_exception(exc), started_at=time.time())
+    else:
+        outcome = run_attempt(func, task.args, task.kwargs, run_id=run_id, task=task.name, attempt=attempt)
+    conn.send_bytes(pickle.dumps(outcome))
+    conn.close()
+
+
+class LocalBackend:
+    """Runs at most ``max_workers`` attempts at once; the rest wait in a FIFO queue."""
+
+    def __init__(self, tasks: Mapping[str, Task], max_workers: int = DEFAULT_MAX_WORKERS, run_id: str = "local") -> None:
+        if max_workers < 1:
+            raise ValueError(f"max_workers must be >= 1, not {max_workers}")
+        self.tasks = tasks
+        self.max_workers = max_workers
+        self.run_id = run_id
+        self._context = multiprocessing.get_context("fork")
+        self._queue: deque[Dispatch] = deque()
+        self._running: dict[str, _Attempt] = {}
+        self._events: list[Event] = []
+
+    def carry_out(self, step: Step) -> None:
+        for stop in step.stops:
+            self._queue = deque(d for d in self._queue if d.task != stop.task)
+            running = self._running.get(stop.task)
+            if running is not None and running.attempt == stop.attempt:
+                self._kill(running)
+                del self._running[stop.task]
+        self._queue.extend(step.dispatches)
+        self._start_queued()
+
+    def _start_queued(self) -> None:
+        while self._queue and len(self._running) < self.max_workers:
+            dispatch = self._queue.popleft()
+            task = self.tasks[dispatch.task]
+            receiver, sender = self._context.Pipe(duplex=False)
+            process = self._context.Process(
+                target=_child, args=(task, dispatch.attempt, self.run_id, sender),
+                name=f"orch-task-{task.name}", daemon=False,
+            )
+            now = time.time()
+            process.start()
+            sender.close()
+            deadline = None if task.timeout is None else now + task.timeout
+            self._running[task.name] = _Attempt(task.name, dispatch.attempt, process, receiver, now, deadline)
+            self._events.append(TaskStarted(task.name, dispatch.attempt, now, worker=f"pid {process.pid}"))
+
+    def wait(self, timeout: float) -> Sequence[Event]:
+        if not self._events and self._running:
+            deadlines = [a.deadline for a in self._running.values() if a.deadline is not None]
+            if deadlines:
+                timeout = min(timeout, max(0.0, min(deadlines) - time.time()))
+            waitables: list[Any] = []
+            for a in self._running.values():
+                waitables += [a.conn, a.process.sentinel]
+            wait(waitables, timeout)
+        elif not self._events:
+            time.sleep(timeout)
+        self._collect()
+        self._start_queued()
+        events, self._events = self._events, []
+        return events
+
+    def _collect(self) -> None:
+        now = time.time()
+        for name, a in list(self._running.items()):
+            if a.conn.poll():
+                try:
+                    outcome: Outcome = pickle.loads(a.conn.recv_bytes())
+                except (EOFError, OSError):
+                    outcome = None
+                if outcome is not None:
+                    self._finish(a)
+                    self._events.append(self._event_of(outcome))
+                    continue
+            if not a.process.is_alive():
+                self._finish(a)
+                self._events.append(TaskFailed(name, a.attempt, now, _death_message(a.process.exitcode),
+                                               FailureKind.CRASHED, started_at=a.started_at))
+            elif a.deadline is not None and now >= a.deadline:
+                self._kill(a)
+                del self._running[name]
+                limit = self.tasks[name].timeout
+                self._events.append(TaskFailed(name, a.attempt, now,
+                                               f"TaskTimeout: attempt {a.attempt} ran past its timeout of {limit:g}s "
+                                               "and was killed", FailureKind.TIMEOUT, started_at=a.started_at))
+
+    def _finish(self, a: _Attempt) -> None:
+        a.process.join()
+        a.conn.close()
+        del self._running[a.task]
+
+    @staticmethod
+    def _event_of(outcome: Outcome) -> Event:
+        if outcome.status == SUCCEEDED:
+            return TaskSucceeded(outcome.task, outcome.attempt, outcome.at, outcome.result, outcome.started_at)
+        return TaskFailed(outcome.task, outcome.attempt, outcome.at, outcome.error or "failed", outcome.kind,
+                          outcome.traceback, outcome.started_at)
+
+    def _kill(self, a: _Attempt) -> None:
+        """Kill the attempt's whole process group, so nothing it started keeps running."""
+        try:
+            os.killpg(a.process.pid, signal.SIGKILL)
+        except ProcessLookupError:  # the child has not made its group yet, or is gone
+            pass
+        a.process.kill()
+        a.process.join()
+        a.conn.close()
+
+    def close(self) -> None:
+        for a in list(self._running.values()):
+            self._kill(a)
+        self._running.clear()
+        self._queue.clear()
+
+
+def _death_message(exitcode: Optional[int]) -> str:
+    if exitcode is not None and exitcode < 0:
+        try:
+            name = signal.Signals(-exitcode).name
+        except ValueError:
+            name = "unknown"
+        return f"WorkerCrash: worker process died: signal {-exitcode} ({name})"
+    return f"WorkerCrash: worker process died: exit code {exitcode} before reporting a result"

@@ -1,0 +1,1 @@
+"""What the coordinator and the workers both need, and nothing else."""

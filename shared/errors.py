@@ -1,0 +1,116 @@
+"""Every error orch raises, in one small tree under :class:`WorkflowError`.
+
+Each error keeps its details as attributes and words its message so that it
+names the thing the user must fix (the task, the dependency, the cycle path).
+"""
+from __future__ import annotations
+
+from typing import Iterable, Sequence
+
+
+class WorkflowError(Exception):
+    """Base of all orch errors."""
+
+
+class DefinitionError(WorkflowError, ValueError):
+    """The workflow or a task is defined wrongly; nothing has run."""
+
+
+class InvalidTaskError(DefinitionError):
+    """A task's own arguments are wrong (name, retries, timeout, func)."""
+
+    def __init__(self, task: str, reason: str) -> None:
+        self.task = task
+        self.reason = reason
+        super().__init__(f"task {task!r}: {reason}")
+
+
+class DuplicateTaskError(DefinitionError):
+    def __init__(self, task: str) -> None:
+        self.task = task
+        super().__init__(f"a task named {task!r} is already in the workflow; task names must be unique")
+
+
+class MissingDependencyError(DefinitionError):
+    def __init__(self, task: str, missing: str) -> None:
+        self.task = task
+        self.missing = missing
+        super().__init__(f"task {task!r} depends on {missing!r}, which is not a task of the workflow")
+
+
+class CycleError(DefinitionError):
+    """The dependencies form a cycle; ``cycle`` lists it with the first task repeated last."""
+
+    def __init__(self, cycle: Sequence[str]) -> None:
+        self.cycle = list(cycle)
+        super().__init__(
+            "dependency cycle: " + " -> ".join(self.cycle) + " (each task depends on the one after it)"
+        )
+
+
+class UnknownTaskError(WorkflowError, KeyError):
+    def __init__(self, task: str) -> None:
+        self.task = task
+        super().__init__(task)
+
+    def __str__(self) -> str:
+        return f"no task named {self.task!r} in the workflow"
+
+
+class TaskImportError(WorkflowError):
+    """A task's function cannot be imported by reference (on a worker, or at submit)."""
+
+    def __init__(self, ref: str, reason: str) -> None:
+        self.ref = ref
+        self.reason = reason
+        super().__init__(f"cannot import task function {ref!r}: {reason}")
+
+
+class UnimportableTasksError(DefinitionError):
+    """Tasks whose functions no worker could import (lambdas, closures, ``__main__``)."""
+
+    def __init__(self, problems: Iterable[tuple[str, str]]) -> None:
+        self.problems = list(problems)
+        details = "; ".join(f"task {name!r}: {why}" for name, why in self.problems)
+        super().__init__(f"{len(self.problems)} task(s) cannot run on workers: {details}")
+
+
+class SerializationError(WorkflowError, TypeError):
+    """A value (a result or an argument) cannot be encoded, or bytes cannot be decoded."""
+
+
+class InvalidTransition(WorkflowError, RuntimeError):
+    """The scheduler was asked for a state change its table does not allow: a bug, loudly."""
+
+    def __init__(self, task: str, start: str, finish: str, story: Sequence[object] = ()) -> None:
+        self.task = task
+        self.start = start
+        self.finish = finish
+        self.story = list(story)
+        super().__init__(f"impossible transition of task {task!r}: {start} -> {finish}")
+
+
+class TargetError(WorkflowError):
+    """``orch submit TARGET``: the file, module or attribute cannot be loaded as a workflow."""
+
+
+class BackendError(WorkflowError):
+    """The transport (Redis) cannot be used."""
+
+
+class InvalidRedisUrlError(BackendError, ValueError):
+    def __init__(self, url: str, reason: str) -> None:
+        self.url = url
+        super().__init__(f"malformed Redis URL {url!r}: {reason}")
+
+
+class RedisUnavailableError(BackendError, ConnectionError):
+    def __init__(self, url: str, reason: str) -> None:
+        self.url = url
+        super().__init__(f"cannot reach Redis at {url}: {reason}")
+
+
+class RunNotFoundError(WorkflowError, LookupError):
+    def __init__(self, run_id: str) -> None:
+        self.run_id = run_id
+        super().__init__(f"no run with id {run_id!r} in Redis (wrong id, or its retention expired)")

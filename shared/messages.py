@@ -1,0 +1,102 @@
+"""The outcome of one attempt, as a worker reports it to the coordinator.
+
+On the wire (a Redis stream entry) an outcome is a flat mapping of short
+string fields; ``to_fields`` / ``from_fields`` convert, and ``from_fields``
+rejects anything malformed with :class:`SerializationError` so that a forged or
+truncated entry costs one log line, not a crashed coordinator.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Mapping, Optional
+
+from shared.errors import SerializationError
+from shared.states import FailureKind
+
+STARTED = "started"
+SUCCEEDED = "succeeded"
+FAILED = "failed"
+_KINDS = {STARTED, SUCCEEDED, FAILED}
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """What happened to attempt ``attempt`` of ``task`` in run ``run_id``.
+
+    ``result`` is the codec-encoded return value (``succeeded`` only); ``error``
+    is one line, ``"ValueError: bad row 7"``; ``at`` is the worker's epoch time.
+    """
+
+    run_id: str
+    task: str
+    attempt: int
+    status: str
+    at: float
+    result: Optional[bytes] = None
+    error: Optional[str] = None
+    kind: FailureKind = FailureKind.ERROR
+    traceback: Optional[str] = None
+    worker: Optional[str] = None
+    started_at: Optional[float] = None
+    log: Optional[str] = None
+
+    def to_fields(self) -> dict[str, bytes | str]:
+        fields: dict[str, bytes | str] = {
+            "run": self.run_id,
+            "task": self.task,
+            "attempt": str(self.attempt),
+            "status": self.status,
+            "at": repr(self.at),
+        }
+        optional = {
+            "result": self.result,
+            "error": self.error,
+            "kind": self.kind.value if self.status == FAILED else None,
+            "traceback": self.traceback,
+            "worker": self.worker,
+            "started_at": None if self.started_at is None else repr(self.started_at),
+            "log": self.log,
+        }
+        fields.update({k: v for k, v in optional.items() if v is not None})
+        return fields
+
+    @classmethod
+    def from_fields(cls, raw: Mapping[bytes | str, bytes | str]) -> "Outcome":
+        try:
+            f = {(k.decode() if isinstance(k, bytes) else k): v for k, v in raw.items()}
+
+            def text(name: str, default: Optional[str] = None) -> Optional[str]:
+                value = f.get(name)
+                if value is None:
+                    return default
+                return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
+
+            status = text("status")
+            if status not in _KINDS:
+                raise ValueError(f"unknown status {status!r}")
+            attempt = int(text("attempt") or "")
+            if attempt < 1:
+                raise ValueError(f"attempt {attempt} < 1")
+            task, run_id = text("task"), text("run")
+            if not task or not run_id:
+                raise ValueError("missing task or run")
+            result = f.get("result")
+            if isinstance(result, str):
+                result = result.encode("utf-8")
+            started = text("started_at")
+            return cls(
+                run_id=run_id,
+                task=task,
+                attempt=attempt,
+                status=status,
+                at=float(text("at") or ""),
+                result=result,
+                error=text("error"),
+                kind=FailureKind(text("kind", FailureKind.ERROR.value)),
+                traceback=text("traceback"),
+                worker=text("worker"),
+                started_at=None if started is None else float(started),
+                log=text("log"),
+            )
+        except (ValueError, TypeError, AttributeError, UnicodeDecodeError) as exc:
+            raise SerializationError(f"malformed outcome message: {exc}") from None

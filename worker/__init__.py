@@ -1,0 +1,1 @@
+"""Running one task: import it, run it under its timeout, capture result, error and logs, report."""
