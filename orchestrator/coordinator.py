@@ -36,6 +36,8 @@ class Step:
     stops: list[StopTask] = field(default_factory=list)
     finished: Optional[RunFinished] = None
     tracebacks: dict[str, str] = field(default_factory=dict)
+    counts: dict[str, int] = field(default_factory=dict)
+    cancelled_by: Optional[str] = None
 
     def __bool__(self) -> bool:
         return bool(self.transitions or self.dispatches or self.stops or self.finished)
@@ -143,6 +145,8 @@ class Coordinator:
             elif isinstance(action, RunFinished):
                 step.finished = action
         if step:
+            step.counts = {state.value: n for state, n in self.scheduler.counts().items()}
+            step.cancelled_by = self.scheduler.cancelled_by
             self.backend.carry_out(step)
             if self.on_progress and step.transitions:
                 self.on_progress(self.scheduler, step.transitions)

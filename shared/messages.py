@@ -16,7 +16,22 @@ from shared.states import FailureKind
 STARTED = "started"
 SUCCEEDED = "succeeded"
 FAILED = "failed"
+CANCEL = "cancel"
 _KINDS = {STARTED, SUCCEEDED, FAILED}
+
+
+def cancel_fields(by: str) -> dict[str, str]:
+    """A stream entry asking the run's coordinator to cancel the run."""
+    return {"status": CANCEL, "by": by}
+
+
+def cancel_requester(raw: Mapping[bytes | str, bytes | str]) -> Optional[str]:
+    """Who asked, if ``raw`` is a cancel request; ``None`` for any other entry."""
+    status = raw.get(b"status", raw.get("status"))
+    if status not in (CANCEL, CANCEL.encode()):
+        return None
+    by = raw.get(b"by", raw.get("by")) or "unknown"
+    return by.decode("utf-8", "replace") if isinstance(by, bytes) else str(by)
 
 
 @dataclass(frozen=True, slots=True)

@@ -69,8 +69,12 @@ def run_attempt(
     worker: Optional[str] = None,
     capture_output: bool = False,
     max_result_bytes: Optional[int] = None,
+    timeout_errors: tuple[type[BaseException], ...] = (),
 ) -> Outcome:
-    """Call ``func(*args, **kwargs)`` and return its :class:`Outcome`; never raises an ``Exception``."""
+    """Call ``func(*args, **kwargs)`` and return its :class:`Outcome`; never raises an ``Exception``.
+
+    An exception of a type in ``timeout_errors`` is reported as a timeout.
+    """
     started = time.time()
     common = dict(run_id=run_id, task=task, attempt=attempt, worker=worker, started_at=started)
     with _captured_output(capture_output) as output:
@@ -83,7 +87,8 @@ def run_attempt(
                 )
         except Exception as exc:
             log = output.getvalue()[-LOG_TAIL_CHARS:] if output else None
-            return Outcome(status=FAILED, at=time.time(), error=describe_exception(exc), kind=FailureKind.ERROR,
+            kind = FailureKind.TIMEOUT if isinstance(exc, timeout_errors) else FailureKind.ERROR
+            return Outcome(status=FAILED, at=time.time(), error=describe_exception(exc), kind=kind,
                            traceback=traceback.format_exc(), log=log or None, **common)
     log = output.getvalue()[-LOG_TAIL_CHARS:] if output else None
     return Outcome(status=SUCCEEDED, at=time.time(), result=blob, log=log or None, **common)

@@ -1,0 +1,161 @@
+"""The distributed backend: RQ queues out, a Redis stream of outcomes back.
+
+Each :class:`~orchestrator.coordinator.Step` becomes one MULTI/EXEC: the task
+records and results it commits, the RQ jobs of the attempts it dispatches
+(``Queue.enqueue_many`` on the same pipeline) and, at the end, the run's final
+state and retention. So a coordinator that dies between two steps leaves the
+run exactly as of the last step, and the id of the last outcome it applied
+(``last_event``) says where a successor must resume reading.
+
+Outcomes are read with a blocking ``XREAD``: the coordinator reacts to a
+finished task as soon as Redis hands it the entry, and never polls.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from typing import Any, Mapping, Optional, Sequence
+
+import redis
+from rq import Queue
+from rq.command import send_stop_job_command
+from rq.serializers import JSONSerializer
+
+from orchestrator.coordinator import Step
+from orchestrator.run_store import task_record
+from orchestrator.task import Task
+from shared import keys
+from shared.config import NO_TIMEOUT, Settings
+from shared.errors import SerializationError
+from shared.events import Event, RunCancelled, TaskFailed, TaskStarted, TaskSucceeded
+from shared.messages import FAILED, STARTED, SUCCEEDED, Outcome, cancel_requester
+from worker.rq_worker import JOB_FUNCTION
+
+log = logging.getLogger("orch.coordinator")
+
+READ_BATCH = 1000
+"""Most outcomes taken from the stream in one read."""
+
+
+class RQBackend:
+    """Carries out one run's steps through RQ and reads its outcomes back."""
+
+    def __init__(
+        self,
+        connection: redis.Redis,
+        run_id: str,
+        tasks: Mapping[str, Task],
+        specs: Mapping[str, Mapping[str, Any]],
+        settings: Optional[Settings] = None,
+        last_event: str = "0-0",
+    ) -> None:
+        self.connection = connection
+        self.run_id = run_id
+        self.tasks = tasks
+        self.specs = specs
+        self.settings = settings or Settings()
+        self._index = {name: i for i, name in enumerate(specs)}
+        self._queues: dict[str, Queue] = {}
+        self._last_event = last_event
+        self._events_key = keys.events(run_id)
+
+    def _queue(self, name: str) -> Queue:
+        if name not in self._queues:
+            self._queues[name] = Queue(name, connection=self.connection, serializer=JSONSerializer)
+        return self._queues[name]
+
+    def job_id(self, task: str, attempt: int) -> str:
+        return keys.job_id(self.run_id, self._index[task], attempt)
+
+    # ------------------------------------------------------------------ output
+    def carry_out(self, step: Step) -> None:
+        run_id = self.run_id
+        pipe = self.connection.pipeline(transaction=True)
+        if step.transitions:
+            changed = {move.task for move in step.transitions}
+            pipe.hset(keys.tasks(run_id), mapping={name: task_record(self.tasks[name]) for name in changed})
+        if step.results:
+            pipe.hset(keys.results(run_id), mapping=step.results)
+        if step.tracebacks:
+            pipe.hset(keys.tracebacks(run_id), mapping=step.tracebacks)
+        meta: dict[str, Any] = {"counts": json.dumps(step.counts), "last_event": self._last_event}
+        if step.cancelled_by:
+            meta["cancelled_by"] = step.cancelled_by
+        if step.finished:
+            meta.update(state=step.finished.state.value, finished_at=repr(step.finished.at))
+        pipe.hset(keys.run(run_id), mapping=meta)
+        for stop in step.stops:
+            job_id = self.job_id(stop.task, stop.attempt)
+            pipe.lrem(self._queue(self.tasks[stop.task].queue).key, 0, job_id)
+        by_queue: dict[str, list[Any]] = {}
+        for dispatch in step.dispatches:
+            spec = self.specs[dispatch.task]
+            timeout = spec["timeout"]
+            job_timeout = NO_TIMEOUT if timeout is None else math.ceil(timeout) + math.ceil(self.settings.kill_grace)
+            by_queue.setdefault(spec["queue"], []).append(Queue.prepare_data(
+                JOB_FUNCTION,
+                args=(run_id, dispatch.task, dispatch.attempt, spec["ref"], spec["payload"], timeout,
+                      self.settings.max_result_bytes),
+                timeout=job_timeout,
+                result_ttl=0,
+                failure_ttl=self.settings.retention,
+                job_id=self.job_id(dispatch.task, dispatch.attempt),
+                description=f"orch run {run_id} task {dispatch.task!r} attempt {dispatch.attempt}",
+            ))
+        for queue_name, jobs in by_queue.items():
+            self._queue(queue_name).enqueue_many(jobs, pipeline=pipe)
+        if self._last_event != "0-0":
+            pipe.xtrim(self._events_key, minid=self._last_event, approximate=False)
+        if step.finished:
+            for key in keys.all_of_run(run_id):
+                pipe.expire(key, self.settings.retention)
+        pipe.execute()
+        for stop in step.stops:
+            self._stop_running(stop.task, stop.attempt)
+
+    def _stop_running(self, task: str, attempt: int) -> None:
+        """Ask the worker running this attempt, if any, to kill its work horse."""
+        try:
+            send_stop_job_command(self.connection, self.job_id(task, attempt), serializer=JSONSerializer)
+        except Exception as exc:  # the job may be queued, finished or unknown: nothing to stop
+            log.debug("stop of %s attempt %s: %s", task, attempt, exc)
+
+    # ------------------------------------------------------------------- input
+    def wait(self, timeout: float) -> Sequence[Event]:
+        block_ms = max(1, int(timeout * 1000))
+        reply = self.connection.xread({self._events_key: self._last_event}, count=READ_BATCH, block=block_ms)
+        events: list[Event] = []
+        for _stream, entries in reply or ():
+            for entry_id, fields in entries:
+                self._last_event = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
+                event = self._event_of(fields)
+                if event is not None:
+                    events.append(event)
+        return events
+
+    def _event_of(self, fields: Mapping[Any, Any]) -> Optional[Event]:
+        now = time.time()  # the coordinator's clock decides retry times, not a worker's
+        by = cancel_requester(fields)
+        if by is not None:
+            return RunCancelled(now, by)
+        try:
+            outcome = Outcome.from_fields(fields)
+        except SerializationError as exc:
+            log.error("run %s: ignored an unreadable event: %s", self.run_id, exc)
+            return None
+        if outcome.run_id != self.run_id or outcome.task not in self.tasks:
+            log.error("run %s: ignored an event for run %r task %r", self.run_id, outcome.run_id, outcome.task)
+            return None
+        if outcome.status == STARTED:
+            return TaskStarted(outcome.task, outcome.attempt, now, outcome.worker)
+        if outcome.status == SUCCEEDED:
+            return TaskSucceeded(outcome.task, outcome.attempt, now, outcome.result, outcome.started_at)
+        if outcome.status == FAILED:
+            return TaskFailed(outcome.task, outcome.attempt, now, outcome.error or "failed", outcome.kind,
+                              outcome.traceback, outcome.started_at)
+        return None
+
+    def close(self) -> None:
+        self.connection.close()

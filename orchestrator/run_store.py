@@ -1,0 +1,150 @@
+"""A run's state in Redis: written by its coordinator, read by ``orch status`` / ``orch runs``.
+
+The layout is in :mod:`shared.keys`. The spec stored at submit holds all a
+coordinator needs to drive (or resume) the run without the submitter's Python
+objects: per task its reference, dependencies, retry policy, timeout, queue
+and encoded arguments.
+"""
+from __future__ import annotations
+
+import json
+import secrets
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any, Optional
+
+import redis
+
+from orchestrator.task import Task
+from shared import codec, keys
+from shared.errors import RunNotFoundError
+from shared.messages import CANCEL, cancel_fields
+from shared.states import RunState
+
+
+def new_run_id(workflow_name: str) -> str:
+    """Sortable by time, unique by 48 random bits (and checked with SETNX-like HSETNX at create)."""
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S")
+    return f"{stamp}-{secrets.token_hex(6)}"
+
+
+def task_spec(task: Task, ref: str, payload: str) -> dict[str, Any]:
+    return {
+        "name": task.name,
+        "ref": ref,
+        "deps": task.dependencies,
+        "max_retries": task.max_retries,
+        "retry_delay": task.retry_delay,
+        "retry_backoff": task.retry_backoff,
+        "timeout": task.timeout,
+        "queue": task.queue,
+        "payload": payload,
+    }
+
+
+def task_record(task: Task) -> str:
+    """The JSON a task's field in ``orch:run:{id}:tasks`` holds."""
+    return json.dumps(
+        {
+            "state": task.state.value,
+            "attempt": task.attempts,
+            "error": task.error,
+            "started_at": task.started_at,
+            "finished_at": task.finished_at,
+        },
+        separators=(",", ":"),
+    )
+
+
+def create_run(connection: redis.Redis, run_id: str, workflow: str, specs: list[dict[str, Any]],
+               records: dict[str, str]) -> None:
+    """Write a new run in one MULTI, so a failure leaves nothing half-written."""
+    now = time.time()
+    pipe = connection.pipeline(transaction=True)
+    pipe.hset(keys.run(run_id), mapping={
+        "workflow": workflow,
+        "state": RunState.RUNNING.value,
+        "created_at": repr(now),
+        "total": len(specs),
+        "spec": json.dumps(specs, separators=(",", ":")),
+        "last_event": "0-0",
+    })
+    if records:
+        pipe.hset(keys.tasks(run_id), mapping=records)
+    pipe.zadd(keys.RUNS, {run_id: now})
+    pipe.execute()
+
+
+def request_cancel(connection: redis.Redis, run_id: str, by: str) -> None:
+    """Ask the run's coordinator to cancel it; it wakes on the stream entry at once."""
+    if not connection.exists(keys.run(run_id)):
+        raise RunNotFoundError(run_id)
+    connection.xadd(keys.events(run_id), cancel_fields(by))
+
+
+@dataclass
+class RunSnapshot:
+    run_id: str
+    workflow: str
+    state: str
+    created_at: float
+    finished_at: Optional[float]
+    cancelled_by: Optional[str]
+    tasks: dict[str, dict[str, Any]] = field(default_factory=dict)
+    order: list[str] = field(default_factory=list)
+
+    def counts(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for record in self.tasks.values():
+            out[record["state"]] = out.get(record["state"], 0) + 1
+        return out
+
+
+def _text(value: Any) -> Optional[str]:
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else value
+
+
+def read_run(connection: redis.Redis, run_id: str, with_tasks: bool = True) -> RunSnapshot:
+    meta = {_text(k): _text(v) for k, v in connection.hgetall(keys.run(run_id)).items()}
+    if not meta:
+        raise RunNotFoundError(run_id)
+    snapshot = RunSnapshot(
+        run_id=run_id,
+        workflow=meta.get("workflow", "?"),
+        state=meta.get("state", "?"),
+        created_at=float(meta.get("created_at") or 0),
+        finished_at=float(meta["finished_at"]) if meta.get("finished_at") else None,
+        cancelled_by=meta.get("cancelled_by"),
+    )
+    if with_tasks:
+        try:
+            snapshot.order = [spec["name"] for spec in json.loads(meta.get("spec") or "[]")]
+        except (ValueError, TypeError, KeyError):
+            snapshot.order = []
+        for name, raw in connection.hgetall(keys.tasks(run_id)).items():
+            try:
+                snapshot.tasks[_text(name)] = json.loads(raw)
+            except ValueError:
+                snapshot.tasks[_text(name)] = {"state": "?", "error": "unreadable record"}
+    return snapshot
+
+
+def read_result(connection: redis.Redis, run_id: str, task: str) -> Any:
+    blob = connection.hget(keys.results(run_id), task)
+    return None if blob is None else codec.decode(blob)
+
+
+def list_runs(connection: redis.Redis, limit: int = 20) -> list[RunSnapshot]:
+    """The newest ``limit`` runs still retained, newest first."""
+    out = []
+    for run_id in connection.zrevrange(keys.RUNS, 0, limit - 1):
+        try:
+            out.append(read_run(connection, _text(run_id), with_tasks=False))
+        except RunNotFoundError:
+            connection.zrem(keys.RUNS, run_id)  # its keys expired: forget it
+    return out
+
+
+__all__ = ["CANCEL", "RunSnapshot", "create_run", "list_runs", "new_run_id", "read_result", "read_run",
+           "request_cancel", "task_record", "task_spec"]

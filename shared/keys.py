@@ -1,0 +1,59 @@
+"""Every Redis key orch writes, in one place.
+
+Layout (``{id}`` is a run id; RQ's own ``rq:*`` keys are RQ's):
+
+==============================  ======  ==================================================
+key                             type    contents
+==============================  ======  ==================================================
+``orch:runs``                   zset    run id -> creation time (epoch s), for ``orch runs``
+``orch:run:{id}``               hash    run metadata: workflow, state, created_at,
+                                        finished_at, total, cancelled_by, cancelled_at,
+                                        last_event (stream id applied last), spec (JSON)
+``orch:run:{id}:tasks``         hash    task name -> JSON record: state, attempt, error,
+                                        kind, started_at, finished_at, worker
+``orch:run:{id}:results``       hash    task name -> codec-encoded result (successes only)
+``orch:run:{id}:tracebacks``    hash    task name -> traceback text of its last failure
+``orch:run:{id}:events``        stream  outcomes reported by workers, and cancel requests;
+                                        read by the coordinator, trimmed once applied
+==============================  ======  ==================================================
+
+All keys of a run get the run's retention as TTL when the run finishes.
+"""
+from __future__ import annotations
+
+PREFIX = "orch"
+RUNS = f"{PREFIX}:runs"
+
+
+def run(run_id: str) -> str:
+    return f"{PREFIX}:run:{run_id}"
+
+
+def tasks(run_id: str) -> str:
+    return f"{PREFIX}:run:{run_id}:tasks"
+
+
+def results(run_id: str) -> str:
+    return f"{PREFIX}:run:{run_id}:results"
+
+
+def tracebacks(run_id: str) -> str:
+    return f"{PREFIX}:run:{run_id}:tracebacks"
+
+
+def events(run_id: str) -> str:
+    return f"{PREFIX}:run:{run_id}:events"
+
+
+def all_of_run(run_id: str) -> list[str]:
+    """Every key that belongs to one run (for retention and deletion)."""
+    return [run(run_id), tasks(run_id), results(run_id), tracebacks(run_id), events(run_id)]
+
+
+def job_id(run_id: str, task_index: int, attempt: int) -> str:
+    """The RQ job id of one attempt: ``orch-{run}-{task index}-{attempt}``.
+
+    The task's index in the run's spec is used, not its name, because task
+    names may hold any character and RQ job ids are used inside key names.
+    """
+    return f"{PREFIX}-{run_id}-{task_index}-{attempt}"

@@ -1,0 +1,105 @@
+"""The RQ job function: runs one attempt of one task inside RQ's work horse.
+
+The coordinator enqueues ``worker.rq_job.run_task`` with plain string and
+number arguments (RQ stores them with its JSON serializer, so no worker ever
+unpickles data from Redis). The attempt's outcome goes to the run's event
+stream, where the coordinator reads it; RQ's own bookkeeping (registries,
+``rq info``) follows from whether this function returns or raises.
+"""
+from __future__ import annotations
+
+import signal
+import threading
+import time
+from typing import Any, Optional
+
+import redis
+from rq import get_current_job
+
+from shared import codec, keys
+from shared.context import TaskContext, running
+from shared.errors import WorkflowError
+from shared.messages import FAILED, STARTED, Outcome
+from shared.refs import import_reference
+from worker.execute import describe_exception, run_attempt
+
+
+class TaskTimeout(Exception):
+    """Raised inside a task when its attempt runs past its timeout."""
+
+
+class TaskFailedOnWorker(WorkflowError):
+    """Raised after reporting a failed attempt, so that RQ files the job as failed too."""
+
+
+def publish(connection: redis.Redis, outcome: Outcome) -> None:
+    """Append ``outcome`` to its run's event stream (one XADD)."""
+    connection.xadd(keys.events(outcome.run_id), outcome.to_fields())
+
+
+def run_task(
+    run_id: str,
+    task: str,
+    attempt: int,
+    ref: str,
+    payload: str,
+    timeout: Optional[float] = None,
+    max_result_bytes: Optional[int] = None,
+) -> None:
+    """Run attempt ``attempt`` of ``task`` (function ``ref``, arguments in ``payload``) and report it."""
+    job = get_current_job()
+    connection = job.connection
+    worker = job.worker_name
+    publish(connection, Outcome(run_id=run_id, task=task, attempt=attempt, status=STARTED, at=time.time(),
+                                worker=worker))
+    outcome = _attempt(connection, run_id, task, attempt, ref, payload, timeout, max_result_bytes, worker)
+    publish(connection, outcome)
+    if outcome.status == FAILED:
+        raise TaskFailedOnWorker(f"task {task!r} attempt {attempt}: {outcome.error}")
+
+
+def _attempt(connection: redis.Redis, run_id: str, task: str, attempt: int, ref: str, payload: str,
+             timeout: Optional[float], max_result_bytes: Optional[int], worker: Optional[str]) -> Outcome:
+    started = time.time()
+    try:
+        func = import_reference(ref)
+        args, kwargs = codec.decode(payload)
+    except (WorkflowError, ValueError, TypeError) as exc:
+        return Outcome(run_id=run_id, task=task, attempt=attempt, status=FAILED, at=time.time(),
+                       error=describe_exception(exc), worker=worker, started_at=started)
+
+    def fetch_result(name: str) -> Any:
+        blob = connection.hget(keys.results(run_id), name)
+        return None if blob is None else codec.decode(blob)
+
+    context = TaskContext(run_id=run_id, task=task, attempt=attempt, fetch_result=fetch_result)
+    with running(context), _time_limit(timeout):
+        outcome = run_attempt(func, args, kwargs, run_id=run_id, task=task, attempt=attempt, worker=worker,
+                              capture_output=True, max_result_bytes=max_result_bytes,
+                              timeout_errors=(TaskTimeout,))
+    return outcome
+
+
+class _time_limit:
+    """Raise :class:`TaskTimeout` in this (main) thread after ``seconds``, with sub-second precision.
+
+    RQ's own limit (``signal.alarm``) counts whole seconds; this replaces it for
+    the attempt. A task that swallows the exception is killed by the worker's
+    parent process shortly after (see :mod:`worker.rq_worker`).
+    """
+
+    def __init__(self, seconds: Optional[float]) -> None:
+        self.seconds = seconds if threading.current_thread() is threading.main_thread() else None
+
+    def _expired(self, signum: int, frame: Any) -> None:
+        raise TaskTimeout(f"attempt ran past its timeout of {self.seconds:g}s")
+
+    def __enter__(self) -> None:
+        if self.seconds:
+            self._previous = signal.signal(signal.SIGALRM, self._expired)
+            signal.setitimer(signal.ITIMER_REAL, self.seconds)
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.seconds:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.signal(signal.SIGALRM, self._previous)

@@ -1,0 +1,114 @@
+"""``orch worker``: an RQ worker that also reports attempts RQ alone would lose.
+
+RQ already dequeues, forks a work horse per job, enforces a job timeout,
+heartbeats, registers itself (``rq info`` lists it) and shuts down gracefully
+(first SIGTERM/SIGINT: finish the job in hand; second: kill it). What it does
+not do, and this class adds:
+
+- when the work horse dies without reporting (SIGKILL, segfault,
+  ``os._exit``), publish a failed outcome for the attempt so the coordinator
+  knows at once ("worker process died: signal 9");
+- kill a horse whose task ignored its timeout ``kill_grace`` seconds after the
+  limit (RQ waits 60 s more), and report it as a timeout.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import time
+from typing import Any, Optional
+
+from rq import Worker
+from rq.job import Job
+from rq.serializers import JSONSerializer
+
+from shared.config import Settings
+from shared.messages import FAILED, Outcome
+from shared.states import FailureKind
+from worker.rq_job import publish
+
+JOB_FUNCTION = "worker.rq_job.run_task"
+MONITORING_INTERVAL = 1
+"""Seconds between the parent's checks on a running horse (RQ's default is 30)."""
+
+
+def attempt_of(job: Job) -> Optional[tuple[str, str, int, Optional[float]]]:
+    """``(run_id, task, attempt, timeout)`` of an orch job, or ``None`` for any other job."""
+    if job.func_name != JOB_FUNCTION:
+        return None
+    args = list(job.args) + [None] * 6
+    run_id, task, attempt, _ref, _payload, timeout = args[:6]
+    return run_id, task, int(attempt), timeout
+
+
+class OrchWorker(Worker):
+    """A forking RQ worker for orch jobs (plain RQ jobs on the same queues still work)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("serializer", JSONSerializer)
+        kwargs.setdefault("job_monitoring_interval", MONITORING_INTERVAL)
+        super().__init__(*args, **kwargs)
+        self.kill_grace = Settings().kill_grace
+        self._timed_out_job: Optional[str] = None
+
+    def maintain_heartbeats(self, job: Job) -> None:
+        super().maintain_heartbeats(job)
+        found = attempt_of(job)
+        timeout = found[3] if found else None
+        if timeout and self.current_job_working_time > timeout + self.kill_grace and self.horse_pid:
+            self.log.warning("job %s ignored its %ss timeout; killing its work horse", job.id, timeout)
+            self._timed_out_job = job.id
+            self.kill_horse(signal.SIGKILL)
+
+    def handle_work_horse_killed(self, job: Job, retpid: int, ret_val: int, rusage: Any) -> None:
+        super().handle_work_horse_killed(job, retpid, ret_val, rusage)
+        found = attempt_of(job)
+        if found is None:
+            return
+        run_id, task, attempt, timeout = found
+        if self._timed_out_job == job.id:
+            self._timed_out_job = None
+            kind = FailureKind.TIMEOUT
+            error = f"TaskTimeout: attempt ran past its timeout of {timeout:g}s and was killed"
+        else:
+            kind = FailureKind.CRASHED
+            error = f"WorkerCrash: worker process died: {_describe_status(ret_val)}"
+        publish(self.connection, Outcome(run_id=run_id, task=task, attempt=attempt, status=FAILED, at=time.time(),
+                                         error=error, kind=kind, worker=self.name))
+
+
+def _describe_status(status: Optional[int]) -> str:
+    if status is None:
+        return "no exit status"
+    if os.WIFSIGNALED(status):
+        number = os.WTERMSIG(status)
+        try:
+            return f"signal {number} ({signal.Signals(number).name})"
+        except ValueError:
+            return f"signal {number}"
+    return f"exit code {os.WEXITSTATUS(status)}"
+
+
+def serve(
+    connection: Any,
+    queues: list[str],
+    *,
+    concurrency: int = 1,
+    burst: bool = False,
+    name: Optional[str] = None,
+    logging_level: str = "INFO",
+) -> None:
+    """Serve ``queues`` until stopped (or, with ``burst``, until they are empty).
+
+    ``concurrency`` > 1 runs that many worker processes under RQ's
+    ``WorkerPool``, which restarts any that die.
+    """
+    if concurrency > 1:
+        from rq.worker_pool import WorkerPool
+
+        pool = WorkerPool(queues, connection=connection, num_workers=concurrency, worker_class=OrchWorker,
+                          serializer=JSONSerializer)
+        pool.start(burst=burst, logging_level=logging_level)
+        return
+    worker = OrchWorker(queues, connection=connection, name=name)
+    worker.work(burst=burst, logging_level=logging_level)
