@@ -38,6 +38,7 @@ class Step:
     tracebacks: dict[str, str] = field(default_factory=dict)
     counts: dict[str, int] = field(default_factory=dict)
     cancelled_by: Optional[str] = None
+    cancelled_at: Optional[float] = None
 
     def __bool__(self) -> bool:
         return bool(self.transitions or self.dispatches or self.stops or self.finished)
@@ -86,8 +87,8 @@ class Coordinator:
     def run(self) -> RunState:
         """Drive the run until every task is final. Ctrl-C cancels the run, then re-raises."""
         try:
-            if not self.scheduler.finished:
-                self._apply(self.scheduler.start(self.clock()), {})
+            if not self.scheduler.started:
+                self.apply(self.scheduler.start(self.clock()))
             while not self.scheduler.finished:
                 self._step(self.backend.wait(self._wait_time()))
         except KeyboardInterrupt:
@@ -98,7 +99,11 @@ class Coordinator:
 
     def cancel(self, by: str) -> None:
         """Cancel every unfinished task of the run and stop the attempts in flight."""
-        self._apply(self.scheduler.handle(RunCancelled(self.clock(), by)), {})
+        self.apply(self.scheduler.handle(RunCancelled(self.clock(), by)))
+
+    def arm_retry(self, task: str, attempt: int, at: float) -> None:
+        """Report ``RetryDue(task, attempt)`` once the clock reaches ``at`` (also used on resume)."""
+        heapq.heappush(self._timers, (at, task, attempt))
 
     def _wait_time(self) -> float:
         if not self._timers:
@@ -120,7 +125,7 @@ class Coordinator:
         while self._timers and self._timers[0][0] <= now:
             _, task, attempt = heapq.heappop(self._timers)
             actions.extend(self.scheduler.handle(RetryDue(task, attempt, now)))
-        self._apply(actions, by_task)
+        self.apply(actions, by_task)
 
     def _decodes(self, event: TaskSucceeded) -> bool:
         try:
@@ -129,7 +134,9 @@ class Coordinator:
             return False
         return True
 
-    def _apply(self, actions: Sequence[Action], events: Mapping[str, Event]) -> None:
+    def apply(self, actions: Sequence[Action], events: Optional[Mapping[str, Event]] = None) -> None:
+        """Carry out ``actions`` (from the scheduler) as one step; ``events`` caused them, by task."""
+        events = events or {}
         step = Step()
         for action in actions:
             if isinstance(action, Transition):
@@ -139,7 +146,8 @@ class Coordinator:
                 step.dispatches.append(action)
             elif isinstance(action, ScheduleRetry):
                 step.retries.append(action)
-                heapq.heappush(self._timers, (action.at, action.task, action.attempt))
+                self.tasks[action.task].retry_at = action.at
+                self.arm_retry(action.task, action.attempt, action.at)
             elif isinstance(action, StopTask):
                 step.stops.append(action)
             elif isinstance(action, RunFinished):
@@ -147,6 +155,7 @@ class Coordinator:
         if step:
             step.counts = {state.value: n for state, n in self.scheduler.counts().items()}
             step.cancelled_by = self.scheduler.cancelled_by
+            step.cancelled_at = self.scheduler.cancelled_at
             self.backend.carry_out(step)
             if self.on_progress and step.transitions:
                 self.on_progress(self.scheduler, step.transitions)
@@ -156,8 +165,13 @@ class Coordinator:
         task = self.tasks[move.task]
         task.state = move.finish
         task.attempts = move.attempt
-        if move.finish is TaskState.RUNNING and task.started_at is None:
-            task.started_at = move.at
+        if move.finish is not TaskState.RETRYING:
+            task.retry_at = None
+        if move.finish is TaskState.RUNNING:
+            if isinstance(event, TaskStarted):
+                task.worker = event.worker
+            if task.started_at is None:
+                task.started_at = move.at
         if move.finish is TaskState.SUCCESS:
             task.error = task.traceback = None
         if move.finish is TaskState.SUCCESS and isinstance(event, TaskSucceeded):

@@ -1,25 +1,54 @@
 """Running a workflow on ``orch worker`` processes through Redis + RQ.
 
-``run_distributed`` checks everything that can be checked before anything is
+``submit_run`` checks everything that can be checked before anything is
 written (every task importable by reference, every argument encodable, Redis
-reachable), writes the run in one MULTI, then coordinates it to the end.
+reachable) and writes the run in one MULTI. ``run_distributed`` then drives it
+to the end itself; ``orch submit --detach`` leaves that to an ``orch
+coordinator`` service (:func:`serve_coordinator`), which also adopts any run
+whose coordinator's lease lapsed. ``resume_run`` continues a run from what is
+in Redis alone; ``cancel_run`` cancels one, adopting it if nobody drives it.
 """
 from __future__ import annotations
 
-from typing import Any, Optional
+import getpass
+import logging
+import os
+import socket
+import threading
+import time
+from typing import Any, Callable, Optional
 
 import redis
 
 from orchestrator.backends.rq import RQBackend
 from orchestrator.coordinator import Coordinator, ProgressCallback
-from orchestrator.run_store import create_run, new_run_id, task_record, task_spec
+from orchestrator.lease import Lease, LeaseLost
+from orchestrator.run_store import create_run, new_run_id, read_spec, request_cancel, task_record, task_spec
+from orchestrator.scheduler import Scheduler
 from orchestrator.task import Task
-from shared import codec
+from shared import codec, keys
 from shared.config import Settings
 from shared.connection import connect
-from shared.errors import SerializationError, UnimportableTasksError
+from shared.errors import CorruptRunError, UnimportableTasksError, WorkflowError
 from shared.refs import reference_of
-from shared.states import RunState
+from shared.states import RunState, TaskState
+
+log = logging.getLogger("orch.coordinator")
+
+
+class RunBusyError(WorkflowError):
+    def __init__(self, run_id: str) -> None:
+        self.run_id = run_id
+        super().__init__(f"run {run_id} is being driven by another coordinator (its lease is held)")
+
+
+def who() -> str:
+    """``user@host (pid N)``: recorded as who cancelled a run."""
+    try:
+        user = getpass.getuser()
+    except Exception:
+        user = "?"
+    return f"{user}@{socket.gethostname()} (pid {os.getpid()})"
 
 
 def task_references(tasks: dict[str, Task]) -> dict[str, str]:
@@ -40,12 +69,24 @@ def task_references(tasks: dict[str, Task]) -> dict[str, str]:
 
 
 def encode_arguments(task: Task) -> str:
-    try:
-        return codec.encode([list(task.args), task.kwargs], f"arguments of task {task.name!r}").decode("utf-8")
-    except SerializationError:
-        raise
-    except Exception as exc:  # pragma: no cover - the codec raises SerializationError for all it refuses
-        raise SerializationError(f"arguments of task {task.name!r}: {exc}") from None
+    return codec.encode([list(task.args), task.kwargs], f"arguments of task {task.name!r}").decode("utf-8")
+
+
+def submit_run(workflow: Any, connection: redis.Redis, *, lease: Optional[Lease] = None,
+               settings: Optional[Settings] = None) -> tuple[str, dict[str, dict[str, Any]]]:
+    """Check and write a new run; return ``(run_id, specs by name)``. Nothing is written on a bad input."""
+    settings = settings or Settings()
+    tasks: dict[str, Task] = workflow.tasks
+    workflow.validate()
+    refs = task_references(tasks)
+    specs = {name: task_spec(task, refs[name], encode_arguments(task)) for name, task in tasks.items()}
+    run_id = new_run_id(workflow.name)
+    if lease is not None:
+        lease.run_id, lease.key = run_id, keys.lease(run_id)
+    create_run(connection, run_id, workflow.name, list(specs.values()),
+               {name: task_record(task) for name, task in tasks.items()},
+               lease_token=lease.token if lease else None, lease_ttl=settings.lease_ttl)
+    return run_id, specs
 
 
 def run_distributed(
@@ -53,26 +94,167 @@ def run_distributed(
     redis_url: str,
     *,
     on_progress: Optional[ProgressCallback] = None,
-    on_submitted: Optional[Any] = None,
+    on_submitted: Optional[Callable[[str], None]] = None,
     settings: Optional[Settings] = None,
     connection: Optional[redis.Redis] = None,
+    detach: bool = False,
 ) -> tuple[str, RunState]:
-    """Submit ``workflow`` as a new run and coordinate it to the end; return ``(run_id, state)``.
+    """Submit ``workflow`` as a new run and, unless ``detach``, coordinate it to the end.
 
-    ``on_submitted(run_id)`` is called once the run is written, before the first dispatch.
-    The caller's Task objects are kept current throughout.
+    Returns ``(run_id, state)`` (``running`` when detached). ``on_submitted(run_id)``
+    is called once the run is written. The caller's Task objects are kept current.
     """
     settings = settings or Settings()
-    tasks: dict[str, Task] = workflow.tasks
-    refs = task_references(tasks)
-    specs = {name: task_spec(task, refs[name], encode_arguments(task)) for name, task in tasks.items()}
     conn = connection if connection is not None else connect(redis_url)
-    run_id = new_run_id(workflow.name)
-    create_run(conn, run_id, workflow.name, list(specs.values()), {n: task_record(t) for n, t in tasks.items()})
+    lease = None if detach else Lease(conn, "", settings.lease_ttl)
+    run_id, specs = submit_run(workflow, conn, lease=lease, settings=settings)
+    workflow.last_run_id = run_id
     if on_submitted is not None:
         on_submitted(run_id)
-    backend = RQBackend(conn, run_id, tasks, specs, settings)
-    coordinator = Coordinator(tasks, backend, on_progress=on_progress)
-    workflow.last_run_id = run_id
-    state = coordinator.run()
-    return run_id, state
+    if detach:
+        return run_id, RunState.RUNNING
+    backend = RQBackend(conn, run_id, workflow.tasks, specs, settings, lease=lease)
+    coordinator = Coordinator(workflow.tasks, backend, on_progress=on_progress)
+    return run_id, coordinator.run()
+
+
+def restore_coordinator(
+    connection: redis.Redis,
+    run_id: str,
+    lease: Lease,
+    *,
+    settings: Optional[Settings] = None,
+    on_progress: Optional[ProgressCallback] = None,
+) -> tuple[Coordinator, dict[str, Task]]:
+    """Rebuild a run's coordinator from Redis alone, with its lease already held by ``lease``."""
+    settings = settings or Settings()
+    meta, spec_list, records = read_spec(connection, run_id)
+    tasks: dict[str, Task] = {}
+    try:
+        for spec in spec_list:
+            args, kwargs = codec.decode(spec["payload"])
+            tasks[spec["name"]] = Task(
+                spec["name"], spec["ref"], spec["deps"], spec["max_retries"], spec["retry_delay"], spec["timeout"],
+                args=args, kwargs=kwargs, retry_backoff=spec["retry_backoff"], queue=spec["queue"],
+            )
+    except (KeyError, TypeError, ValueError, WorkflowError) as exc:
+        raise CorruptRunError(run_id, f"task spec unreadable ({exc})") from None
+    states: dict[str, tuple[TaskState, int, Optional[str]]] = {}
+    for name, record in records.items():
+        task = tasks.get(name)
+        try:
+            state = TaskState(record["state"])
+        except (KeyError, ValueError, TypeError):
+            continue
+        if task is None:
+            continue
+        task.state, task.attempts, task.error = state, int(record.get("attempt") or 0), record.get("error")
+        task.started_at, task.finished_at = record.get("started_at"), record.get("finished_at")
+        task.worker, task.retry_at = record.get("worker"), record.get("retry_at")
+        states[name] = (state, task.attempts, task.error)
+    for name, blob in connection.hgetall(keys.results(run_id)).items():
+        name = name.decode() if isinstance(name, bytes) else name
+        if name in tasks:
+            tasks[name].result = codec.decode(blob)
+    now = time.time()
+    scheduler, repairs = Scheduler.restore(tasks.values(), states, now)
+    scheduler.cancelled_by = meta.get("cancelled_by")
+    running = {name: (task.attempts, task.worker) for name, task in tasks.items()
+               if task.state is TaskState.RUNNING and task.worker}
+    specs = {spec["name"]: spec for spec in spec_list}
+    backend = RQBackend(connection, run_id, tasks, specs, settings, last_event=meta.get("last_event") or "0-0",
+                        lease=lease, running=running)
+    coordinator = Coordinator(tasks, backend, on_progress=on_progress, scheduler=scheduler)
+    for name, task in tasks.items():
+        if task.state is TaskState.RETRYING:
+            coordinator.arm_retry(name, task.attempts + 1, task.retry_at or now)
+    coordinator.apply(repairs)
+    return coordinator, tasks
+
+
+def resume_run(
+    connection: redis.Redis,
+    run_id: str,
+    *,
+    settings: Optional[Settings] = None,
+    on_progress: Optional[ProgressCallback] = None,
+) -> tuple[RunState, dict[str, Task]]:
+    """Continue ``run_id`` from Redis: succeeded tasks are not run again, running ones report in,
+    due retries fire. Raises :class:`RunBusyError` while another coordinator holds the run."""
+    settings = settings or Settings()
+    lease = Lease(connection, run_id, settings.lease_ttl)
+    if not lease.acquire():
+        raise RunBusyError(run_id)
+    try:
+        coordinator, tasks = restore_coordinator(connection, run_id, lease, settings=settings,
+                                                 on_progress=on_progress)
+        return coordinator.run(), tasks
+    except BaseException:
+        try:
+            lease.release()
+        except redis.RedisError:
+            pass
+        raise
+
+
+def cancel_run(connection: redis.Redis, run_id: str, by: Optional[str] = None,
+               settings: Optional[Settings] = None) -> bool:
+    """Cancel ``run_id``. Returns True if this call cancelled it itself (nobody was driving it),
+    False if it asked the run's live coordinator to, which does so at once."""
+    settings = settings or Settings()
+    by = by or f"orch cancel by {who()}"
+    request_cancel(connection, run_id, by)
+    lease = Lease(connection, run_id, settings.lease_ttl)
+    if not lease.acquire():
+        return False
+    try:
+        coordinator, _ = restore_coordinator(connection, run_id, lease, settings=settings)
+        if not coordinator.scheduler.finished:
+            coordinator.cancel(by)
+        return True
+    finally:
+        lease.release()
+
+
+def serve_coordinator(connection: redis.Redis, *, settings: Optional[Settings] = None, poll: float = 0.5,
+                      stop: Optional[threading.Event] = None) -> None:
+    """Drive every active run that has no live coordinator, each in its own thread, until ``stop``.
+
+    A run submitted with ``--detach`` has no lease at all; a run whose
+    coordinator died has a lease that lapses ``lease_ttl`` seconds later. Both
+    are adopted within ``poll`` seconds after that. Several services may run:
+    the lease makes exactly one of them drive each run.
+    """
+    settings = settings or Settings()
+    stop = stop or threading.Event()
+    driving: dict[str, threading.Thread] = {}
+
+    def drive(run_id: str) -> None:
+        try:
+            state, _ = resume_run(connection, run_id, settings=settings)
+            log.info("run %s finished: %s", run_id, state.value)
+        except RunBusyError:
+            pass
+        except LeaseLost as exc:
+            log.warning("%s", exc)
+        except Exception:
+            log.exception("run %s: coordinator failed; another coordinator may adopt it", run_id)
+
+    while not stop.is_set():
+        try:
+            for raw in connection.smembers(keys.ACTIVE):
+                run_id = raw.decode() if isinstance(raw, bytes) else raw
+                if run_id in driving and driving[run_id].is_alive():
+                    continue
+                if not connection.exists(keys.run(run_id)):
+                    connection.srem(keys.ACTIVE, run_id)
+                    continue
+                if connection.exists(keys.lease(run_id)):
+                    continue
+                log.info("adopting run %s", run_id)
+                thread = threading.Thread(target=drive, args=(run_id,), name=f"run-{run_id}", daemon=True)
+                driving[run_id] = thread
+                thread.start()
+        except redis.RedisError as exc:
+            log.warning("coordinator service: Redis error (%s); retrying", exc)
+        stop.wait(poll)

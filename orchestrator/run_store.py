@@ -18,7 +18,7 @@ import redis
 
 from orchestrator.task import Task
 from shared import codec, keys
-from shared.errors import RunNotFoundError
+from shared.errors import CorruptRunError, RunNotFoundError
 from shared.messages import CANCEL, cancel_fields
 from shared.states import RunState
 
@@ -52,16 +52,24 @@ def task_record(task: Task) -> str:
             "error": task.error,
             "started_at": task.started_at,
             "finished_at": task.finished_at,
+            "worker": task.worker,
+            "retry_at": task.retry_at,
         },
         separators=(",", ":"),
     )
 
 
 def create_run(connection: redis.Redis, run_id: str, workflow: str, specs: list[dict[str, Any]],
-               records: dict[str, str]) -> None:
-    """Write a new run in one MULTI, so a failure leaves nothing half-written."""
+               records: dict[str, str], lease_token: Optional[str] = None, lease_ttl: float = 5.0) -> None:
+    """Write a new run in one MULTI, so a failure leaves nothing half-written.
+
+    With ``lease_token`` the submitter holds the run's lease from the start;
+    without it (``orch submit --detach``) the run waits for an ``orch coordinator``.
+    """
     now = time.time()
     pipe = connection.pipeline(transaction=True)
+    if lease_token is not None:
+        pipe.set(keys.lease(run_id), lease_token, px=int(lease_ttl * 1000))
     pipe.hset(keys.run(run_id), mapping={
         "workflow": workflow,
         "state": RunState.RUNNING.value,
@@ -73,6 +81,7 @@ def create_run(connection: redis.Redis, run_id: str, workflow: str, specs: list[
     if records:
         pipe.hset(keys.tasks(run_id), mapping=records)
     pipe.zadd(keys.RUNS, {run_id: now})
+    pipe.sadd(keys.ACTIVE, run_id)
     pipe.execute()
 
 
@@ -81,6 +90,26 @@ def request_cancel(connection: redis.Redis, run_id: str, by: str) -> None:
     if not connection.exists(keys.run(run_id)):
         raise RunNotFoundError(run_id)
     connection.xadd(keys.events(run_id), cancel_fields(by))
+
+
+def read_spec(connection: redis.Redis, run_id: str) -> tuple[dict[str, Any], list[dict[str, Any]], dict[str, dict]]:
+    """``(meta, specs, records)`` of a stored run: all a coordinator needs to resume it."""
+    meta = {_text(k): _text(v) for k, v in connection.hgetall(keys.run(run_id)).items()}
+    if not meta:
+        raise RunNotFoundError(run_id)
+    try:
+        specs = json.loads(meta["spec"])
+        names = [spec["name"] for spec in specs]
+    except (KeyError, ValueError, TypeError) as exc:
+        raise CorruptRunError(run_id, f"its spec is unreadable ({exc})") from None
+    records: dict[str, dict] = {}
+    for name, raw in connection.hgetall(keys.tasks(run_id)).items():
+        try:
+            records[_text(name)] = json.loads(raw)
+        except ValueError:
+            continue  # an unreadable record resumes as pending
+    del names
+    return meta, specs, records
 
 
 @dataclass

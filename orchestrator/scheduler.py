@@ -17,7 +17,7 @@ of unfinished dependencies per task, as in :class:`graphlib.TopologicalSorter`.
 from __future__ import annotations
 
 from collections import Counter
-from typing import Callable, Iterable, Optional, Protocol, Sequence
+from typing import Callable, Iterable, Mapping, Optional, Protocol, Sequence
 
 from orchestrator.actions import Action, Dispatch, RunFinished, ScheduleRetry, StopTask, Transition
 from shared.errors import InvalidTransition, UnknownTaskError
@@ -75,6 +75,51 @@ class Scheduler:
         self._started = False
         self._finish_reported = False
         self.cancelled_by: Optional[str] = None
+        self.cancelled_at: Optional[float] = None
+
+    @classmethod
+    def restore(
+        cls,
+        specs: Iterable[TaskSpec],
+        records: Mapping[str, tuple[TaskState, int, Optional[str]]],
+        at: float,
+    ) -> tuple["Scheduler", list[Action]]:
+        """A started scheduler in the state a persisted run left (``name -> (state, attempt, error)``).
+
+        Used to resume a run whose coordinator died. Tasks missing from
+        ``records`` are pending. Returns the actions that bring a state which a
+        crash could leave inconsistent back in line: a pending task whose
+        dependencies all succeeded is queued, one with a failed dependency fails.
+        Queued, running and retrying tasks stay as they are: their outcomes (or
+        retry timers, which the caller re-arms) are still to come.
+        """
+        scheduler = cls(specs)
+        scheduler._started = True
+        for name, (state, attempt, error) in records.items():
+            if name not in scheduler._state:
+                continue
+            scheduler._counts[P] -= 1
+            scheduler._counts[state] += 1
+            scheduler._state[name] = state
+            scheduler._attempt[name] = attempt
+            if error:
+                scheduler._error[name] = error
+            if state in TERMINAL_STATES:
+                scheduler._unfinished -= 1
+            scheduler._stories.setdefault(name, []).append(("restored", state, state, at))
+        for name, state in scheduler._state.items():
+            if state is S:
+                for dependent in scheduler._dependents[name]:
+                    scheduler._waiting_on[dependent] -= 1
+        actions: list[Action] = []
+        for name, state in scheduler._state.items():
+            if state is F:
+                scheduler._fail_downstream(name, at, actions)
+        for name, state in list(scheduler._state.items()):
+            if state is P and scheduler._waiting_on[name] == 0:
+                scheduler._move(name, Q, at, actions, "restored with all dependencies done")
+        scheduler._check_finished(at, actions)
+        return scheduler, actions
 
     # ----------------------------------------------------------------- queries
     def state(self, task: str) -> TaskState:
@@ -92,6 +137,10 @@ class Scheduler:
 
     def counts(self) -> dict[TaskState, int]:
         return {state: n for state, n in self._counts.items() if n}
+
+    @property
+    def started(self) -> bool:
+        return self._started
 
     @property
     def finished(self) -> bool:
@@ -184,6 +233,7 @@ class Scheduler:
     def _cancel(self, event: RunCancelled, actions: list[Action]) -> None:
         if self.cancelled_by is None and self._unfinished:
             self.cancelled_by = event.by
+            self.cancelled_at = event.at
         for name, state in self._state.items():
             if state not in TERMINAL_STATES:
                 self._error[name] = f"cancelled by {event.by}"

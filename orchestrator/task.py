@@ -19,7 +19,8 @@ class Task:
 
     After (and during) a run: ``state``, ``result``, ``error`` (one readable
     line with the exception type), ``traceback``, ``attempts`` (attempts
-    started), ``started_at`` / ``finished_at`` (epoch seconds) and ``duration``.
+    started), ``started_at`` / ``finished_at`` (epoch seconds), ``duration``,
+    ``worker`` (who ran the latest attempt) and ``retry_at`` (while retrying).
     """
 
     def __init__(
@@ -75,6 +76,8 @@ class Task:
         self.attempts = 0
         self.started_at: Optional[float] = None
         self.finished_at: Optional[float] = None
+        self.worker: Optional[str] = None
+        self.retry_at: Optional[float] = None
 
     @property
     def duration(self) -> Optional[float]:

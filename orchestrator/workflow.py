@@ -89,6 +89,7 @@ class Workflow:
         Locally, ``max_workers`` attempts run at once (default 4). With
         ``redis_url`` the run goes to the workers listening on the tasks'
         queues; ``options`` are those of :func:`orchestrator.distributed.run_distributed`.
+        The run's id is then in ``last_run_id``.
         """
         self.validate()
         for task in self.tasks.values():

@@ -17,15 +17,27 @@ def _env_int(name: str, default: int) -> int:
 
 @dataclass(frozen=True)
 class Settings:
-    """``retention``: seconds a finished run's keys stay in Redis (``ORCH_RETENTION``, 7 days).
+    """Tunables, each read from its environment variable when not given.
+
+    ``retention``: seconds a finished run's keys stay in Redis (``ORCH_RETENTION``, 7 days).
     ``max_result_bytes``: largest encoded result a task may return (``ORCH_MAX_RESULT_BYTES``, 16 MiB).
     ``kill_grace``: seconds past an attempt's timeout after which the worker's parent
     process kills a task that ignored the timeout (``ORCH_KILL_GRACE``, 2 s).
+    ``heartbeat_ttl``: a worker busy with an attempt renews its heartbeat key every
+    second with this TTL; once it lapses the coordinator fails the attempt as
+    "worker lost" and retries it (``ORCH_HEARTBEAT_TTL``, 10 s; 2 s at the least).
+    ``lease_ttl``: a coordinator renews its lease on a run every second; another
+    coordinator may adopt the run once it lapses (``ORCH_LEASE_TTL``, 5 s).
+    ``outage``: how long the coordinator keeps retrying an unreachable Redis
+    before giving up (``ORCH_REDIS_OUTAGE``, 120 s).
     """
 
     retention: int = field(default_factory=lambda: _env_int("ORCH_RETENTION", 7 * 24 * 3600))
     max_result_bytes: int = field(default_factory=lambda: _env_int("ORCH_MAX_RESULT_BYTES", 16 * 1024 * 1024))
     kill_grace: float = field(default_factory=lambda: _env_float("ORCH_KILL_GRACE", 2.0))
+    heartbeat_ttl: float = field(default_factory=lambda: max(2.0, _env_float("ORCH_HEARTBEAT_TTL", 10.0)))
+    lease_ttl: float = field(default_factory=lambda: max(1.0, _env_float("ORCH_LEASE_TTL", 5.0)))
+    outage: float = field(default_factory=lambda: _env_float("ORCH_REDIS_OUTAGE", 120.0))
 
 
 NO_TIMEOUT = 365 * 24 * 3600

@@ -114,3 +114,11 @@ class RunNotFoundError(WorkflowError, LookupError):
     def __init__(self, run_id: str) -> None:
         self.run_id = run_id
         super().__init__(f"no run with id {run_id!r} in Redis (wrong id, or its retention expired)")
+
+
+class CorruptRunError(WorkflowError):
+    """A stored run cannot be read back (its spec was damaged or forged)."""
+
+    def __init__(self, run_id: str, reason: str) -> None:
+        self.run_id = run_id
+        super().__init__(f"run {run_id} cannot be resumed: {reason}")

@@ -15,6 +15,9 @@ key                             type    contents
 ``orch:run:{id}:tracebacks``    hash    task name -> traceback text of its last failure
 ``orch:run:{id}:events``        stream  outcomes reported by workers, and cancel requests;
                                         read by the coordinator, trimmed once applied
+``orch:run:{id}:lease``         string  token of the coordinator driving the run (TTL: lease)
+``orch:active``                 set     ids of runs not finished yet (what coordinators adopt)
+``orch:alive:{worker}``         string  a worker's heartbeat; it lapses (TTL) when the worker dies
 ==============================  ======  ==================================================
 
 All keys of a run get the run's retention as TTL when the run finishes.
@@ -23,6 +26,7 @@ from __future__ import annotations
 
 PREFIX = "orch"
 RUNS = f"{PREFIX}:runs"
+ACTIVE = f"{PREFIX}:active"
 
 
 def run(run_id: str) -> str:
@@ -43,6 +47,14 @@ def tracebacks(run_id: str) -> str:
 
 def events(run_id: str) -> str:
     return f"{PREFIX}:run:{run_id}:events"
+
+
+def lease(run_id: str) -> str:
+    return f"{PREFIX}:run:{run_id}:lease"
+
+
+def alive(worker: str) -> str:
+    return f"{PREFIX}:alive:{worker}"
 
 
 def all_of_run(run_id: str) -> list[str]:

@@ -9,7 +9,10 @@ not do, and this class adds:
   ``os._exit``), publish a failed outcome for the attempt so the coordinator
   knows at once ("worker process died: signal 9");
 - kill a horse whose task ignored its timeout ``kill_grace`` seconds after the
-  limit (RQ waits 60 s more), and report it as a timeout.
+  limit (RQ waits 60 s more), and report it as a timeout;
+- keep a heartbeat key ``orch:alive:{worker}`` with a short TTL renewed every
+  second while a job runs (RQ's own worker key lives 60 s and more), so the
+  coordinator can tell within seconds that a worker died or was cut off.
 """
 from __future__ import annotations
 
@@ -22,6 +25,7 @@ from rq import Worker
 from rq.job import Job
 from rq.serializers import JSONSerializer
 
+from shared import keys
 from shared.config import Settings
 from shared.messages import FAILED, Outcome
 from shared.states import FailureKind
@@ -48,8 +52,19 @@ class OrchWorker(Worker):
         kwargs.setdefault("serializer", JSONSerializer)
         kwargs.setdefault("job_monitoring_interval", MONITORING_INTERVAL)
         super().__init__(*args, **kwargs)
-        self.kill_grace = Settings().kill_grace
+        settings = Settings()
+        self.kill_grace = settings.kill_grace
+        self.heartbeat_ttl_ms = int(settings.heartbeat_ttl * 1000)
         self._timed_out_job: Optional[str] = None
+
+    def heartbeat(self, timeout: Optional[int] = None, pipeline: Any = None) -> None:
+        super().heartbeat(timeout, pipeline=pipeline)
+        target = pipeline if pipeline is not None else self.connection
+        target.set(keys.alive(self.name), "1", px=self.heartbeat_ttl_ms)
+
+    def prepare_execution(self, job: Job) -> Any:
+        self.connection.set(keys.alive(self.name), "1", px=self.heartbeat_ttl_ms)
+        return super().prepare_execution(job)
 
     def maintain_heartbeats(self, job: Job) -> None:
         super().maintain_heartbeats(job)

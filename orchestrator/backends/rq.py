@@ -8,7 +8,14 @@ run exactly as of the last step, and the id of the last outcome it applied
 (``last_event``) says where a successor must resume reading.
 
 Outcomes are read with a blocking ``XREAD``: the coordinator reacts to a
-finished task as soon as Redis hands it the entry, and never polls.
+finished task as soon as Redis hands it the entry, and never polls. Between
+reads (at most a second apart) it renews its lease on the run and checks the
+heartbeat keys of the workers running its attempts: an attempt whose worker's
+heartbeat lapsed fails as "worker lost" and is retried like any failure.
+
+Every Redis call here survives an outage of up to ``Settings.outage`` seconds:
+a step is written again whole after a reconnect (its writes are idempotent;
+an attempt enqueued twice is reported twice, and the scheduler takes one).
 """
 from __future__ import annotations
 
@@ -24,6 +31,7 @@ from rq.command import send_stop_job_command
 from rq.serializers import JSONSerializer
 
 from orchestrator.coordinator import Step
+from orchestrator.lease import Lease, LeaseLost
 from orchestrator.run_store import task_record
 from orchestrator.task import Task
 from shared import keys
@@ -31,12 +39,15 @@ from shared.config import NO_TIMEOUT, Settings
 from shared.errors import SerializationError
 from shared.events import Event, RunCancelled, TaskFailed, TaskStarted, TaskSucceeded
 from shared.messages import FAILED, STARTED, SUCCEEDED, Outcome, cancel_requester
+from shared.states import FailureKind
 from worker.rq_worker import JOB_FUNCTION
 
 log = logging.getLogger("orch.coordinator")
 
 READ_BATCH = 1000
 """Most outcomes taken from the stream in one read."""
+HOUSEKEEPING_INTERVAL = 1.0
+"""Seconds between lease renewals and worker heartbeat checks."""
 
 
 class RQBackend:
@@ -50,6 +61,8 @@ class RQBackend:
         specs: Mapping[str, Mapping[str, Any]],
         settings: Optional[Settings] = None,
         last_event: str = "0-0",
+        lease: Optional[Lease] = None,
+        running: Optional[Mapping[str, tuple[int, str]]] = None,
     ) -> None:
         self.connection = connection
         self.run_id = run_id
@@ -60,6 +73,9 @@ class RQBackend:
         self._queues: dict[str, Queue] = {}
         self._last_event = last_event
         self._events_key = keys.events(run_id)
+        self.lease = lease
+        self._running: dict[str, tuple[int, str]] = dict(running or {})
+        self._housekeeping_at = 0.0
 
     def _queue(self, name: str) -> Queue:
         if name not in self._queues:
@@ -71,8 +87,24 @@ class RQBackend:
 
     # ------------------------------------------------------------------ output
     def carry_out(self, step: Step) -> None:
+        for stop in step.stops:
+            self._running.pop(stop.task, None)
+        while True:
+            try:
+                self._reconnecting(self._write_step, step)
+                break
+            except redis.WatchError:
+                continue  # the lease key changed under WATCH: check it again
+        for stop in step.stops:
+            self._stop_running(stop.task, stop.attempt)
+
+    def _write_step(self, step: Step) -> None:
         run_id = self.run_id
         pipe = self.connection.pipeline(transaction=True)
+        if self.lease is not None:
+            self.lease.fence(pipe)
+        else:
+            pipe.multi()
         if step.transitions:
             changed = {move.task for move in step.transitions}
             pipe.hset(keys.tasks(run_id), mapping={name: task_record(self.tasks[name]) for name in changed})
@@ -83,6 +115,7 @@ class RQBackend:
         meta: dict[str, Any] = {"counts": json.dumps(step.counts), "last_event": self._last_event}
         if step.cancelled_by:
             meta["cancelled_by"] = step.cancelled_by
+            meta["cancelled_at"] = repr(step.cancelled_at)
         if step.finished:
             meta.update(state=step.finished.state.value, finished_at=repr(step.finished.at))
         pipe.hset(keys.run(run_id), mapping=meta)
@@ -111,9 +144,23 @@ class RQBackend:
         if step.finished:
             for key in keys.all_of_run(run_id):
                 pipe.expire(key, self.settings.retention)
+            pipe.srem(keys.ACTIVE, run_id)
+            pipe.delete(keys.lease(run_id))
         pipe.execute()
-        for stop in step.stops:
-            self._stop_running(stop.task, stop.attempt)
+
+    def _reconnecting(self, call: Any, *args: Any) -> Any:
+        """``call(*args)``, retried with backoff while Redis is unreachable, up to ``settings.outage`` s."""
+        deadline = time.monotonic() + self.settings.outage
+        pause = 0.1
+        while True:
+            try:
+                return call(*args)
+            except (redis.ConnectionError, redis.TimeoutError) as exc:
+                if time.monotonic() >= deadline:
+                    raise
+                log.warning("run %s: Redis unreachable (%s); retrying in %.1fs", self.run_id, exc, pause)
+                time.sleep(pause)
+                pause = min(pause * 2, 2.0)
 
     def _stop_running(self, task: str, attempt: int) -> None:
         """Ask the worker running this attempt, if any, to kill its work horse."""
@@ -124,6 +171,39 @@ class RQBackend:
 
     # ------------------------------------------------------------------- input
     def wait(self, timeout: float) -> Sequence[Event]:
+        events = list(self._reconnecting(self._housekeeping))
+        timeout = 0 if events else min(timeout, HOUSEKEEPING_INTERVAL)
+        events.extend(self._reconnecting(self._read, timeout))
+        return events
+
+    def _housekeeping(self) -> list[Event]:
+        """Renew the lease and fail the attempts of workers whose heartbeat lapsed, once a second."""
+        now = time.monotonic()
+        if now < self._housekeeping_at:
+            return []
+        self._housekeeping_at = now + HOUSEKEEPING_INTERVAL
+        if self.lease is not None and not self.lease.acquire():
+            raise LeaseLost(self.run_id)
+        if not self._running:
+            return []
+        workers = sorted({worker for _, worker in self._running.values()})
+        alive = dict(zip(workers, (bool(flag) for flag in self._alive_flags(workers))))
+        lost: list[Event] = []
+        for task, (attempt, worker) in list(self._running.items()):
+            if not alive.get(worker, False):
+                del self._running[task]
+                lost.append(TaskFailed(task, attempt, time.time(),
+                                       f"WorkerLost: worker {worker} stopped heartbeating "
+                                       f"(no heartbeat for {self.settings.heartbeat_ttl:g}s)", FailureKind.LOST))
+        return lost
+
+    def _alive_flags(self, workers: list[str]) -> list[int]:
+        pipe = self.connection.pipeline(transaction=False)
+        for worker in workers:
+            pipe.exists(keys.alive(worker))
+        return pipe.execute()
+
+    def _read(self, timeout: float) -> list[Event]:
         block_ms = max(1, int(timeout * 1000))
         reply = self.connection.xread({self._events_key: self._last_event}, count=READ_BATCH, block=block_ms)
         events: list[Event] = []
@@ -149,7 +229,11 @@ class RQBackend:
             log.error("run %s: ignored an event for run %r task %r", self.run_id, outcome.run_id, outcome.task)
             return None
         if outcome.status == STARTED:
+            if outcome.worker:
+                self._running[outcome.task] = (outcome.attempt, outcome.worker)
             return TaskStarted(outcome.task, outcome.attempt, now, outcome.worker)
+        if self._running.get(outcome.task, (None,))[0] == outcome.attempt:
+            del self._running[outcome.task]
         if outcome.status == SUCCEEDED:
             return TaskSucceeded(outcome.task, outcome.attempt, now, outcome.result, outcome.started_at)
         if outcome.status == FAILED:
