@@ -8,6 +8,8 @@ from shared.errors import (
     UnknownTaskError,
     WorkflowError,
 )
+from shared.context import TaskContext
+from shared.context import current as current_task
 from shared.states import RunState, TaskState
 
 __all__ = [
@@ -20,4 +22,6 @@ __all__ = [
     "MissingDependencyError",
     "DuplicateTaskError",
     "UnknownTaskError",
+    "current_task",
+    "TaskContext",
 ]

@@ -82,6 +82,7 @@ class Coordinator:
         self.on_progress = on_progress
         self.scheduler = scheduler or Scheduler(tasks.values())
         self._timers: list[tuple[float, str, int]] = []
+        self._values: dict[tuple[str, int], Any] = {}
         self.interrupted = False
 
     def run(self) -> RunState:
@@ -112,36 +113,37 @@ class Coordinator:
 
     def _step(self, events: Sequence[Event]) -> None:
         actions: list[Action] = []
-        by_task: dict[str, Event] = {}
+        causes: list[Optional[Event]] = []
         for event in events:
-            if isinstance(event, TaskSucceeded) and not self._decodes(event):
-                event = TaskFailed(event.task, event.attempt, event.at,
-                                   f"SerializationError: result of task {event.task!r} cannot be decoded",
-                                   started_at=event.started_at)
-            actions.extend(self.scheduler.handle(event))
-            if not isinstance(event, RunCancelled):
-                by_task[event.task] = event
+            event = self._decoded(event)
+            produced = self.scheduler.handle(event)
+            actions.extend(produced)
+            causes.extend([event] * len(produced))
         now = self.clock()
         while self._timers and self._timers[0][0] <= now:
             _, task, attempt = heapq.heappop(self._timers)
             actions.extend(self.scheduler.handle(RetryDue(task, attempt, now)))
-        self.apply(actions, by_task)
+        self.apply(actions, causes + [None] * (len(actions) - len(causes)))
 
-    def _decodes(self, event: TaskSucceeded) -> bool:
+    def _decoded(self, event: Event) -> Event:
+        """A success whose result does not decode is a failed attempt (the bytes were damaged)."""
+        if not isinstance(event, TaskSucceeded):
+            return event
         try:
-            codec.decode(event.result)
-        except SerializationError:
-            return False
-        return True
+            self._values[(event.task, event.attempt)] = codec.decode(event.result)
+        except SerializationError as exc:
+            return TaskFailed(event.task, event.attempt, event.at, f"SerializationError: result of task "
+                              f"{event.task!r} cannot be decoded: {exc}", started_at=event.started_at)
+        return event
 
-    def apply(self, actions: Sequence[Action], events: Optional[Mapping[str, Event]] = None) -> None:
-        """Carry out ``actions`` (from the scheduler) as one step; ``events`` caused them, by task."""
-        events = events or {}
+    def apply(self, actions: Sequence[Action], causes: Optional[Sequence[Optional[Event]]] = None) -> None:
+        """Carry out ``actions`` (from the scheduler) as one step; ``causes[i]`` is the event behind ``actions[i]``."""
+        causes = causes or [None] * len(actions)
         step = Step()
-        for action in actions:
+        for action, cause in zip(actions, causes):
             if isinstance(action, Transition):
                 step.transitions.append(action)
-                self._record(action, events.get(action.task), step)
+                self._record(action, cause, step)
             elif isinstance(action, Dispatch):
                 step.dispatches.append(action)
             elif isinstance(action, ScheduleRetry):
@@ -175,7 +177,7 @@ class Coordinator:
         if move.finish is TaskState.SUCCESS:
             task.error = task.traceback = None
         if move.finish is TaskState.SUCCESS and isinstance(event, TaskSucceeded):
-            task.result = codec.decode(event.result)
+            task.result = self._values.pop((event.task, event.attempt), None)
             step.results[move.task] = event.result
             if task.started_at is None:
                 task.started_at = event.started_at or move.at

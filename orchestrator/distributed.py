@@ -20,16 +20,16 @@ from typing import Any, Callable, Optional
 
 import redis
 
-from orchestrator.backends.rq import RQBackend
+from orchestrator.backends.rq import TRANSPORTS, RQBackend
 from orchestrator.coordinator import Coordinator, ProgressCallback
 from orchestrator.lease import Lease, LeaseLost
-from orchestrator.run_store import create_run, new_run_id, read_spec, request_cancel, task_record, task_spec
+from orchestrator.run_store import create_run, load_tasks, new_run_id, request_cancel, task_record, task_spec
 from orchestrator.scheduler import Scheduler
 from orchestrator.task import Task
 from shared import codec, keys
 from shared.config import Settings
 from shared.connection import connect
-from shared.errors import CorruptRunError, UnimportableTasksError, WorkflowError
+from shared.errors import UnimportableTasksError, WorkflowError
 from shared.refs import reference_of
 from shared.states import RunState, TaskState
 
@@ -73,9 +73,11 @@ def encode_arguments(task: Task) -> str:
 
 
 def submit_run(workflow: Any, connection: redis.Redis, *, lease: Optional[Lease] = None,
-               settings: Optional[Settings] = None) -> tuple[str, dict[str, dict[str, Any]]]:
+               settings: Optional[Settings] = None, transport: str = "rq") -> tuple[str, dict[str, dict[str, Any]]]:
     """Check and write a new run; return ``(run_id, specs by name)``. Nothing is written on a bad input."""
     settings = settings or Settings()
+    if transport not in TRANSPORTS:
+        raise WorkflowError(f"unknown transport {transport!r}; expected one of {', '.join(TRANSPORTS)}")
     tasks: dict[str, Task] = workflow.tasks
     workflow.validate()
     refs = task_references(tasks)
@@ -85,7 +87,7 @@ def submit_run(workflow: Any, connection: redis.Redis, *, lease: Optional[Lease]
         lease.run_id, lease.key = run_id, keys.lease(run_id)
     create_run(connection, run_id, workflow.name, list(specs.values()),
                {name: task_record(task) for name, task in tasks.items()},
-               lease_token=lease.token if lease else None, lease_ttl=settings.lease_ttl)
+               lease_token=lease.token if lease else None, lease_ttl=settings.lease_ttl, transport=transport)
     return run_id, specs
 
 
@@ -98,8 +100,12 @@ def run_distributed(
     settings: Optional[Settings] = None,
     connection: Optional[redis.Redis] = None,
     detach: bool = False,
+    transport: str = "rq",
 ) -> tuple[str, RunState]:
     """Submit ``workflow`` as a new run and, unless ``detach``, coordinate it to the end.
+
+    ``transport`` is ``"rq"`` (RQ jobs, for ``orch worker``) or ``"lean"`` (for
+    ``orch worker --mode lean``).
 
     Returns ``(run_id, state)`` (``running`` when detached). ``on_submitted(run_id)``
     is called once the run is written. The caller's Task objects are kept current.
@@ -107,13 +113,13 @@ def run_distributed(
     settings = settings or Settings()
     conn = connection if connection is not None else connect(redis_url)
     lease = None if detach else Lease(conn, "", settings.lease_ttl)
-    run_id, specs = submit_run(workflow, conn, lease=lease, settings=settings)
+    run_id, specs = submit_run(workflow, conn, lease=lease, settings=settings, transport=transport)
     workflow.last_run_id = run_id
     if on_submitted is not None:
         on_submitted(run_id)
     if detach:
         return run_id, RunState.RUNNING
-    backend = RQBackend(conn, run_id, workflow.tasks, specs, settings, lease=lease)
+    backend = RQBackend(conn, run_id, workflow.tasks, specs, settings, lease=lease, transport=transport)
     coordinator = Coordinator(workflow.tasks, backend, on_progress=on_progress)
     return run_id, coordinator.run()
 
@@ -128,34 +134,9 @@ def restore_coordinator(
 ) -> tuple[Coordinator, dict[str, Task]]:
     """Rebuild a run's coordinator from Redis alone, with its lease already held by ``lease``."""
     settings = settings or Settings()
-    meta, spec_list, records = read_spec(connection, run_id)
-    tasks: dict[str, Task] = {}
-    try:
-        for spec in spec_list:
-            args, kwargs = codec.decode(spec["payload"])
-            tasks[spec["name"]] = Task(
-                spec["name"], spec["ref"], spec["deps"], spec["max_retries"], spec["retry_delay"], spec["timeout"],
-                args=args, kwargs=kwargs, retry_backoff=spec["retry_backoff"], queue=spec["queue"],
-            )
-    except (KeyError, TypeError, ValueError, WorkflowError) as exc:
-        raise CorruptRunError(run_id, f"task spec unreadable ({exc})") from None
-    states: dict[str, tuple[TaskState, int, Optional[str]]] = {}
-    for name, record in records.items():
-        task = tasks.get(name)
-        try:
-            state = TaskState(record["state"])
-        except (KeyError, ValueError, TypeError):
-            continue
-        if task is None:
-            continue
-        task.state, task.attempts, task.error = state, int(record.get("attempt") or 0), record.get("error")
-        task.started_at, task.finished_at = record.get("started_at"), record.get("finished_at")
-        task.worker, task.retry_at = record.get("worker"), record.get("retry_at")
-        states[name] = (state, task.attempts, task.error)
-    for name, blob in connection.hgetall(keys.results(run_id)).items():
-        name = name.decode() if isinstance(name, bytes) else name
-        if name in tasks:
-            tasks[name].result = codec.decode(blob)
+    meta, spec_list, tasks = load_tasks(connection, run_id)
+    states = {name: (task.state, task.attempts, task.error) for name, task in tasks.items()
+              if task.state is not TaskState.PENDING or task.attempts}
     now = time.time()
     scheduler, repairs = Scheduler.restore(tasks.values(), states, now)
     scheduler.cancelled_by = meta.get("cancelled_by")
@@ -163,7 +144,7 @@ def restore_coordinator(
                if task.state is TaskState.RUNNING and task.worker}
     specs = {spec["name"]: spec for spec in spec_list}
     backend = RQBackend(connection, run_id, tasks, specs, settings, last_event=meta.get("last_event") or "0-0",
-                        lease=lease, running=running)
+                        lease=lease, running=running, transport=meta.get("transport") or "rq")
     coordinator = Coordinator(tasks, backend, on_progress=on_progress, scheduler=scheduler)
     for name, task in tasks.items():
         if task.state is TaskState.RETRYING:

@@ -18,9 +18,9 @@ import redis
 
 from orchestrator.task import Task
 from shared import codec, keys
-from shared.errors import CorruptRunError, RunNotFoundError
+from shared.errors import CorruptRunError, RunNotFoundError, WorkflowError
 from shared.messages import CANCEL, cancel_fields
-from shared.states import RunState
+from shared.states import RunState, TaskState
 
 
 def new_run_id(workflow_name: str) -> str:
@@ -60,7 +60,8 @@ def task_record(task: Task) -> str:
 
 
 def create_run(connection: redis.Redis, run_id: str, workflow: str, specs: list[dict[str, Any]],
-               records: dict[str, str], lease_token: Optional[str] = None, lease_ttl: float = 5.0) -> None:
+               records: dict[str, str], lease_token: Optional[str] = None, lease_ttl: float = 5.0,
+               transport: str = "rq") -> None:
     """Write a new run in one MULTI, so a failure leaves nothing half-written.
 
     With ``lease_token`` the submitter holds the run's lease from the start;
@@ -77,6 +78,7 @@ def create_run(connection: redis.Redis, run_id: str, workflow: str, specs: list[
         "total": len(specs),
         "spec": json.dumps(specs, separators=(",", ":")),
         "last_event": "0-0",
+        "transport": transport,
     })
     if records:
         pipe.hset(keys.tasks(run_id), mapping=records)
@@ -92,24 +94,50 @@ def request_cancel(connection: redis.Redis, run_id: str, by: str) -> None:
     connection.xadd(keys.events(run_id), cancel_fields(by))
 
 
-def read_spec(connection: redis.Redis, run_id: str) -> tuple[dict[str, Any], list[dict[str, Any]], dict[str, dict]]:
-    """``(meta, specs, records)`` of a stored run: all a coordinator needs to resume it."""
+def load_tasks(connection: redis.Redis, run_id: str, with_results: bool = True
+               ) -> tuple[dict[str, Any], list[dict[str, Any]], dict[str, Task]]:
+    """``(meta, specs, tasks)`` of a stored run, the Task objects carrying the recorded state.
+
+    All a coordinator needs to resume the run, and all ``orch status`` shows.
+    A damaged spec raises :class:`CorruptRunError`; a damaged task record
+    leaves that task pending.
+    """
     meta = {_text(k): _text(v) for k, v in connection.hgetall(keys.run(run_id)).items()}
     if not meta:
         raise RunNotFoundError(run_id)
+    tasks: dict[str, Task] = {}
     try:
         specs = json.loads(meta["spec"])
-        names = [spec["name"] for spec in specs]
-    except (KeyError, ValueError, TypeError) as exc:
-        raise CorruptRunError(run_id, f"its spec is unreadable ({exc})") from None
-    records: dict[str, dict] = {}
+        for spec in specs:
+            args, kwargs = codec.decode(spec["payload"])
+            tasks[spec["name"]] = Task(
+                spec["name"], spec["ref"], spec["deps"], spec["max_retries"], spec["retry_delay"], spec["timeout"],
+                args=args, kwargs=kwargs, retry_backoff=spec["retry_backoff"], queue=spec["queue"],
+            )
+    except (KeyError, TypeError, ValueError, WorkflowError) as exc:
+        raise CorruptRunError(run_id, f"its task spec is unreadable ({exc})") from None
     for name, raw in connection.hgetall(keys.tasks(run_id)).items():
+        task = tasks.get(_text(name))
         try:
-            records[_text(name)] = json.loads(raw)
-        except ValueError:
-            continue  # an unreadable record resumes as pending
-    del names
-    return meta, specs, records
+            record = json.loads(raw)
+            state = TaskState(record["state"])
+            attempts = int(record.get("attempt") or 0)
+        except (KeyError, ValueError, TypeError):
+            continue
+        if task is None:
+            continue
+        task.state, task.attempts, task.error = state, attempts, record.get("error")
+        task.started_at, task.finished_at = record.get("started_at"), record.get("finished_at")
+        task.worker, task.retry_at = record.get("worker"), record.get("retry_at")
+    if with_results:
+        for name, blob in connection.hgetall(keys.results(run_id)).items():
+            task = tasks.get(_text(name))
+            if task is not None:
+                try:
+                    task.result = codec.decode(blob)
+                except WorkflowError:
+                    task.result = None
+    return meta, specs, tasks
 
 
 @dataclass
@@ -120,21 +148,15 @@ class RunSnapshot:
     created_at: float
     finished_at: Optional[float]
     cancelled_by: Optional[str]
-    tasks: dict[str, dict[str, Any]] = field(default_factory=dict)
-    order: list[str] = field(default_factory=list)
-
-    def counts(self) -> dict[str, int]:
-        out: dict[str, int] = {}
-        for record in self.tasks.values():
-            out[record["state"]] = out.get(record["state"], 0) + 1
-        return out
+    counts: dict[str, int] = field(default_factory=dict)
 
 
 def _text(value: Any) -> Optional[str]:
     return value.decode("utf-8", "replace") if isinstance(value, bytes) else value
 
 
-def read_run(connection: redis.Redis, run_id: str, with_tasks: bool = True) -> RunSnapshot:
+def read_run(connection: redis.Redis, run_id: str) -> RunSnapshot:
+    """The run's metadata and task counts (as of its last step), without its tasks."""
     meta = {_text(k): _text(v) for k, v in connection.hgetall(keys.run(run_id)).items()}
     if not meta:
         raise RunNotFoundError(run_id)
@@ -146,16 +168,13 @@ def read_run(connection: redis.Redis, run_id: str, with_tasks: bool = True) -> R
         finished_at=float(meta["finished_at"]) if meta.get("finished_at") else None,
         cancelled_by=meta.get("cancelled_by"),
     )
-    if with_tasks:
-        try:
-            snapshot.order = [spec["name"] for spec in json.loads(meta.get("spec") or "[]")]
-        except (ValueError, TypeError, KeyError):
-            snapshot.order = []
-        for name, raw in connection.hgetall(keys.tasks(run_id)).items():
-            try:
-                snapshot.tasks[_text(name)] = json.loads(raw)
-            except ValueError:
-                snapshot.tasks[_text(name)] = {"state": "?", "error": "unreadable record"}
+    try:
+        counts = json.loads(meta.get("counts") or "{}")
+        snapshot.counts = {str(k): int(v) for k, v in counts.items()}
+    except (ValueError, TypeError, AttributeError):
+        snapshot.counts = {}
+    if not snapshot.counts and meta.get("total"):
+        snapshot.counts = {"pending": int(meta["total"])}
     return snapshot
 
 
@@ -169,11 +188,11 @@ def list_runs(connection: redis.Redis, limit: int = 20) -> list[RunSnapshot]:
     out = []
     for run_id in connection.zrevrange(keys.RUNS, 0, limit - 1):
         try:
-            out.append(read_run(connection, _text(run_id), with_tasks=False))
+            out.append(read_run(connection, _text(run_id)))
         except RunNotFoundError:
             connection.zrem(keys.RUNS, run_id)  # its keys expired: forget it
     return out
 
 
-__all__ = ["CANCEL", "RunSnapshot", "create_run", "list_runs", "new_run_id", "read_result", "read_run",
+__all__ = ["CANCEL", "RunSnapshot", "create_run", "list_runs", "new_run_id", "read_result", "read_run", "load_tasks",
            "request_cancel", "task_record", "task_spec"]

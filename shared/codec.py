@@ -28,7 +28,13 @@ def _encode(value: Any, where: str) -> Any:
     if value is None or isinstance(value, (bool, str)):
         return value
     if isinstance(value, int):
-        return int(value)
+        value = int(value)
+        if value.bit_length() > 4000:  # past sys.get_int_max_str_digits(), json.dumps raises ValueError
+            try:
+                str(value)
+            except ValueError:
+                raise SerializationError(f"{where} is an int with too many digits to serialize") from None
+        return value
     if isinstance(value, float):
         return float(value)
     if isinstance(value, list):

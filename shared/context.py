@@ -24,6 +24,11 @@ _current: contextvars.ContextVar[Optional[TaskContext]] = contextvars.ContextVar
 
 
 def current() -> Optional[TaskContext]:
+    """The run, task and attempt number this process is executing now (``None`` outside a task).
+
+    Exported as ``orchestrator.current_task``: a task can read
+    ``current_task().attempt`` to behave differently on a retry.
+    """
     return _current.get()
 
 

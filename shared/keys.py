@@ -18,6 +18,10 @@ key                             type    contents
 ``orch:run:{id}:lease``         string  token of the coordinator driving the run (TTL: lease)
 ``orch:active``                 set     ids of runs not finished yet (what coordinators adopt)
 ``orch:alive:{worker}``         string  a worker's heartbeat; it lapses (TTL) when the worker dies
+``orch:queue:{queue}``          list    lean mode: attempts waiting (JSON), oldest first
+``orch:inflight:{worker}``      list    lean mode: attempts a worker has taken and not finished
+``orch:lean-workers``           set     lean mode: names of workers that may hold in-flight attempts
+``orch:stop`` (pub/sub)         channel lean mode: "stop this attempt" requests (cancellation)
 ==============================  ======  ==================================================
 
 All keys of a run get the run's retention as TTL when the run finishes.
@@ -27,6 +31,8 @@ from __future__ import annotations
 PREFIX = "orch"
 RUNS = f"{PREFIX}:runs"
 ACTIVE = f"{PREFIX}:active"
+STOP_CHANNEL = f"{PREFIX}:stop"
+LEAN_WORKERS = f"{PREFIX}:lean-workers"
 
 
 def run(run_id: str) -> str:
@@ -55,6 +61,14 @@ def lease(run_id: str) -> str:
 
 def alive(worker: str) -> str:
     return f"{PREFIX}:alive:{worker}"
+
+
+def lean_queue(queue: str) -> str:
+    return f"{PREFIX}:queue:{queue}"
+
+
+def inflight(worker: str) -> str:
+    return f"{PREFIX}:inflight:{worker}"
 
 
 def all_of_run(run_id: str) -> list[str]:

@@ -52,14 +52,16 @@ def run_task(
     worker = job.worker_name
     publish(connection, Outcome(run_id=run_id, task=task, attempt=attempt, status=STARTED, at=time.time(),
                                 worker=worker))
-    outcome = _attempt(connection, run_id, task, attempt, ref, payload, timeout, max_result_bytes, worker)
+    outcome = attempt_outcome(connection, run_id, task, attempt, ref, payload, timeout, max_result_bytes, worker)
     publish(connection, outcome)
     if outcome.status == FAILED:
         raise TaskFailedOnWorker(f"task {task!r} attempt {attempt}: {outcome.error}")
 
 
-def _attempt(connection: redis.Redis, run_id: str, task: str, attempt: int, ref: str, payload: str,
-             timeout: Optional[float], max_result_bytes: Optional[int], worker: Optional[str]) -> Outcome:
+def attempt_outcome(connection: redis.Redis, run_id: str, task: str, attempt: int, ref: str, payload: str,
+                    timeout: Optional[float], max_result_bytes: Optional[int], worker: Optional[str]) -> Outcome:
+    """Import the task, decode its arguments, run it (with ``timeout`` raised in-process, if given)
+    and return the outcome. Shared by the RQ job function and the lean worker's work processes."""
     started = time.time()
     try:
         func = import_reference(ref)

@@ -21,6 +21,7 @@ from typing import Any, Mapping, Optional, Sequence
 from orchestrator.actions import Dispatch
 from orchestrator.coordinator import Step
 from orchestrator.task import Task
+from shared.context import TaskContext, running
 from shared.events import Event, TaskFailed, TaskStarted, TaskSucceeded
 from shared.messages import SUCCEEDED, Outcome
 from shared.states import FailureKind
@@ -39,16 +40,21 @@ class _Attempt:
     deadline: Optional[float]
 
 
-def _child(task: Task, attempt: int, run_id: str, conn: Connection) -> None:
+def _child(tasks: Mapping[str, Task], name: str, attempt: int, run_id: str, conn: Connection) -> None:
     os.setpgrp()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the coordinator's to handle
+    task = tasks[name]
     try:
         func = task.resolve()
     except Exception as exc:
         outcome = Outcome(run_id=run_id, task=task.name, attempt=attempt, status="failed", at=time.time(),
                           error=describe_exception(exc), started_at=time.time())
     else:
-        outcome = run_attempt(func, task.args, task.kwargs, run_id=run_id, task=task.name, attempt=attempt)
+        def upstream_result(other: str) -> Any:
+            return tasks[other].result if other in tasks else None
+
+        with running(TaskContext(run_id, name, attempt, upstream_result)):
+            outcome = run_attempt(func, task.args, task.kwargs, run_id=run_id, task=name, attempt=attempt)
     conn.send_bytes(pickle.dumps(outcome))
     conn.close()
 
@@ -83,7 +89,7 @@ class LocalBackend:
             task = self.tasks[dispatch.task]
             receiver, sender = self._context.Pipe(duplex=False)
             process = self._context.Process(
-                target=_child, args=(task, dispatch.attempt, self.run_id, sender),
+                target=_child, args=(self.tasks, task.name, dispatch.attempt, self.run_id, sender),
                 name=f"orch-task-{task.name}", daemon=False,
             )
             now = time.time()

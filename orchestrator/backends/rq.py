@@ -1,4 +1,10 @@
-"""The distributed backend: RQ queues out, a Redis stream of outcomes back.
+"""The distributed backend: RQ (or lean) queues out, a Redis stream of outcomes back.
+
+``transport="rq"`` enqueues each attempt as an RQ job (``rq info`` sees it,
+``orch worker`` runs it in a forked work horse); ``transport="lean"`` pushes a
+compact JSON entry on ``orch:queue:{queue}`` for ``orch worker --mode lean``
+(persistent work processes, see :mod:`worker.lean`). Both report on the same
+stream, so everything below the dispatch is shared.
 
 Each :class:`~orchestrator.coordinator.Step` becomes one MULTI/EXEC: the task
 records and results it commits, the RQ jobs of the attempts it dispatches
@@ -40,12 +46,14 @@ from shared.errors import SerializationError
 from shared.events import Event, RunCancelled, TaskFailed, TaskStarted, TaskSucceeded
 from shared.messages import FAILED, STARTED, SUCCEEDED, Outcome, cancel_requester
 from shared.states import FailureKind
+from worker.lean import job_message
 from worker.rq_worker import JOB_FUNCTION
 
 log = logging.getLogger("orch.coordinator")
 
 READ_BATCH = 1000
 """Most outcomes taken from the stream in one read."""
+TRANSPORTS = ("rq", "lean")
 HOUSEKEEPING_INTERVAL = 1.0
 """Seconds between lease renewals and worker heartbeat checks."""
 
@@ -63,7 +71,11 @@ class RQBackend:
         last_event: str = "0-0",
         lease: Optional[Lease] = None,
         running: Optional[Mapping[str, tuple[int, str]]] = None,
+        transport: str = "rq",
     ) -> None:
+        if transport not in TRANSPORTS:
+            raise ValueError(f"unknown transport {transport!r}; expected one of {', '.join(TRANSPORTS)}")
+        self.transport = transport
         self.connection = connection
         self.run_id = run_id
         self.tasks = tasks
@@ -119,26 +131,10 @@ class RQBackend:
         if step.finished:
             meta.update(state=step.finished.state.value, finished_at=repr(step.finished.at))
         pipe.hset(keys.run(run_id), mapping=meta)
-        for stop in step.stops:
-            job_id = self.job_id(stop.task, stop.attempt)
-            pipe.lrem(self._queue(self.tasks[stop.task].queue).key, 0, job_id)
-        by_queue: dict[str, list[Any]] = {}
-        for dispatch in step.dispatches:
-            spec = self.specs[dispatch.task]
-            timeout = spec["timeout"]
-            job_timeout = NO_TIMEOUT if timeout is None else math.ceil(timeout) + math.ceil(self.settings.kill_grace)
-            by_queue.setdefault(spec["queue"], []).append(Queue.prepare_data(
-                JOB_FUNCTION,
-                args=(run_id, dispatch.task, dispatch.attempt, spec["ref"], spec["payload"], timeout,
-                      self.settings.max_result_bytes),
-                timeout=job_timeout,
-                result_ttl=0,
-                failure_ttl=self.settings.retention,
-                job_id=self.job_id(dispatch.task, dispatch.attempt),
-                description=f"orch run {run_id} task {dispatch.task!r} attempt {dispatch.attempt}",
-            ))
-        for queue_name, jobs in by_queue.items():
-            self._queue(queue_name).enqueue_many(jobs, pipeline=pipe)
+        if self.transport == "lean":
+            self._queue_lean(pipe, step)
+        else:
+            self._queue_rq(pipe, step)
         if self._last_event != "0-0":
             pipe.xtrim(self._events_key, minid=self._last_event, approximate=False)
         if step.finished:
@@ -147,6 +143,41 @@ class RQBackend:
             pipe.srem(keys.ACTIVE, run_id)
             pipe.delete(keys.lease(run_id))
         pipe.execute()
+
+    def _job_args(self, task: str, attempt: int) -> tuple[Any, ...]:
+        spec = self.specs[task]
+        return (self.run_id, task, attempt, spec["ref"], spec["payload"], spec["timeout"],
+                self.settings.max_result_bytes)
+
+    def _queue_rq(self, pipe: Any, step: Step) -> None:
+        for stop in step.stops:
+            pipe.lrem(self._queue(self.tasks[stop.task].queue).key, 0, self.job_id(stop.task, stop.attempt))
+        by_queue: dict[str, list[Any]] = {}
+        for dispatch in step.dispatches:
+            timeout = self.specs[dispatch.task]["timeout"]
+            job_timeout = NO_TIMEOUT if timeout is None else math.ceil(timeout) + math.ceil(self.settings.kill_grace)
+            by_queue.setdefault(self.specs[dispatch.task]["queue"], []).append(Queue.prepare_data(
+                JOB_FUNCTION,
+                args=self._job_args(dispatch.task, dispatch.attempt),
+                timeout=job_timeout,
+                result_ttl=0,
+                failure_ttl=self.settings.retention,
+                job_id=self.job_id(dispatch.task, dispatch.attempt),
+                description=f"orch run {self.run_id} task {dispatch.task!r} attempt {dispatch.attempt}",
+            ))
+        for queue_name, jobs in by_queue.items():
+            self._queue(queue_name).enqueue_many(jobs, pipeline=pipe)
+
+    def _queue_lean(self, pipe: Any, step: Step) -> None:
+        for stop in step.stops:
+            message = job_message(*self._job_args(stop.task, stop.attempt))
+            pipe.lrem(keys.lean_queue(self.specs[stop.task]["queue"]), 0, message)
+        by_queue: dict[str, list[str]] = {}
+        for dispatch in step.dispatches:
+            by_queue.setdefault(self.specs[dispatch.task]["queue"], []).append(
+                job_message(*self._job_args(dispatch.task, dispatch.attempt)))
+        for queue_name, messages in by_queue.items():
+            pipe.rpush(keys.lean_queue(queue_name), *messages)
 
     def _reconnecting(self, call: Any, *args: Any) -> Any:
         """``call(*args)``, retried with backoff while Redis is unreachable, up to ``settings.outage`` s."""
@@ -164,6 +195,9 @@ class RQBackend:
 
     def _stop_running(self, task: str, attempt: int) -> None:
         """Ask the worker running this attempt, if any, to kill its work horse."""
+        if self.transport == "lean":
+            self.connection.publish(keys.STOP_CHANNEL, json.dumps([self.run_id, task, attempt]))
+            return
         try:
             send_stop_job_command(self.connection, self.job_id(task, attempt), serializer=JSONSerializer)
         except Exception as exc:  # the job may be queued, finished or unknown: nothing to stop
@@ -184,17 +218,43 @@ class RQBackend:
         self._housekeeping_at = now + HOUSEKEEPING_INTERVAL
         if self.lease is not None and not self.lease.acquire():
             raise LeaseLost(self.run_id)
+        lost = self._stranded_lean_attempts() if self.transport == "lean" else []
         if not self._running:
-            return []
+            return lost
         workers = sorted({worker for _, worker in self._running.values()})
         alive = dict(zip(workers, (bool(flag) for flag in self._alive_flags(workers))))
-        lost: list[Event] = []
         for task, (attempt, worker) in list(self._running.items()):
             if not alive.get(worker, False):
                 del self._running[task]
                 lost.append(TaskFailed(task, attempt, time.time(),
                                        f"WorkerLost: worker {worker} stopped heartbeating "
                                        f"(no heartbeat for {self.settings.heartbeat_ttl:g}s)", FailureKind.LOST))
+        return lost
+
+    def _stranded_lean_attempts(self) -> list[Event]:
+        """Attempts of this run left in the in-flight list of a lean worker that is gone.
+
+        This also catches a worker that died between taking an attempt and
+        reporting it started, which the heartbeat watch alone cannot see.
+        """
+        lost: list[Event] = []
+        workers = sorted(w.decode() if isinstance(w, bytes) else w
+                         for w in self.connection.smembers(keys.LEAN_WORKERS))
+        for worker, alive in zip(workers, self._alive_flags(workers)):
+            if alive:
+                continue
+            key = keys.inflight(worker)
+            for raw in self.connection.lrange(key, 0, -1):
+                try:
+                    run_id, task, attempt = json.loads(raw)[:3]
+                except (ValueError, TypeError):
+                    continue
+                if run_id != self.run_id or task not in self.tasks:
+                    continue
+                self.connection.lrem(key, 1, raw)
+                self._running.pop(task, None)
+                lost.append(TaskFailed(task, int(attempt), time.time(),
+                                       f"WorkerLost: worker {worker} died holding this attempt", FailureKind.LOST))
         return lost
 
     def _alive_flags(self, workers: list[str]) -> list[int]:

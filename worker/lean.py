@@ -1,0 +1,297 @@
+"""``orch worker --mode lean``: persistent work processes, no fork and no RQ job per task.
+
+RQ's worker forks a work horse for every job and spends about sixty Redis
+commands on each job's lifecycle; for short tasks that is most of the cost.
+The lean worker keeps one forked *work process* per slot alive across tasks
+and speaks to Redis itself, from the parent, in three round trips per task:
+take the job (``BLMOVE`` from the queue to this worker's in-flight list),
+report it started, report its outcome (``XADD`` + ``LREM`` in one pipeline).
+
+The semantics are the RQ mode's: the same job function
+(:func:`worker.rq_job.run_attempt_of`), the same outcomes on the same stream,
+the same heartbeat key. Isolation and timeouts are kept: a work process that
+runs past its attempt's timeout, or dies, is killed and replaced, and the
+attempt is reported as a timeout or a crash. A stop request for a running
+attempt (cancellation) kills its work process the same way.
+
+Shutdown: the first SIGTERM/SIGINT stops taking jobs and lets the jobs in hand
+finish; a second kills them and hands them back to their queue.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import multiprocessing
+import os
+import pickle
+import signal
+import socket
+import threading
+import time
+import uuid
+from multiprocessing.connection import Connection
+from typing import Any, Optional
+
+import redis
+
+from shared import keys
+from shared.config import Settings
+from shared.connection import connect
+from shared.messages import FAILED, STARTED, Outcome
+from shared.states import FailureKind
+from worker.rq_job import attempt_outcome
+
+log = logging.getLogger("orch.worker")
+BLOCK_SECONDS = 1.0
+"""Longest wait for a job in one call, so shutdown requests are seen within a second."""
+
+
+def job_message(run_id: str, task: str, attempt: int, ref: str, payload: str, timeout: Optional[float],
+                max_result_bytes: Optional[int]) -> str:
+    """The queue entry of one attempt; deterministic, so the coordinator can ``LREM`` it to dequeue it."""
+    return json.dumps([run_id, task, attempt, ref, payload, timeout, max_result_bytes], separators=(",", ":"))
+
+
+def _work_process(redis_url: str, jobs: Connection) -> None:
+    """A work process's loop: run each job it is handed, send back its outcome."""
+    os.setpgrp()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    connection = connect(redis_url, check=False)
+    while True:
+        try:
+            job = jobs.recv()
+        except EOFError:
+            return
+        run_id, task, attempt, ref, payload, _timeout, max_result_bytes, worker = job
+        outcome = attempt_outcome(connection, run_id, task, attempt, ref, payload, None, max_result_bytes, worker)
+        jobs.send_bytes(pickle.dumps(outcome))
+
+
+class _Slot:
+    """One work process and the thread in the parent that feeds it."""
+
+    def __init__(self, worker: "LeanWorker", number: int) -> None:
+        self.worker = worker
+        self.number = number
+        self.process: Optional[multiprocessing.process.BaseProcess] = None
+        self.conn: Optional[Connection] = None
+        self.current: Optional[tuple[str, bytes]] = None  # (queue key, raw message) in hand
+        self.thread = threading.Thread(target=self.loop, name=f"slot-{number}", daemon=True)
+        self._stopped_attempt: Optional[tuple[str, str, int]] = None
+
+    def spawn(self) -> None:
+        context = multiprocessing.get_context("fork")
+        parent, child = context.Pipe(duplex=True)
+        self.process = context.Process(target=_work_process, args=(self.worker.redis_url, child), daemon=True,
+                                       name=f"orch-work-{self.number}")
+        self.process.start()
+        child.close()
+        self.conn = parent
+
+    def kill(self) -> None:
+        if self.process is None:
+            return
+        try:
+            os.killpg(self.process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.process.kill()
+        self.process.join()
+        if self.conn is not None:
+            self.conn.close()
+        self.process = self.conn = None
+
+    def loop(self) -> None:
+        w = self.worker
+        while not w.stopping.is_set():
+            try:
+                taken = w.take_job()
+            except redis.RedisError as exc:
+                log.warning("slot %s: Redis error while taking a job (%s); retrying", self.number, exc)
+                time.sleep(1.0)
+                continue
+            if taken is None:
+                continue
+            self.current = taken
+            try:
+                self.run(*taken)
+            finally:
+                self.current = None
+        self.kill()
+
+    def run(self, queue_key: str, raw: bytes) -> None:
+        w = self.worker
+        try:
+            run_id, task, attempt, ref, payload, timeout, max_result_bytes = json.loads(raw)
+            attempt = int(attempt)
+        except (ValueError, TypeError) as exc:
+            log.error("dropped an unreadable job from %s: %s", queue_key, exc)
+            w.finish(queue_key, raw, None)
+            return
+        started = time.time()
+        w.publish(Outcome(run_id=run_id, task=task, attempt=attempt, status=STARTED, at=started, worker=w.name))
+        if self.process is None or not self.process.is_alive():
+            self.spawn()
+        assert self.conn is not None and self.process is not None
+        self.conn.send((run_id, task, attempt, ref, payload, timeout, max_result_bytes, w.name))
+        w.running[(run_id, task, attempt)] = self
+        try:
+            outcome = self._await(run_id, task, attempt, timeout, started)
+        finally:
+            w.running.pop((run_id, task, attempt), None)
+        w.finish(queue_key, raw, outcome)
+
+    def _await(self, run_id: str, task: str, attempt: int, timeout: Optional[float], started: float) -> Outcome:
+        assert self.conn is not None and self.process is not None
+        deadline = None if timeout is None else started + timeout
+        common = dict(run_id=run_id, task=task, attempt=attempt, status=FAILED, worker=self.worker.name,
+                      started_at=started)
+        while True:
+            wait = 0.5 if deadline is None else max(0.0, min(0.5, deadline - time.time()))
+            ready = multiprocessing.connection.wait([self.conn, self.process.sentinel], wait)
+            if self.conn in ready:
+                try:
+                    return pickle.loads(self.conn.recv_bytes())
+                except (EOFError, OSError):
+                    pass
+            if not self.process.is_alive() or (ready and self.conn not in ready):
+                self.process.join(timeout=1.0)
+                code = self.process.exitcode
+                self.kill()
+                if self._stopped_attempt == (run_id, task, attempt):
+                    return Outcome(at=time.time(), error="Cancelled: attempt stopped on request",
+                                   kind=FailureKind.CANCELLED, **common)
+                return Outcome(at=time.time(), error=f"WorkerCrash: worker process died: {_describe(code)}",
+                               kind=FailureKind.CRASHED, **common)
+            if deadline is not None and time.time() >= deadline:
+                self.kill()
+                return Outcome(at=time.time(), error=f"TaskTimeout: attempt ran past its timeout of {timeout:g}s "
+                               "and was killed", kind=FailureKind.TIMEOUT, **common)
+
+    def stop_attempt(self, key: tuple[str, str, int]) -> None:
+        self._stopped_attempt = key
+        if self.process is not None:
+            try:
+                os.killpg(self.process.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+def _describe(code: Optional[int]) -> str:
+    if code is not None and code < 0:
+        try:
+            return f"signal {-code} ({signal.Signals(-code).name})"
+        except ValueError:
+            return f"signal {-code}"
+    return f"exit code {code}"
+
+
+class LeanWorker:
+    """``concurrency`` slots serving the lean queues of ``queues``."""
+
+    def __init__(self, redis_url: str, queues: list[str], concurrency: int = 1, name: Optional[str] = None,
+                 settings: Optional[Settings] = None) -> None:
+        self.redis_url = redis_url
+        self.connection = connect(redis_url)
+        self.queue_keys = [keys.lean_queue(q) for q in queues]
+        self.name = name or f"{socket.gethostname()}.{os.getpid()}.{uuid.uuid4().hex[:6]}"
+        self.settings = settings or Settings()
+        self.inflight_key = keys.inflight(self.name)
+        self.stopping = threading.Event()
+        self.running: dict[tuple[str, str, int], _Slot] = {}
+        self.slots = [_Slot(self, n) for n in range(concurrency)]
+        self._next_queue = 0
+
+    def take_job(self) -> Optional[tuple[str, bytes]]:
+        """Move one job from a queue to this worker's in-flight list, waiting up to a second."""
+        keys_in_turn = self.queue_keys[self._next_queue:] + self.queue_keys[:self._next_queue]
+        self._next_queue = (self._next_queue + 1) % len(self.queue_keys)
+        for key in keys_in_turn[:-1]:
+            raw = self.connection.lmove(key, self.inflight_key, "LEFT", "RIGHT")
+            if raw is not None:
+                return key, raw
+        raw = self.connection.blmove(keys_in_turn[-1], self.inflight_key, BLOCK_SECONDS, "LEFT", "RIGHT")
+        return None if raw is None else (keys_in_turn[-1], raw)
+
+    def publish(self, outcome: Outcome) -> None:
+        self.connection.xadd(keys.events(outcome.run_id), outcome.to_fields())
+
+    def finish(self, queue_key: str, raw: bytes, outcome: Optional[Outcome]) -> None:
+        pipe = self.connection.pipeline(transaction=True)
+        if outcome is not None:
+            pipe.xadd(keys.events(outcome.run_id), outcome.to_fields())
+        pipe.lrem(self.inflight_key, 1, raw)
+        pipe.execute()
+
+    def _heartbeat(self) -> None:
+        ttl_ms = int(self.settings.heartbeat_ttl * 1000)
+        while not self.stopping.is_set():
+            try:
+                self.connection.set(keys.alive(self.name), "1", px=ttl_ms)
+            except redis.RedisError as exc:
+                log.warning("heartbeat failed: %s", exc)
+            self.stopping.wait(1.0)
+
+    def _listen_for_stops(self) -> None:
+        pubsub = self.connection.pubsub(ignore_subscribe_messages=True)
+        pubsub.subscribe(keys.STOP_CHANNEL)
+        while not self.stopping.is_set():
+            try:
+                message = pubsub.get_message(timeout=1.0)
+            except redis.RedisError:
+                time.sleep(1.0)
+                continue
+            if not message:
+                continue
+            try:
+                run_id, task, attempt = json.loads(message["data"])
+                key = (run_id, task, int(attempt))
+            except (ValueError, TypeError):
+                continue
+            slot = self.running.get(key)
+            if slot is not None:
+                slot.stop_attempt(key)
+
+    def _hand_back(self) -> None:
+        """Put the jobs still in hand back at the front of their queues (second signal)."""
+        for slot in self.slots:
+            taken = slot.current
+            if taken is not None:
+                queue_key, raw = taken
+                pipe = self.connection.pipeline(transaction=True)
+                pipe.lrem(self.inflight_key, 1, raw)
+                pipe.lpush(queue_key, raw)
+                pipe.execute()
+            slot.kill()
+
+    def work(self) -> None:
+        """Serve until SIGTERM/SIGINT (first: finish jobs in hand; second: hand them back and exit)."""
+        signals = {"count": 0}
+
+        def on_signal(signum: int, frame: Any) -> None:
+            signals["count"] += 1
+            self.stopping.set()
+            if signals["count"] == 1:
+                log.info("warm shut down: finishing the jobs in hand (signal again to stop at once)")
+            else:
+                log.info("cold shut down: handing the jobs in hand back to their queues")
+                self._hand_back()
+                os._exit(1)
+
+        signal.signal(signal.SIGTERM, on_signal)
+        signal.signal(signal.SIGINT, on_signal)
+        self.connection.set(keys.alive(self.name), "1", px=int(self.settings.heartbeat_ttl * 1000))
+        self.connection.sadd(keys.LEAN_WORKERS, self.name)
+        threading.Thread(target=self._heartbeat, name="heartbeat", daemon=True).start()
+        threading.Thread(target=self._listen_for_stops, name="stops", daemon=True).start()
+        for slot in self.slots:
+            slot.spawn()
+            slot.thread.start()
+        while any(slot.thread.is_alive() for slot in self.slots):
+            for slot in self.slots:
+                slot.thread.join(timeout=0.5)
+        pipe = self.connection.pipeline(transaction=True)
+        pipe.delete(keys.alive(self.name), self.inflight_key)
+        pipe.srem(keys.LEAN_WORKERS, self.name)
+        pipe.execute()
