@@ -37,7 +37,10 @@ def connect(url: str, *, check: bool = True, socket_timeout: float | None = None
         raise InvalidRedisUrlError(url, str(exc)) from None
     if check:
         try:
-            client.ping()
+            # One plain try: a server that is down should fail a submit now, not after the backoff.
+            probe = redis.Redis.from_url(url, socket_connect_timeout=3, socket_timeout=5)
+            probe.ping()
+            probe.close()
         except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
             raise RedisUnavailableError(_safe(url), str(exc).split("\n")[0]) from None
         except redis.ResponseError as exc:

@@ -8,6 +8,7 @@ stream, where the coordinator reads it; RQ's own bookkeeping (registries,
 """
 from __future__ import annotations
 
+import os
 import signal
 import threading
 import time
@@ -22,6 +23,11 @@ from shared.errors import WorkflowError
 from shared.messages import FAILED, STARTED, Outcome
 from shared.refs import import_reference
 from worker.execute import describe_exception, run_attempt
+
+
+START_REPORTED_BY_WORKER = "ORCH_START_REPORTED_BY_WORKER"
+"""Set in an ``OrchWorker`` process: the worker reports each start before forking, so the
+job function does not (plain RQ workers, e.g. ``SimpleWorker`` in tests, leave it to the job)."""
 
 
 class TaskTimeout(Exception):
@@ -50,8 +56,9 @@ def run_task(
     job = get_current_job()
     connection = job.connection
     worker = job.worker_name
-    publish(connection, Outcome(run_id=run_id, task=task, attempt=attempt, status=STARTED, at=time.time(),
-                                worker=worker))
+    if not os.environ.get(START_REPORTED_BY_WORKER):
+        publish(connection, Outcome(run_id=run_id, task=task, attempt=attempt, status=STARTED, at=time.time(),
+                                    worker=worker))
     outcome = attempt_outcome(connection, run_id, task, attempt, ref, payload, timeout, max_result_bytes, worker)
     publish(connection, outcome)
     if outcome.status == FAILED:

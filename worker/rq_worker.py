@@ -27,9 +27,9 @@ from rq.serializers import JSONSerializer
 
 from shared import keys
 from shared.config import Settings
-from shared.messages import FAILED, Outcome
+from shared.messages import FAILED, STARTED, Outcome
 from shared.states import FailureKind
-from worker.rq_job import publish
+from worker.rq_job import START_REPORTED_BY_WORKER, publish
 
 JOB_FUNCTION = "worker.rq_job.run_task"
 MONITORING_INTERVAL = 1
@@ -52,6 +52,7 @@ class OrchWorker(Worker):
         kwargs.setdefault("serializer", JSONSerializer)
         kwargs.setdefault("job_monitoring_interval", MONITORING_INTERVAL)
         super().__init__(*args, **kwargs)
+        os.environ[START_REPORTED_BY_WORKER] = "1"
         settings = Settings()
         self.kill_grace = settings.kill_grace
         self.heartbeat_ttl_ms = int(settings.heartbeat_ttl * 1000)
@@ -63,7 +64,19 @@ class OrchWorker(Worker):
         target.set(keys.alive(self.name), "1", px=self.heartbeat_ttl_ms)
 
     def prepare_execution(self, job: Job) -> Any:
-        self.connection.set(keys.alive(self.name), "1", px=self.heartbeat_ttl_ms)
+        """Before the fork: renew the heartbeat and report the attempt started, in one round trip.
+
+        Reporting from here, not from the work horse, narrows the window in
+        which a dying worker could hold an attempt nobody knows it started.
+        """
+        pipe = self.connection.pipeline(transaction=False)
+        pipe.set(keys.alive(self.name), "1", px=self.heartbeat_ttl_ms)
+        found = attempt_of(job)
+        if found is not None:
+            run_id, task, attempt, _ = found
+            pipe.xadd(keys.events(run_id), Outcome(run_id=run_id, task=task, attempt=attempt, status=STARTED,
+                                                   at=time.time(), worker=self.name).to_fields())
+        pipe.execute()
         return super().prepare_execution(job)
 
     def maintain_heartbeats(self, job: Job) -> None:
