@@ -1,10 +1,12 @@
 """The lease that makes one coordinator, and only one, drive a run.
 
 A coordinator holds ``orch:run:{id}:lease`` (its random token, with a TTL) and
-renews it every second. Every write of a step is fenced: the step's MULTI runs
-under ``WATCH`` of the lease key after checking the token, so a coordinator
-that paused past its lease and woke up after another adopted the run has its
-EXEC refused instead of corrupting the run (:class:`LeaseLost`).
+renews it every second. Every write of a step is fenced: the step's commands
+run inside one Lua script that first checks the token (and renews the lease),
+so a coordinator that paused past its lease and woke up after another adopted
+the run has its writes refused instead of corrupting the run
+(:class:`LeaseLost`). One script call is one atomic round trip, where WATCH +
+GET + MULTI/EXEC took three.
 
 A coordinator whose lease merely lapsed (a pause, a Redis outage) takes it back
 only if nobody else held it meanwhile and the run is still active: every
@@ -20,7 +22,6 @@ import secrets
 from typing import Optional
 
 import redis
-from redis.client import Pipeline
 
 from shared import keys
 from shared.errors import WorkflowError
@@ -63,6 +64,59 @@ return 0
 """
 
 
+_APPLY = """
+-- KEYS: lease, run hash, active set. ARGV: token, ttl ms, run id, then the commands
+-- as count, args..., count, args... A lapsed lease is taken back on the same terms as
+-- in _ACQUIRE for a lease that held the run: still active, nobody else adopted it.
+local holder = redis.call('GET', KEYS[1])
+if holder == false then
+  if redis.call('SISMEMBER', KEYS[3], ARGV[3]) == 0 then
+    return redis.error_reply('ORCH_LEASE_LOST')
+  end
+  local recorded = redis.call('HGET', KEYS[2], 'lease_holder')
+  if recorded and recorded ~= ARGV[1] then
+    return redis.error_reply('ORCH_LEASE_LOST')
+  end
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+elseif holder ~= ARGV[1] then
+  return redis.error_reply('ORCH_LEASE_LOST')
+end
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
+local i = 4
+local n = #ARGV
+while i <= n do
+  local count = tonumber(ARGV[i])
+  redis.call(unpack(ARGV, i + 1, i + count))
+  i = i + count + 1
+end
+return 1
+"""
+MAX_ITEMS_PER_COMMAND = 2000
+"""Variadic commands longer than this are split: Lua's ``unpack`` takes at most ~8000 values."""
+_VARIADIC = {"HSET": 2, "RPUSH": 1, "LPUSH": 1, "SADD": 1, "SREM": 1, "DEL": 1}
+
+
+def _split(args: tuple) -> list[tuple]:
+    """``args`` as one or more commands of at most ``MAX_ITEMS_PER_COMMAND`` values."""
+    name = str(args[0]).upper()
+    width = _VARIADIC.get(name)
+    if width is None or len(args) <= MAX_ITEMS_PER_COMMAND:
+        return [args]
+    head, items = args[:2], args[2:]
+    step = (MAX_ITEMS_PER_COMMAND // width) * width
+    return [head + items[i:i + step] for i in range(0, len(items), step)]
+
+
+def flatten(commands: list[tuple]) -> list:
+    """``[count, *args, count, *args, ...]``: commands as the step script reads them."""
+    flat: list = []
+    for args in commands:
+        for part in _split(args):
+            flat.append(len(part))
+            flat.extend(part)
+    return flat
+
+
 class LeaseLost(WorkflowError):
     def __init__(self, run_id: str) -> None:
         self.run_id = run_id
@@ -81,6 +135,7 @@ class Lease:
         self._acquire = connection.register_script(_ACQUIRE)
         self._renew = connection.register_script(_RENEW)
         self._release = connection.register_script(_RELEASE)
+        self._apply = connection.register_script(_APPLY)
 
     def acquire(self) -> bool:
         """Take the lease if nobody holds it (or we already do).
@@ -103,22 +158,13 @@ class Lease:
         value = self.connection.get(self.key)
         return value.decode() if isinstance(value, bytes) else value
 
-    def fence(self, pipe: Pipeline) -> None:
-        """Put ``pipe`` in WATCH on the lease, check it is ours, start its MULTI and renew it in there.
-
-        The caller then queues its writes and calls ``pipe.execute()``; a
-        ``redis.WatchError`` from that means the lease changed hands meanwhile.
-        """
-        pipe.watch(self.key)
-        current = pipe.get(self.key)
-        if isinstance(current, bytes):
-            current = current.decode()
-        if current != self.token:
-            if current is None and self.acquire():
-                pipe.unwatch()
-                pipe.watch(self.key)
-            else:
-                pipe.reset()
-                raise LeaseLost(self.run_id)
-        pipe.multi()
-        pipe.pexpire(self.key, self.ttl_ms)
+    def apply(self, commands: list[tuple]) -> None:
+        """Run ``commands`` (argument tuples, e.g. a pipeline's command stack) atomically,
+        only while this lease is held (re-taking it if it lapsed and nobody took it)."""
+        try:
+            self._apply(keys=[self.key, keys.run(self.run_id), keys.ACTIVE],
+                        args=[self.token, self.ttl_ms, self.run_id, *flatten(commands)])
+        except redis.ResponseError as exc:
+            if "ORCH_LEASE_LOST" in str(exc):
+                raise LeaseLost(self.run_id) from None
+            raise

@@ -45,7 +45,7 @@ from shared.config import NO_TIMEOUT, Settings
 from shared.errors import SerializationError
 from shared.events import Event, RunCancelled, TaskFailed, TaskStarted, TaskSucceeded
 from shared.messages import FAILED, STARTED, SUCCEEDED, Outcome, cancel_requester
-from shared.states import FailureKind
+from shared.states import FailureKind, TaskState
 from worker.lean import job_message
 from worker.rq_worker import JOB_FUNCTION
 
@@ -56,6 +56,14 @@ READ_BATCH = 1000
 TRANSPORTS = ("rq", "lean")
 HOUSEKEEPING_INTERVAL = 1.0
 """Seconds between lease renewals and worker heartbeat checks."""
+DEFER_STARTS = 0.2
+"""Longest a step that only marks tasks running waits to be written with the next one."""
+
+
+def _only_starts(step: Step) -> bool:
+    return bool(step.transitions) and not (step.dispatches or step.stops or step.results or step.finished
+                                           or step.retries or step.tracebacks) and all(
+        move.finish is TaskState.RUNNING for move in step.transitions)
 
 
 class RQBackend:
@@ -87,6 +95,8 @@ class RQBackend:
         self._events_key = keys.events(run_id)
         self.lease = lease
         self._running: dict[str, tuple[int, str]] = dict(running or {})
+        self._deferred: set[str] = set()
+        self._deferred_since = 0.0
         self._housekeeping_at = 0.0
 
     def _queue(self, name: str) -> Queue:
@@ -101,30 +111,37 @@ class RQBackend:
     def carry_out(self, step: Step) -> None:
         for stop in step.stops:
             self._running.pop(stop.task, None)
-        while True:
-            try:
-                self._reconnecting(self._write_step, step)
-                break
-            except redis.WatchError:
-                continue  # the lease key changed under WATCH: check it again
+        changed = {move.task for move in step.transitions}
+        if _only_starts(step):
+            # "running" is shown, not needed to resume (an outcome after a lost start still
+            # applies), so it waits up to DEFER_STARTS for the next write instead of costing one.
+            if not self._deferred:
+                self._deferred_since = time.monotonic()
+            self._deferred |= changed
+            return
+        self._reconnecting(self._write_step, step, changed | self._deferred)
+        self._deferred = set()
         for stop in step.stops:
             self._stop_running(stop.task, stop.attempt)
 
-    def _write_step(self, step: Step) -> None:
+    def _flush_deferred(self) -> None:
+        if self._deferred and time.monotonic() - self._deferred_since >= DEFER_STARTS:
+            self._reconnecting(self._write_step, Step(), self._deferred)
+            self._deferred = set()
+
+    def _write_step(self, step: Step, changed: set[str]) -> None:
+        """All of ``step`` in one atomic round trip (fenced by the lease when there is one)."""
         run_id = self.run_id
         pipe = self.connection.pipeline(transaction=True)
-        if self.lease is not None:
-            self.lease.fence(pipe)
-        else:
-            pipe.multi()
-        if step.transitions:
-            changed = {move.task for move in step.transitions}
+        if changed:
             pipe.hset(keys.tasks(run_id), mapping={name: task_record(self.tasks[name]) for name in changed})
         if step.results:
             pipe.hset(keys.results(run_id), mapping=step.results)
         if step.tracebacks:
             pipe.hset(keys.tracebacks(run_id), mapping=step.tracebacks)
-        meta: dict[str, Any] = {"counts": json.dumps(step.counts), "last_event": self._last_event}
+        meta: dict[str, Any] = {"last_event": self._last_event}
+        if step.counts:
+            meta["counts"] = json.dumps(step.counts)
         if step.cancelled_by:
             meta["cancelled_by"] = step.cancelled_by
             meta["cancelled_at"] = repr(step.cancelled_at)
@@ -142,7 +159,12 @@ class RQBackend:
                 pipe.expire(key, self.settings.retention)
             pipe.srem(keys.ACTIVE, run_id)
             pipe.delete(keys.lease(run_id))
-        pipe.execute()
+        if self.lease is None:
+            pipe.execute()
+        else:
+            commands = [args for args, _options in pipe.command_stack]
+            pipe.reset()
+            self.lease.apply(commands)
 
     def _job_args(self, task: str, attempt: int) -> tuple[Any, ...]:
         spec = self.specs[task]
@@ -205,10 +227,20 @@ class RQBackend:
 
     # ------------------------------------------------------------------- input
     def wait(self, timeout: float) -> Sequence[Event]:
-        events = list(self._reconnecting(self._housekeeping))
-        timeout = 0 if events else min(timeout, HOUSEKEEPING_INTERVAL)
-        events.extend(self._reconnecting(self._read, timeout))
-        return events
+        lost = list(self._reconnecting(self._housekeeping))
+        if not lost:
+            return self._reconnecting(self._read, min(timeout, HOUSEKEEPING_INTERVAL))
+        # An attempt whose worker's heartbeat lapsed may have reported before it did (an idle RQ
+        # worker keeps no heartbeat; a resumed run finds outcomes that waited in the stream for
+        # longer than the TTL): read everything already in the stream first, so that those
+        # outcomes come before the losses, which the scheduler then ignores as not current.
+        events: list[Event] = []
+        while True:
+            before = self._last_event
+            events.extend(self._reconnecting(self._read, 0))
+            if self._last_event == before:
+                break
+        return events + lost
 
     def _housekeeping(self) -> list[Event]:
         """Renew the lease and fail the attempts of workers whose heartbeat lapsed, once a second."""
