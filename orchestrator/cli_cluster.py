@@ -17,12 +17,13 @@ import click
 from rich.table import Table
 
 from orchestrator import report
-from orchestrator.cli import (EXIT_OK, CliOptions, _exit, exit_code_of, handle_errors, main, pass_options,
-                              redis_url_option)
-from orchestrator.distributed import cancel_run, resume_run, serve_coordinator
+from orchestrator.cli import (EXIT_FAILED, EXIT_OK, CliOptions, _exit, exit_code_of, handle_errors, main,
+                              pass_options, redis_url_option)
+from orchestrator.distributed import cancel_run, resume_run, serve_coordinator, who
 from orchestrator.run_store import list_runs, load_tasks
 from orchestrator.workflow import Workflow
 from shared import keys
+from shared.config import Settings
 from shared.connection import connect
 from shared.states import RunState
 
@@ -144,17 +145,26 @@ def runs(options: CliOptions, limit: int) -> None:
 def cancel(options: CliOptions, run_id: str) -> None:
     """Cancel run RUN_ID: queued tasks are removed, running ones stopped, no new task starts."""
     connection = _redis(options, "cancel")
-    if cancel_run(connection, run_id):
+    by = f"orch cancel by {who()}"
+    if cancel_run(connection, run_id, by):
         click.echo(f"run {run_id} cancelled (no coordinator was driving it)")
         return
-    deadline = time.monotonic() + 10
+    # A live coordinator cancels the run at once. A dead one still holds its lease until it
+    # lapses (ORCH_LEASE_TTL): keep trying to adopt the run meanwhile, and cancel it then.
+    deadline = time.monotonic() + max(10.0, Settings().lease_ttl + 5.0)
     state = None
     while time.monotonic() < deadline:
         state = connection.hget(keys.run(run_id), "state")
         if state and state.decode() != RunState.RUNNING.value:
             break
+        if cancel_run(connection, run_id, by, request=False):
+            click.echo(f"run {run_id} cancelled (its coordinator had stopped driving it)")
+            return
         time.sleep(0.1)
-    click.echo(f"run {run_id}: cancel requested; its coordinator reports: {state.decode() if state else '?'}")
+    shown = state.decode() if state else "?"
+    click.echo(f"run {run_id}: cancel requested; its coordinator reports: {shown}")
+    if shown == RunState.RUNNING.value:
+        _exit(EXIT_FAILED)
 
 
 @main.command()

@@ -144,7 +144,9 @@ def restore_coordinator(
                if task.state is TaskState.RUNNING and task.worker}
     specs = {spec["name"]: spec for spec in spec_list}
     backend = RQBackend(connection, run_id, tasks, specs, settings, last_event=meta.get("last_event") or "0-0",
-                        lease=lease, running=running, transport=meta.get("transport") or "rq")
+                        lease=lease, running=running, transport=meta.get("transport") or "rq",
+                        queued=[(name, task.attempts) for name, task in tasks.items()
+                                if task.state is TaskState.QUEUED])
     coordinator = Coordinator(tasks, backend, on_progress=on_progress, scheduler=scheduler)
     for name, task in tasks.items():
         if task.state is TaskState.RETRYING:
@@ -179,16 +181,26 @@ def resume_run(
 
 
 def cancel_run(connection: redis.Redis, run_id: str, by: Optional[str] = None,
-               settings: Optional[Settings] = None) -> bool:
+               settings: Optional[Settings] = None, *, request: bool = True) -> bool:
     """Cancel ``run_id``. Returns True if this call cancelled it itself (nobody was driving it),
-    False if it asked the run's live coordinator to, which does so at once."""
+    False if it asked the run's live coordinator to, which does so at once (or the run had
+    already finished).
+
+    A coordinator that died keeps its lease for up to ``lease_ttl`` seconds: call again
+    with ``request=False`` (the request is already in the stream) to adopt the run once
+    the lease lapsed, which is what ``orch cancel`` does while it waits.
+    """
     settings = settings or Settings()
     by = by or f"orch cancel by {who()}"
-    request_cancel(connection, run_id, by)
+    if request:
+        request_cancel(connection, run_id, by)
     lease = Lease(connection, run_id, settings.lease_ttl)
     if not lease.acquire():
         return False
     try:
+        state = connection.hget(keys.run(run_id), "state")
+        if state is not None and state.decode() != RunState.RUNNING.value:
+            return False  # finished meanwhile (e.g. its coordinator just applied the request)
         coordinator, _ = restore_coordinator(connection, run_id, lease, settings=settings)
         if not coordinator.scheduler.finished:
             coordinator.cancel(by)

@@ -37,6 +37,7 @@ from rq.command import send_stop_job_command
 from rq.serializers import JSONSerializer
 
 from orchestrator.coordinator import Step
+from orchestrator.backends.watch import LossWatch
 from orchestrator.lease import Lease, LeaseLost
 from orchestrator.run_store import task_record
 from orchestrator.task import Task
@@ -80,6 +81,7 @@ class RQBackend:
         lease: Optional[Lease] = None,
         running: Optional[Mapping[str, tuple[int, str]]] = None,
         transport: str = "rq",
+        queued: Sequence[tuple[str, int]] = (),
     ) -> None:
         if transport not in TRANSPORTS:
             raise ValueError(f"unknown transport {transport!r}; expected one of {', '.join(TRANSPORTS)}")
@@ -94,7 +96,10 @@ class RQBackend:
         self._last_event = last_event
         self._events_key = keys.events(run_id)
         self.lease = lease
-        self._running: dict[str, tuple[int, str]] = dict(running or {})
+        self.watch = LossWatch(connection, run_id, self.settings.heartbeat_ttl, dict(running or {}))
+        for task, attempt in queued if transport == "rq" else ():
+            self.watch.dispatched(self.job_id(task, attempt), task, attempt,
+                                  self._queue(specs[task]["queue"]).intermediate_queue_key)
         self._deferred: set[str] = set()
         self._deferred_since = 0.0
         self._housekeeping_at = 0.0
@@ -107,10 +112,13 @@ class RQBackend:
     def job_id(self, task: str, attempt: int) -> str:
         return keys.job_id(self.run_id, self._index[task], attempt)
 
+    def _rq_job_id(self, task: str, attempt: int) -> Optional[str]:
+        return self.job_id(task, attempt) if self.transport == "rq" else None
+
     # ------------------------------------------------------------------ output
     def carry_out(self, step: Step) -> None:
         for stop in step.stops:
-            self._running.pop(stop.task, None)
+            self.watch.finished(self._rq_job_id(stop.task, stop.attempt), stop.task, stop.attempt)
         changed = {move.task for move in step.transitions}
         if _only_starts(step):
             # "running" is shown, not needed to resume (an outcome after a lost start still
@@ -188,7 +196,11 @@ class RQBackend:
                 description=f"orch run {self.run_id} task {dispatch.task!r} attempt {dispatch.attempt}",
             ))
         for queue_name, jobs in by_queue.items():
-            self._queue(queue_name).enqueue_many(jobs, pipeline=pipe)
+            queue = self._queue(queue_name)
+            queue.enqueue_many(jobs, pipeline=pipe)
+            for job in jobs:
+                task, attempt = job.args[1], job.args[2]
+                self.watch.dispatched(job.job_id, task, attempt, queue.intermediate_queue_key)
 
     def _queue_lean(self, pipe: Any, step: Step) -> None:
         for stop in step.stops:
@@ -243,57 +255,14 @@ class RQBackend:
         return events + lost
 
     def _housekeeping(self) -> list[Event]:
-        """Renew the lease and fail the attempts of workers whose heartbeat lapsed, once a second."""
+        """Renew the lease and fail the attempts of workers that are gone, once a second."""
         now = time.monotonic()
         if now < self._housekeeping_at:
             return []
         self._housekeeping_at = now + HOUSEKEEPING_INTERVAL
         if self.lease is not None and not self.lease.acquire():
             raise LeaseLost(self.run_id)
-        lost = self._stranded_lean_attempts() if self.transport == "lean" else []
-        if not self._running:
-            return lost
-        workers = sorted({worker for _, worker in self._running.values()})
-        alive = dict(zip(workers, (bool(flag) for flag in self._alive_flags(workers))))
-        for task, (attempt, worker) in list(self._running.items()):
-            if not alive.get(worker, False):
-                del self._running[task]
-                lost.append(TaskFailed(task, attempt, time.time(),
-                                       f"WorkerLost: worker {worker} stopped heartbeating "
-                                       f"(no heartbeat for {self.settings.heartbeat_ttl:g}s)", FailureKind.LOST))
-        return lost
-
-    def _stranded_lean_attempts(self) -> list[Event]:
-        """Attempts of this run left in the in-flight list of a lean worker that is gone.
-
-        This also catches a worker that died between taking an attempt and
-        reporting it started, which the heartbeat watch alone cannot see.
-        """
-        lost: list[Event] = []
-        workers = sorted(w.decode() if isinstance(w, bytes) else w
-                         for w in self.connection.smembers(keys.LEAN_WORKERS))
-        for worker, alive in zip(workers, self._alive_flags(workers)):
-            if alive:
-                continue
-            key = keys.inflight(worker)
-            for raw in self.connection.lrange(key, 0, -1):
-                try:
-                    run_id, task, attempt = json.loads(raw)[:3]
-                except (ValueError, TypeError):
-                    continue
-                if run_id != self.run_id or task not in self.tasks:
-                    continue
-                self.connection.lrem(key, 1, raw)
-                self._running.pop(task, None)
-                lost.append(TaskFailed(task, int(attempt), time.time(),
-                                       f"WorkerLost: worker {worker} died holding this attempt", FailureKind.LOST))
-        return lost
-
-    def _alive_flags(self, workers: list[str]) -> list[int]:
-        pipe = self.connection.pipeline(transaction=False)
-        for worker in workers:
-            pipe.exists(keys.alive(worker))
-        return pipe.execute()
+        return self.watch.check(lean=self.transport == "lean")
 
     def _read(self, timeout: float) -> list[Event]:
         block_ms = max(1, int(timeout * 1000))
@@ -320,12 +289,11 @@ class RQBackend:
         if outcome.run_id != self.run_id or outcome.task not in self.tasks:
             log.error("run %s: ignored an event for run %r task %r", self.run_id, outcome.run_id, outcome.task)
             return None
+        job_id = self._rq_job_id(outcome.task, outcome.attempt)
         if outcome.status == STARTED:
-            if outcome.worker:
-                self._running[outcome.task] = (outcome.attempt, outcome.worker)
+            self.watch.started(job_id, outcome.task, outcome.attempt, outcome.worker)
             return TaskStarted(outcome.task, outcome.attempt, now, outcome.worker)
-        if self._running.get(outcome.task, (None,))[0] == outcome.attempt:
-            del self._running[outcome.task]
+        self.watch.finished(job_id, outcome.task, outcome.attempt)
         if outcome.status == SUCCEEDED:
             return TaskSucceeded(outcome.task, outcome.attempt, now, outcome.result, outcome.started_at)
         if outcome.status == FAILED:
