@@ -25,7 +25,9 @@ class Settings:
     process kills a task that ignored the timeout (``ORCH_KILL_GRACE``, 2 s).
     ``heartbeat_ttl``: a worker busy with an attempt renews its heartbeat key every
     second with this TTL; once it lapses the coordinator fails the attempt as
-    "worker lost" and retries it (``ORCH_HEARTBEAT_TTL``, 10 s; 2 s at the least).
+    "worker lost" and retries it (``ORCH_HEARTBEAT_TTL``, 8 s; 2 s at the least). The
+    coordinator looks once a second, so a dead worker is noticed within TTL + 2 s:
+    10 s by default.
     ``lease_ttl``: a coordinator renews its lease on a run every second; another
     coordinator may adopt the run once it lapses (``ORCH_LEASE_TTL``, 5 s).
     ``outage``: how long the coordinator keeps retrying an unreachable Redis
@@ -35,7 +37,7 @@ class Settings:
     retention: int = field(default_factory=lambda: _env_int("ORCH_RETENTION", 7 * 24 * 3600))
     max_result_bytes: int = field(default_factory=lambda: _env_int("ORCH_MAX_RESULT_BYTES", 16 * 1024 * 1024))
     kill_grace: float = field(default_factory=lambda: _env_float("ORCH_KILL_GRACE", 2.0))
-    heartbeat_ttl: float = field(default_factory=lambda: max(2.0, _env_float("ORCH_HEARTBEAT_TTL", 10.0)))
+    heartbeat_ttl: float = field(default_factory=lambda: max(2.0, _env_float("ORCH_HEARTBEAT_TTL", 8.0)))
     lease_ttl: float = field(default_factory=lambda: max(1.0, _env_float("ORCH_LEASE_TTL", 5.0)))
     outage: float = field(default_factory=lambda: _env_float("ORCH_REDIS_OUTAGE", 120.0))
 

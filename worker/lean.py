@@ -124,8 +124,12 @@ class _Slot:
         w = self.worker
         try:
             run_id, task, attempt, ref, payload, timeout, max_result_bytes = json.loads(raw)
+            if not all(isinstance(v, str) for v in (run_id, task, ref, payload)) or isinstance(attempt, bool):
+                raise TypeError("run id, task, reference and payload must be strings")
             attempt = int(attempt)
-        except (ValueError, TypeError) as exc:
+            timeout = None if timeout is None else float(timeout)
+            max_result_bytes = None if max_result_bytes is None else int(max_result_bytes)
+        except (ValueError, TypeError, OverflowError) as exc:
             log.error("dropped an unreadable job from %s: %s", queue_key, exc)
             w.finish(queue_key, raw, None)
             return

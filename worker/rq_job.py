@@ -18,6 +18,7 @@ import redis
 from rq import get_current_job
 
 from shared import codec, keys
+from shared.config import Settings
 from shared.context import TaskContext, running
 from shared.errors import WorkflowError
 from shared.messages import FAILED, STARTED, Outcome
@@ -84,9 +85,19 @@ def attempt_outcome(connection: redis.Redis, run_id: str, task: str, attempt: in
     context = TaskContext(run_id=run_id, task=task, attempt=attempt, fetch_result=fetch_result)
     with running(context), _time_limit(timeout):
         outcome = run_attempt(func, args, kwargs, run_id=run_id, task=task, attempt=attempt, worker=worker,
-                              capture_output=True, max_result_bytes=max_result_bytes,
+                              capture_output=True, max_result_bytes=result_limit(max_result_bytes),
                               timeout_errors=(TaskTimeout,))
     return outcome
+
+
+def result_limit(requested: Any) -> int:
+    """The largest result this attempt may return: the smaller of the coordinator's limit (sent
+    with the job) and this worker's own ``ORCH_MAX_RESULT_BYTES``."""
+    own = Settings().max_result_bytes
+    try:
+        return own if requested is None else min(own, int(requested))
+    except (TypeError, ValueError):
+        return own
 
 
 class _time_limit:

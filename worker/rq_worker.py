@@ -37,12 +37,28 @@ MONITORING_INTERVAL = 1
 
 
 def attempt_of(job: Job) -> Optional[tuple[str, str, int, Optional[float]]]:
-    """``(run_id, task, attempt, timeout)`` of an orch job, or ``None`` for any other job."""
-    if job.func_name != JOB_FUNCTION:
+    """``(run_id, task, attempt, timeout)`` of an orch job, or ``None`` for any other job.
+
+    Also ``None`` for an orch job whose arguments no coordinator wrote (forged or
+    damaged): its work horse fails it, and this parent process must not crash on it.
+    """
+    try:
+        if job.func_name != JOB_FUNCTION:
+            return None
+        args = list(job.args) + [None] * 6
+    except Exception:  # undecodable job data: RQ fails the job itself
         return None
-    args = list(job.args) + [None] * 6
     run_id, task, attempt, _ref, _payload, timeout = args[:6]
-    return run_id, task, int(attempt), timeout
+    if not isinstance(run_id, str) or not isinstance(task, str) or isinstance(attempt, bool):
+        return None
+    try:
+        attempt = int(attempt)
+        timeout = None if timeout is None else float(timeout)
+    except (TypeError, ValueError, OverflowError):
+        return None
+    if attempt < 1 or (timeout is not None and not timeout > 0):
+        return None
+    return run_id, task, attempt, timeout
 
 
 class OrchWorker(Worker):
