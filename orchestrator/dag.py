@@ -6,6 +6,7 @@ general bookkeeping costs about three times as much on a 100,000-task graph.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Mapping, Protocol, Sequence
 
 from shared.errors import CycleError, MissingDependencyError
@@ -24,19 +25,34 @@ def check_dependencies(tasks: Mapping[str, Node]) -> None:
                 raise MissingDependencyError(name, dep)
 
 
-def topological_order(tasks: Mapping[str, Node]) -> list[str]:
-    """Every task after all its dependencies; raises :class:`CycleError` naming a cycle.
+@dataclass(frozen=True)
+class Graph:
+    """A validated DAG: a topological ``order``, each task's ``dependents`` and its number of
+    distinct dependencies (``indegree``). The scheduler starts from these instead of
+    recomputing them, so validating and scheduling a DAG walks it once."""
 
-    Ties keep the order in which tasks were added, so the order is stable.
+    order: list[str]
+    dependents: dict[str, list[str]]
+    indegree: dict[str, int]
+
+
+def analyse(tasks: Mapping[str, Node]) -> Graph:
+    """Validate ``tasks`` and return their :class:`Graph`.
+
+    Raises :class:`MissingDependencyError` or :class:`CycleError` naming a cycle.
+    Ties in the order keep the order in which tasks were added, so it is stable.
     """
     check_dependencies(tasks)
-    waiting: dict[str, int] = {}
+    indegree: dict[str, int] = {}
     dependents: dict[str, list[str]] = {name: [] for name in tasks}
     for name, task in tasks.items():
-        deps = set(task.dependencies)
-        waiting[name] = len(deps)
+        deps = task.dependencies
+        if len(deps) > 1:
+            deps = set(deps)
+        indegree[name] = len(deps)
         for dep in deps:
             dependents[dep].append(name)
+    waiting = dict(indegree)
     order = [name for name, n in waiting.items() if n == 0]
     for name in order:  # the list grows while we walk it
         for dependent in dependents[name]:
@@ -45,7 +61,12 @@ def topological_order(tasks: Mapping[str, Node]) -> list[str]:
                 order.append(dependent)
     if len(order) < len(tasks):
         raise CycleError(_find_cycle(tasks, waiting))
-    return order
+    return Graph(order, dependents, indegree)
+
+
+def topological_order(tasks: Mapping[str, Node]) -> list[str]:
+    """Every task after all its dependencies (see :func:`analyse`)."""
+    return analyse(tasks).order
 
 
 def _find_cycle(tasks: Mapping[str, Node], waiting: Mapping[str, int]) -> list[str]:
@@ -61,6 +82,6 @@ def _find_cycle(tasks: Mapping[str, Node], waiting: Mapping[str, int]) -> list[s
     return path[seen[node]:] + [node]
 
 
-def validate(tasks: Mapping[str, Node]) -> None:
+def validate(tasks: Mapping[str, Node]) -> Graph:
     """Raise the first :class:`~shared.errors.DefinitionError` of the graph, if any."""
-    topological_order(tasks)
+    return analyse(tasks)

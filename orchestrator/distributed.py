@@ -16,14 +16,16 @@ import os
 import socket
 import threading
 import time
+from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
 import redis
 
 from orchestrator.backends.rq import TRANSPORTS, RQBackend
 from orchestrator.coordinator import Coordinator, ProgressCallback
+from orchestrator.dag import Graph
 from orchestrator.lease import Lease, LeaseLost
-from orchestrator.run_store import create_run, load_tasks, new_run_id, request_cancel, task_record, task_spec
+from orchestrator.run_store import create_run, load_tasks, new_run_id, request_cancel, task_spec
 from orchestrator.scheduler import Scheduler
 from orchestrator.task import Task
 from shared import codec, keys
@@ -52,43 +54,65 @@ def who() -> str:
 
 
 def task_references(tasks: dict[str, Task]) -> dict[str, str]:
-    """``{name: "module:function"}``; raises :class:`UnimportableTasksError` naming every bad task."""
+    """``{name: "module:function"}``; raises :class:`UnimportableTasksError` naming every bad task.
+
+    Each distinct function is looked up once: a large DAG is mostly a few functions.
+    """
     refs: dict[str, str] = {}
     problems: list[tuple[str, str]] = []
+    known: dict[int, str] = {}
     for name, task in tasks.items():
         if isinstance(task.func, str):
             refs[name] = task.func
             continue
-        try:
-            refs[name] = reference_of(task.func)
-        except ValueError as exc:
-            problems.append((name, str(exc)))
+        key = id(task.func)
+        if key not in known:
+            try:
+                known[key] = reference_of(task.func)
+            except ValueError as exc:
+                problems.append((name, str(exc)))
+                continue
+        refs[name] = known[key]
     if problems:
         raise UnimportableTasksError(problems)
     return refs
 
 
+NO_ARGUMENTS = "[[],{}]"
+
+
 def encode_arguments(task: Task) -> str:
+    if not task.args and not task.kwargs:
+        return NO_ARGUMENTS
     return codec.encode([list(task.args), task.kwargs], f"arguments of task {task.name!r}").decode("utf-8")
 
 
+@dataclass(frozen=True)
+class Submission:
+    run_id: str
+    specs: dict[str, dict[str, Any]]
+    graph: Graph
+
+
 def submit_run(workflow: Any, connection: redis.Redis, *, lease: Optional[Lease] = None,
-               settings: Optional[Settings] = None, transport: str = "rq") -> tuple[str, dict[str, dict[str, Any]]]:
-    """Check and write a new run; return ``(run_id, specs by name)``. Nothing is written on a bad input."""
+               settings: Optional[Settings] = None, transport: str = "rq") -> Submission:
+    """Check and write a new run. Nothing is written on a bad input.
+
+    Task records are written as tasks move; a task without one is pending.
+    """
     settings = settings or Settings()
     if transport not in TRANSPORTS:
         raise WorkflowError(f"unknown transport {transport!r}; expected one of {', '.join(TRANSPORTS)}")
     tasks: dict[str, Task] = workflow.tasks
-    workflow.validate()
+    graph = workflow.validate()
     refs = task_references(tasks)
     specs = {name: task_spec(task, refs[name], encode_arguments(task)) for name, task in tasks.items()}
     run_id = new_run_id(workflow.name)
     if lease is not None:
         lease.run_id, lease.key, lease.held = run_id, keys.lease(run_id), True
     create_run(connection, run_id, workflow.name, list(specs.values()),
-               {name: task_record(task) for name, task in tasks.items()},
                lease_token=lease.token if lease else None, lease_ttl=settings.lease_ttl, transport=transport)
-    return run_id, specs
+    return Submission(run_id, specs, graph)
 
 
 def run_distributed(
@@ -113,14 +137,16 @@ def run_distributed(
     settings = settings or Settings()
     conn = connection if connection is not None else connect(redis_url)
     lease = None if detach else Lease(conn, "", settings.lease_ttl)
-    run_id, specs = submit_run(workflow, conn, lease=lease, settings=settings, transport=transport)
+    submission = submit_run(workflow, conn, lease=lease, settings=settings, transport=transport)
+    run_id = submission.run_id
     workflow.last_run_id = run_id
     if on_submitted is not None:
         on_submitted(run_id)
     if detach:
         return run_id, RunState.RUNNING
-    backend = RQBackend(conn, run_id, workflow.tasks, specs, settings, lease=lease, transport=transport)
-    coordinator = Coordinator(workflow.tasks, backend, on_progress=on_progress)
+    backend = RQBackend(conn, run_id, workflow.tasks, submission.specs, settings, lease=lease, transport=transport)
+    scheduler = Scheduler(workflow.tasks.values(), submission.graph)
+    coordinator = Coordinator(workflow.tasks, backend, on_progress=on_progress, scheduler=scheduler)
     return run_id, coordinator.run()
 
 

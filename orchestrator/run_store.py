@@ -60,7 +60,7 @@ def task_record(task: Task) -> str:
 
 
 def create_run(connection: redis.Redis, run_id: str, workflow: str, specs: list[dict[str, Any]],
-               records: dict[str, str], lease_token: Optional[str] = None, lease_ttl: float = 5.0,
+               lease_token: Optional[str] = None, lease_ttl: float = 5.0,
                transport: str = "rq") -> None:
     """Write a new run in one MULTI, so a failure leaves nothing half-written.
 
@@ -80,8 +80,6 @@ def create_run(connection: redis.Redis, run_id: str, workflow: str, specs: list[
         "last_event": "0-0",
         "transport": transport,
     })
-    if records:
-        pipe.hset(keys.tasks(run_id), mapping=records)
     pipe.zadd(keys.RUNS, {run_id: now})
     pipe.sadd(keys.ACTIVE, run_id)
     pipe.execute()

@@ -19,6 +19,7 @@ from __future__ import annotations
 from collections import Counter
 from typing import Callable, Iterable, Mapping, Optional, Protocol, Sequence
 
+from orchestrator.dag import Graph, analyse
 from orchestrator.actions import Action, Dispatch, RunFinished, ScheduleRetry, StopTask, Transition
 from shared.errors import InvalidTransition, UnknownTaskError
 from shared.events import Event, RetryDue, RunCancelled, TaskFailed, TaskStarted, TaskSucceeded
@@ -53,22 +54,19 @@ def retry_delay(spec: TaskSpec, failed_attempt: int) -> float:
 class Scheduler:
     """Holds the state of every task of one run and decides every move.
 
-    The caller must have validated the DAG (no cycle, no missing dependency):
-    :func:`orchestrator.dag.validate` does that.
+    The DAG is validated here unless the caller passes the :class:`Graph` its
+    own validation made.
     """
 
-    def __init__(self, specs: Iterable[TaskSpec]) -> None:
+    def __init__(self, specs: Iterable[TaskSpec], graph: Optional[Graph] = None) -> None:
+        """``graph``, if given, must be :func:`orchestrator.dag.analyse` of the same specs."""
         self._specs: dict[str, TaskSpec] = {s.name: s for s in specs}
         self._state: dict[str, TaskState] = dict.fromkeys(self._specs, P)
         self._attempt: dict[str, int] = dict.fromkeys(self._specs, 0)
         self._error: dict[str, str] = {}
-        self._dependents: dict[str, list[str]] = {name: [] for name in self._specs}
-        self._waiting_on: dict[str, int] = {}
-        for name, spec in self._specs.items():
-            deps = set(spec.dependencies)
-            self._waiting_on[name] = len(deps)
-            for dep in deps:
-                self._dependents[dep].append(name)
+        graph = graph or analyse(self._specs)
+        self._dependents: Mapping[str, list[str]] = graph.dependents  # read, never changed
+        self._waiting_on: dict[str, int] = dict(graph.indegree)
         self._unfinished = len(self._specs)
         self._counts: Counter[TaskState] = Counter({P: len(self._specs)})
         self._stories: dict[str, list[tuple]] = {}
@@ -83,6 +81,7 @@ class Scheduler:
         specs: Iterable[TaskSpec],
         records: Mapping[str, tuple[TaskState, int, Optional[str]]],
         at: float,
+        graph: Optional[Graph] = None,
     ) -> tuple["Scheduler", list[Action]]:
         """A started scheduler in the state a persisted run left (``name -> (state, attempt, error)``).
 
@@ -93,7 +92,7 @@ class Scheduler:
         Queued, running and retrying tasks stay as they are: their outcomes (or
         retry timers, which the caller re-arms) are still to come.
         """
-        scheduler = cls(specs)
+        scheduler = cls(specs, graph)
         scheduler._started = True
         for name, (state, attempt, error) in records.items():
             if name not in scheduler._state:

@@ -7,6 +7,7 @@ from typing import Any, Iterator, Optional
 from orchestrator import dag
 from orchestrator.backends.local import DEFAULT_MAX_WORKERS, LocalBackend
 from orchestrator.coordinator import Coordinator, ProgressCallback
+from orchestrator.scheduler import Scheduler
 from orchestrator.task import Task
 from shared import context
 from shared.errors import DuplicateTaskError, UnknownTaskError, WorkflowError
@@ -52,9 +53,12 @@ class Workflow:
     def __contains__(self, name: object) -> bool:
         return name in self.tasks
 
-    def validate(self) -> None:
-        """Raise :class:`CycleError` or :class:`MissingDependencyError` if the DAG is not runnable."""
-        dag.validate(self.tasks)
+    def validate(self) -> dag.Graph:
+        """Raise :class:`CycleError` or :class:`MissingDependencyError` if the DAG is not runnable.
+
+        Returns the validated graph (its order and dependents), which a run reuses.
+        """
+        return dag.validate(self.tasks)
 
     def execution_order(self) -> list[str]:
         """Task names in an order where each comes after all its dependencies."""
@@ -91,7 +95,6 @@ class Workflow:
         queues; ``options`` are those of :func:`orchestrator.distributed.run_distributed`.
         The run's id is then in ``last_run_id``.
         """
-        self.validate()
         for task in self.tasks.values():
             task.reset()
         if redis_url is not None:
@@ -101,9 +104,10 @@ class Workflow:
             return self.results
         if options:
             raise TypeError(f"unexpected options for a local run: {', '.join(sorted(options))}")
+        scheduler = Scheduler(self.tasks.values(), self.validate())
         backend = LocalBackend(self.tasks, max_workers or _default_workers(), run_id=f"local-{os.getpid()}")
         try:
-            Coordinator(self.tasks, backend, on_progress=on_progress).run()
+            Coordinator(self.tasks, backend, on_progress=on_progress, scheduler=scheduler).run()
         finally:
             backend.close()
         return self.results
