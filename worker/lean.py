@@ -3,9 +3,12 @@
 RQ's worker forks a work horse for every job and spends about sixty Redis
 commands on each job's lifecycle; for short tasks that is most of the cost.
 The lean worker keeps one forked *work process* per slot alive across tasks
-and speaks to Redis itself, from the parent, in three round trips per task:
-take the job (``BLMOVE`` from the queue to this worker's in-flight list),
-report it started, report its outcome (``XADD`` + ``LREM`` in one pipeline).
+and speaks to Redis itself, from the parent. While jobs are waiting, a slot
+spends one round trip per task: one script reports the outcome of the task it
+just ran (``XADD`` + ``LREM`` from its in-flight list), takes the next job
+(``LMOVE`` from the queue into the in-flight list) and reports that one
+started. When the queues are empty it blocks on ``BLMOVE`` and reports the
+start separately.
 
 The semantics are the RQ mode's: the same job function
 (:func:`worker.rq_job.run_attempt_of`), the same outcomes on the same stream,
@@ -44,6 +47,34 @@ from worker.rq_job import attempt_outcome
 log = logging.getLogger("orch.worker")
 BLOCK_SECONDS = 1.0
 """Longest wait for a job in one call, so shutdown requests are seen within a second."""
+
+
+_FINISH_AND_TAKE = """
+-- KEYS[1]: this worker's in-flight list; KEYS[2..]: queues, in the order to try.
+-- ARGV: finished job ('' for none), its run's event stream, worker name, now,
+-- event stream key prefix and suffix, then the finished job's outcome fields.
+if ARGV[1] ~= '' then
+  if #ARGV > 6 then
+    redis.call('XADD', ARGV[2], '*', unpack(ARGV, 7))
+  end
+  redis.call('LREM', KEYS[1], 1, ARGV[1])
+end
+for i = 2, #KEYS do
+  local job = redis.call('LMOVE', KEYS[i], KEYS[1], 'LEFT', 'RIGHT')
+  if job then
+    local ok, decoded = pcall(cjson.decode, job)
+    if ok and type(decoded) == 'table' and type(decoded[1]) == 'string' and type(decoded[2]) == 'string'
+        and type(decoded[3]) == 'number' and decoded[3] >= 1 and decoded[3] < 1e9
+        and decoded[3] == math.floor(decoded[3]) then
+      redis.call('XADD', ARGV[5] .. decoded[1] .. ARGV[6], '*', 'run', decoded[1], 'task', decoded[2],
+                 'attempt', string.format('%d', decoded[3]), 'status', 'started', 'at', ARGV[4],
+                 'worker', ARGV[3])
+    end
+    return {KEYS[i], job}
+  end
+end
+return false
+"""
 
 
 def job_message(run_id: str, task: str, attempt: int, ref: str, payload: str, timeout: Optional[float],
@@ -104,47 +135,61 @@ class _Slot:
 
     def loop(self) -> None:
         w = self.worker
+        done: Optional[tuple[bytes, Optional[Outcome]]] = None  # ran, not yet reported
         while not w.stopping.is_set():
             try:
-                taken = w.take_job()
+                taken = w.finish_and_take(done)
+                done = None
+                reported = taken is not None
+                if taken is None:
+                    taken = w.take_job()
             except redis.RedisError as exc:
-                log.warning("slot %s: Redis error while taking a job (%s); retrying", self.number, exc)
+                log.warning("slot %s: Redis error (%s); retrying", self.number, exc)
                 time.sleep(1.0)
                 continue
             if taken is None:
                 continue
             self.current = taken
             try:
-                self.run(*taken)
+                done = self.run(*taken, reported=reported)
             finally:
                 self.current = None
+        if done is not None:
+            w.finish_and_take(done, take=False)
         self.kill()
 
-    def run(self, queue_key: str, raw: bytes) -> None:
+    def run(self, queue_key: str, raw: bytes, reported: bool) -> tuple[bytes, Optional[Outcome]]:
+        """Run one job; return it with its outcome (``None``: unreadable, dropped) for reporting."""
         w = self.worker
         try:
             run_id, task, attempt, ref, payload, timeout, max_result_bytes = json.loads(raw)
-            if not all(isinstance(v, str) for v in (run_id, task, ref, payload)) or isinstance(attempt, bool):
-                raise TypeError("run id, task, reference and payload must be strings")
-            attempt = int(attempt)
+            if not (isinstance(run_id, str) and isinstance(task, str)) or type(attempt) is not int:
+                raise TypeError("run id and task must be strings, attempt an integer")
+        except (ValueError, TypeError) as exc:
+            log.error("dropped an unreadable job from %s: %s", queue_key, exc)
+            return raw, None
+        try:
+            if not (isinstance(ref, str) and isinstance(payload, str)):
+                raise TypeError("reference and payload must be strings")
             timeout = None if timeout is None else float(timeout)
             max_result_bytes = None if max_result_bytes is None else int(max_result_bytes)
         except (ValueError, TypeError, OverflowError) as exc:
-            log.error("dropped an unreadable job from %s: %s", queue_key, exc)
-            w.finish(queue_key, raw, None)
-            return
+            log.error("job of task %r attempt %s in run %s is malformed: %s", task, attempt, run_id, exc)
+            return raw, Outcome(run_id=run_id, task=task, attempt=attempt, status=FAILED, at=time.time(),
+                                error=f"SerializationError: malformed job: {exc}", worker=w.name)
         started = time.time()
-        w.publish(Outcome(run_id=run_id, task=task, attempt=attempt, status=STARTED, at=started, worker=w.name))
+        if not reported:
+            w.publish(Outcome(run_id=run_id, task=task, attempt=attempt, status=STARTED, at=started,
+                              worker=w.name))
         if self.process is None or not self.process.is_alive():
             self.spawn()
         assert self.conn is not None and self.process is not None
         self.conn.send((run_id, task, attempt, ref, payload, timeout, max_result_bytes, w.name))
         w.running[(run_id, task, attempt)] = self
         try:
-            outcome = self._await(run_id, task, attempt, timeout, started)
+            return raw, self._await(run_id, task, attempt, timeout, started)
         finally:
             w.running.pop((run_id, task, attempt), None)
-        w.finish(queue_key, raw, outcome)
 
     def _await(self, run_id: str, task: str, attempt: int, timeout: Optional[float], started: float) -> Outcome:
         assert self.conn is not None and self.process is not None
@@ -206,11 +251,11 @@ class LeanWorker:
         self.running: dict[tuple[str, str, int], _Slot] = {}
         self.slots = [_Slot(self, n) for n in range(concurrency)]
         self._next_queue = 0
+        self._finish_and_take = self.connection.register_script(_FINISH_AND_TAKE)
 
     def take_job(self) -> Optional[tuple[str, bytes]]:
         """Move one job from a queue to this worker's in-flight list, waiting up to a second."""
-        keys_in_turn = self.queue_keys[self._next_queue:] + self.queue_keys[:self._next_queue]
-        self._next_queue = (self._next_queue + 1) % len(self.queue_keys)
+        keys_in_turn = self._queues_in_turn()
         for key in keys_in_turn[:-1]:
             raw = self.connection.lmove(key, self.inflight_key, "LEFT", "RIGHT")
             if raw is not None:
@@ -221,12 +266,30 @@ class LeanWorker:
     def publish(self, outcome: Outcome) -> None:
         self.connection.xadd(keys.events(outcome.run_id), outcome.to_fields())
 
-    def finish(self, queue_key: str, raw: bytes, outcome: Optional[Outcome]) -> None:
-        pipe = self.connection.pipeline(transaction=True)
-        if outcome is not None:
-            pipe.xadd(keys.events(outcome.run_id), outcome.to_fields())
-        pipe.lrem(self.inflight_key, 1, raw)
-        pipe.execute()
+    def finish_and_take(self, done: Optional[tuple[bytes, Optional[Outcome]]],
+                        take: bool = True) -> Optional[tuple[str, bytes]]:
+        """One round trip: report ``done`` (a job and its outcome) and take the next waiting job,
+        reported started, if there is one (a job taken blocking is reported by the caller)."""
+        if done is None and not take:
+            return None
+        raw, outcome = done if done is not None else (b"", None)
+        fields = outcome.to_fields() if outcome is not None else {}
+        events_key = keys.events(outcome.run_id) if outcome is not None else ""
+        queue_keys = self._queues_in_turn() if take else []
+        prefix, suffix = keys.events("\0").split("\0")
+        reply = self._finish_and_take(
+            keys=[self.inflight_key, *queue_keys],
+            args=[raw, events_key, self.name, repr(time.time()), prefix, suffix,
+                  *[item for pair in fields.items() for item in pair]])
+        if not reply:
+            return None
+        key, job = reply
+        return (key.decode() if isinstance(key, bytes) else key), job
+
+    def _queues_in_turn(self) -> list[str]:
+        turn = self.queue_keys[self._next_queue:] + self.queue_keys[:self._next_queue]
+        self._next_queue = (self._next_queue + 1) % len(self.queue_keys)
+        return turn
 
     def _heartbeat(self) -> None:
         ttl_ms = int(self.settings.heartbeat_ttl * 1000)
