@@ -268,9 +268,17 @@ def orch_command() -> list[str]:
     return [sys.executable, "-c", "import sys; from orchestrator.cli import main; sys.argv[0] = 'orch'; main()"]
 
 
+WORKER_MODES = ("rq", "lean")
+
+
 def worker_command(url: str, *, queues: Optional[list[str]] = None, concurrency: Optional[int] = None,
-                   name: Optional[str] = None, burst: bool = False) -> list[str]:
+                   name: Optional[str] = None, burst: bool = False, mode: str = "rq") -> list[str]:
+    """The ``orch worker`` command line; ``mode="lean"`` adds ``--mode lean``."""
+    if mode not in WORKER_MODES:
+        raise ValueError(f"unknown worker mode {mode!r}; expected one of {', '.join(WORKER_MODES)}")
     cmd = [*orch_command(), "worker", "--redis-url", url, "--path", str(TESTS_DIR)]
+    if mode != "rq":
+        cmd += ["--mode", mode]
     if queues:
         cmd += ["--queues", ",".join(queues)]
     if concurrency:
@@ -284,26 +292,50 @@ def worker_command(url: str, *, queues: Optional[list[str]] = None, concurrency:
 
 @pytest.fixture
 def orch_workers(redis_server: RedisServer, tmp_path: Path) -> Iterator[Callable[..., list[WorkerProcess]]]:
-    """Factory: ``orch_workers(n, queues=None, concurrency=None)`` starts ``n`` real ``orch worker``
-    processes on ``redis_server`` and returns once all of them (times their concurrency) have
-    registered with RQ. Every process (and work horse) is gone after the test.
+    """Factory: ``orch_workers(n, mode="rq", queues=None, concurrency=None)`` starts ``n`` real
+    ``orch worker`` processes (``mode="lean"``: ``orch worker --mode lean``) on ``redis_server``
+    and returns once all of them are ready: in RQ mode, once all of them (times their
+    concurrency) have registered with RQ; in lean mode, once each has added its name to
+    ``orch:lean-workers`` and set its heartbeat key (one member per process, whatever its
+    concurrency). Every process (and work horse, or lean work process) is gone after the test.
     """
     from rq import Worker
+
+    from shared import keys
 
     started: list[WorkerProcess] = []
     client = redis_server.client()
 
-    def start(n: int = 1, *, queues: Optional[list[str]] = None, concurrency: Optional[int] = None,
-              env: Optional[dict[str, str]] = None) -> list[WorkerProcess]:
-        expected = Worker.count(connection=client) + n * (concurrency or 1)
+    def ready_count(mode: str) -> int:
+        if mode == "lean":
+            return client.scard(keys.LEAN_WORKERS)
+        return Worker.count(connection=client)
+
+    def all_ready(mode: str, expected: int, batch: list[WorkerProcess]) -> bool:
+        if ready_count(mode) < expected:
+            return False
+        if mode == "lean":  # lean workers are always named: check that it is these that joined
+            members = {m.decode() for m in client.smembers(keys.LEAN_WORKERS)}
+            return all(h.name in members and client.exists(keys.alive(h.name)) for h in batch)
+        return True
+
+    def start(n: int = 1, *, mode: str = "rq", queues: Optional[list[str]] = None,
+              concurrency: Optional[int] = None, env: Optional[dict[str, str]] = None) -> list[WorkerProcess]:
+        if mode not in WORKER_MODES:
+            raise ValueError(f"unknown worker mode {mode!r}; expected one of {', '.join(WORKER_MODES)}")
+        lean = mode == "lean"
+        # An RQ worker with concurrency > 1 is that many RQ workers (one registration each); a lean
+        # worker is one process with that many work processes, and one member of orch:lean-workers.
+        expected = ready_count(mode) + (n if lean else n * (concurrency or 1))
         batch = []
         for _ in range(n):
             name = f"w{len(started) + 1}-{uuid.uuid4().hex[:6]}"
             log_path = tmp_path / f"worker-{name}.log"
+            named = lean or not (concurrency and concurrency > 1)
             with open(log_path, "ab") as log:
                 process = subprocess.Popen(
                     worker_command(redis_server.url, queues=queues, concurrency=concurrency,
-                                   name=None if concurrency and concurrency > 1 else name),
+                                   name=name if named else None, mode=mode),
                     stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=str(tmp_path),
                     env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}, start_new_session=True,
                 )
@@ -311,15 +343,15 @@ def orch_workers(redis_server: RedisServer, tmp_path: Path) -> Iterator[Callable
             started.append(handle)
             batch.append(handle)
         deadline = time.monotonic() + WORKER_START_TIMEOUT
-        while Worker.count(connection=client) < expected:
+        while not all_ready(mode, expected, batch):
             for handle in batch:
                 if not handle.alive():
-                    pytest.fail(f"orch worker exited with {handle.process.returncode} before registering:\n"
-                                f"{handle.log()[-3000:]}", pytrace=False)
+                    pytest.fail(f"orch worker ({mode}) exited with {handle.process.returncode} before "
+                                f"registering:\n{handle.log()[-3000:]}", pytrace=False)
             if time.monotonic() > deadline:
                 logs = "\n".join(h.log()[-1500:] for h in batch)
-                pytest.fail(f"{n} orch worker(s) did not register within {WORKER_START_TIMEOUT:.0f}s:\n{logs}",
-                            pytrace=False)
+                pytest.fail(f"{n} orch worker(s) ({mode}) did not register within {WORKER_START_TIMEOUT:.0f}s:\n"
+                            f"{logs}", pytrace=False)
             time.sleep(0.05)
         return batch
 
