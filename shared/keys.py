@@ -7,8 +7,10 @@ key                             type    contents
 ==============================  ======  ==================================================
 ``orch:runs``                   zset    run id -> creation time (epoch s), for ``orch runs``
 ``orch:run:{id}``               hash    run metadata: workflow, state, created_at,
-                                        finished_at, total, cancelled_by, cancelled_at,
-                                        last_event (stream id applied last), spec (JSON)
+                                        finished_at, total, counts, transport, cancelled_by,
+                                        cancelled_at, last_event (stream id applied last),
+                                        lease_holder (token of the last coordinator to
+                                        adopt the run), spec (JSON)
 ``orch:run:{id}:tasks``         hash    task name -> JSON record: state, attempt, error,
                                         started_at, finished_at, worker, retry_at
 ``orch:run:{id}:results``       hash    task name -> codec-encoded result (successes only)

@@ -287,7 +287,7 @@ class RQBackend:
             log.error("run %s: ignored an unreadable event: %s", self.run_id, exc)
             return None
         if outcome.run_id != self.run_id or outcome.task not in self.tasks:
-            log.error("run %s: ignored an event for run %r task %r", self.run_id, outcome.run_id, outcome.task)
+            log.error("run %s: ignored an event for run %.80r task %.80r", self.run_id, outcome.run_id, outcome.task)
             return None
         job_id = self._rq_job_id(outcome.task, outcome.attempt)
         if outcome.status == STARTED:
