@@ -165,7 +165,9 @@ def test_a_worker_cut_off_mid_run_is_detected_and_its_tasks_rerun_elsewhere(netw
     lost_tasks = sorted({m["task"] for m in lost})
     records, results = snap["records"], snap["results"]
     assert lost, "no attempt was failed as WorkerLost after w1 was cut off"
-    assert all(netns_host(m) == "w1" for m in lost), [m["error"] for m in lost]
+    # A loss between w1's dequeue and the job's start names no worker (RQ does not record who took it).
+    assert all(netns_host(m) == "w1" or "died before starting it" in m["error"] for m in lost), [
+        m["error"] for m in lost]
     assert all(m["at"] >= cut_at for m in lost), "an attempt was declared lost before the cut"
     assert figures.retried_tasks == lost_tasks, (figures.retried_tasks, lost_tasks)
     for task in lost_tasks:

@@ -1,0 +1,1 @@
+"""orch's benchmark suite: ``python -m bench`` (see bench/README.md)."""
