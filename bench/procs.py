@@ -39,7 +39,10 @@ def free_port() -> int:
 
 
 def descendants(pid: int) -> list[int]:
-    """Every live descendant of ``pid`` (read from /proc), children first."""
+    """Every live descendant of ``pid`` (read from /proc), children first.
+
+    Used by the benchmark and by the tests alike, to stop whole process trees.
+    """
     children: dict[int, list[int]] = {}
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
@@ -69,7 +72,8 @@ def alive(pid: int) -> bool:
     return stat[stat.rfind(")") + 2:].split()[0] != "Z"
 
 
-def _signal(pid: int, sig: int, group: bool = False) -> None:
+def send_signal(pid: int, sig: int, group: bool = False) -> None:
+    """Signal ``pid`` (or its process group); a process that is gone already is no error."""
     try:
         (os.killpg if group else os.kill)(pid, sig)
     except OSError as exc:
@@ -120,19 +124,19 @@ class Proc:
         """SIGTERM to the process group; after ``grace`` s, SIGKILL to it and to every descendant left."""
         family = set(descendants(self.pid))
         if self.running():
-            _signal(self.pid, signal.SIGTERM, group=True)
+            send_signal(self.pid, signal.SIGTERM, group=True)
             deadline = time.monotonic() + grace
             while self.running() and time.monotonic() < deadline:
                 family |= set(descendants(self.pid))
                 time.sleep(0.05)
         if self.running():
             family |= set(descendants(self.pid))
-        _signal(self.pid, signal.SIGKILL, group=True)
+        send_signal(self.pid, signal.SIGKILL, group=True)
         for pid in family:
             if alive(pid):
-                _signal(pid, signal.SIGKILL)
+                send_signal(pid, signal.SIGKILL)
         if self.running():
-            _signal(self.pid, signal.SIGKILL)
+            send_signal(self.pid, signal.SIGKILL)
         try:
             self.process.wait(timeout=10)
         except subprocess.TimeoutExpired:
@@ -221,6 +225,18 @@ class RedisServer:
     def stop(self) -> None:
         self.proc.stop()
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def orch_command() -> list[str]:
+    """How to run ``orch``: the console script installed beside this interpreter, else its entry point.
+
+    (Not ``python -m orchestrator.cli``: run as ``__main__``, that module's group is a second copy,
+    on which the commands registered by ``orchestrator.cli_cluster`` are missing.)
+    """
+    script = Path(sys.executable).with_name("orch")
+    if script.is_file() and os.access(script, os.X_OK):
+        return [str(script)]
+    return list(ORCH_CLI)
 
 
 def python_argv(module: str, *args: str) -> list[str]:

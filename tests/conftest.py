@@ -5,11 +5,9 @@ from __future__ import annotations
 # Distributed-execution fixtures: a real redis-server, and real ``orch worker`` processes.
 # (Used by tests/test_distributed_real.py; keep other fixtures outside this section.)
 # ======================================================================================
-import errno
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -20,6 +18,8 @@ from typing import Callable, Iterator, Optional
 
 import pytest
 
+from bench.procs import alive, descendants, free_port, orch_command, send_signal
+
 TESTS_DIR = Path(__file__).resolve().parent
 if str(TESTS_DIR) not in sys.path:
     # Workers import task functions as ``dist_tasks:NAME`` (they get ``--path tests/``); so must we.
@@ -28,11 +28,6 @@ if str(TESTS_DIR) not in sys.path:
 REDIS_START_TIMEOUT = 10.0
 WORKER_START_TIMEOUT = 30.0
 
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _redis_binary() -> Optional[str]:
@@ -54,53 +49,8 @@ def _skip_or_fail(reason: str) -> None:
     pytest.skip(reason)
 
 
-def _descendants(pid: int) -> list[int]:
-    """Every live descendant of ``pid`` (from /proc), children first."""
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                stat = f.read()
-        except OSError:
-            continue
-        # the command name (field 2) may hold spaces and parentheses: split after its last ')'
-        fields = stat[stat.rfind(")") + 2:].split()
-        children.setdefault(int(fields[1]), []).append(int(entry))
-    out: list[int] = []
-    stack = list(children.get(pid, ()))
-    while stack:
-        child = stack.pop()
-        out.append(child)
-        stack.extend(children.get(child, ()))
-    return out
 
 
-def _alive(pid: int) -> bool:
-    """True while ``pid`` exists and is not a zombie."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            stat = f.read()
-    except OSError:
-        return False
-    return stat[stat.rfind(")") + 2:].split()[0] != "Z"
-
-
-def _kill(pid: int, sig: int) -> None:
-    try:
-        os.kill(pid, sig)
-    except OSError as exc:
-        if exc.errno != errno.ESRCH:
-            raise
-
-
-def _killpg(pgid: int, sig: int) -> None:
-    try:
-        os.killpg(pgid, sig)
-    except OSError as exc:
-        if exc.errno not in (errno.ESRCH, errno.EPERM):
-            raise
 
 
 class RedisServer:
@@ -110,7 +60,7 @@ class RedisServer:
                  extra_args: tuple[str, ...] = ("--save", "", "--appendonly", "no")) -> None:
         self.binary = binary
         self.directory = directory
-        self.port = port or _free_port()
+        self.port = port or free_port()
         self.extra_args = tuple(extra_args)
         self.url = f"redis://127.0.0.1:{self.port}/0"
         self.log_path = directory / "redis-server.log"
@@ -150,11 +100,11 @@ class RedisServer:
         process, self.process = self.process, None
         if process is None or process.poll() is not None:
             return
-        _kill(process.pid, sig)
+        send_signal(process.pid, sig)
         try:
             process.wait(timeout=5)
         except subprocess.TimeoutExpired:
-            _kill(process.pid, signal.SIGKILL)
+            send_signal(process.pid, signal.SIGKILL)
             process.wait(timeout=5)
 
     @property
@@ -229,22 +179,22 @@ class WorkerProcess:
             # Work horses run in process groups of their own, and outlive a killed parent as orphans:
             # remember every descendant seen, and the descendants of those.
             for pid in [self.pid, *family]:
-                family.update(_descendants(pid))
+                family.update(descendants(pid))
 
         gather()
         if self.alive():
-            _killpg(self.pid, signal.SIGTERM)
+            send_signal(self.pid, signal.SIGTERM, group=True)
             if not _wait_exit(self.process, grace):
                 gather()
-                _killpg(self.pid, signal.SIGTERM)
+                send_signal(self.pid, signal.SIGTERM, group=True)
                 _wait_exit(self.process, grace)
         gather()
-        _killpg(self.pid, signal.SIGKILL)
+        send_signal(self.pid, signal.SIGKILL, group=True)
         if self.alive():
-            _kill(self.pid, signal.SIGKILL)
+            send_signal(self.pid, signal.SIGKILL)
         for pid in family:
-            if _alive(pid):
-                _kill(pid, signal.SIGKILL)
+            if alive(pid):
+                send_signal(pid, signal.SIGKILL)
         self.process.wait(timeout=10)
 
 
@@ -255,17 +205,6 @@ def _wait_exit(process: subprocess.Popen, seconds: float) -> bool:
     except subprocess.TimeoutExpired:
         return False
 
-
-def orch_command() -> list[str]:
-    """How to run ``orch``: the console script installed beside this interpreter, else its entry point.
-
-    (Not ``python -m orchestrator.cli``: run as ``__main__``, that module's group is a second copy,
-    on which the commands registered by ``orchestrator.cli_cluster`` are missing.)
-    """
-    script = Path(sys.executable).with_name("orch")
-    if script.is_file() and os.access(script, os.X_OK):
-        return [str(script)]
-    return [sys.executable, "-c", "import sys; from orchestrator.cli import main; sys.argv[0] = 'orch'; main()"]
 
 
 WORKER_MODES = ("rq", "lean")

@@ -10,20 +10,18 @@ first.
 """
 from __future__ import annotations
 
-import errno
 import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterable, Optional
 
 import redis
+from bench.procs import alive as pid_alive, descendants, free_port, orch_command, send_signal  # noqa: F401
 
 TESTS_DIR = Path(__file__).resolve().parent
 REPO_DIR = TESTS_DIR.parent
@@ -32,18 +30,6 @@ FAST_ENV = {"ORCH_HEARTBEAT_TTL": "2", "ORCH_LEASE_TTL": "2", "PYTHONUNBUFFERED"
 """Environment of every orch process the fault tests start: losses are noticed within ~2 s."""
 
 
-def orch_command() -> list[str]:
-    """The installed ``orch`` console script (next to this Python), else the same entry point via -c."""
-    script = Path(sys.executable).with_name("orch")
-    if script.is_file() and os.access(script, os.X_OK):
-        return [str(script)]
-    return [sys.executable, "-c", "import sys; sys.argv[0] = 'orch'; from orchestrator.cli import main; main()"]
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def closed_port() -> int:
@@ -52,44 +38,7 @@ def closed_port() -> int:
 
 
 # ------------------------------------------------------------------ processes
-def descendants(pid: int) -> list[int]:
-    """Every live descendant of ``pid`` (from /proc), children first."""
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                stat = f.read()
-        except OSError:
-            continue
-        fields = stat[stat.rfind(")") + 2:].split()
-        children.setdefault(int(fields[1]), []).append(int(entry))
-    out: list[int] = []
-    stack = list(children.get(pid, ()))
-    while stack:
-        child = stack.pop()
-        out.append(child)
-        stack.extend(children.get(child, ()))
-    return out
 
-
-def pid_alive(pid: int) -> bool:
-    """True while ``pid`` exists and is not a zombie."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            stat = f.read()
-    except OSError:
-        return False
-    return stat[stat.rfind(")") + 2:].split()[0] != "Z"
-
-
-def _signal(pid: int, sig: int, group: bool = False) -> None:
-    try:
-        (os.killpg if group else os.kill)(pid, sig)
-    except OSError as exc:
-        if exc.errno not in (errno.ESRCH, errno.EPERM):
-            raise
 
 
 class Proc:
@@ -137,9 +86,9 @@ class Proc:
         """Send ``sig`` to the process group and to every descendant (work horses and lean work
         processes run in process groups of their own); return the pids signalled."""
         pids = self.family()
-        _signal(self.pid, sig, group=True)
+        send_signal(self.pid, sig, group=True)
         for pid in pids:
-            _signal(pid, sig)
+            send_signal(pid, sig)
         return pids
 
     def kill_all(self) -> None:
@@ -147,12 +96,12 @@ class Proc:
         pids = set(self.family()) | self._family
         for pid in pids:
             if pid_alive(pid):
-                _signal(pid, signal.SIGCONT)
-        _signal(self.pid, signal.SIGCONT, group=True)
-        _signal(self.pid, signal.SIGKILL, group=True)
+                send_signal(pid, signal.SIGCONT)
+        send_signal(self.pid, signal.SIGCONT, group=True)
+        send_signal(self.pid, signal.SIGKILL, group=True)
         for pid in pids:
             if pid_alive(pid):
-                _signal(pid, signal.SIGKILL)
+                send_signal(pid, signal.SIGKILL)
         try:
             self.process.wait(timeout=10)
         except subprocess.TimeoutExpired:
@@ -162,8 +111,8 @@ class Proc:
         """SIGTERM the group (warm stop), then kill everything left."""
         if self.alive():
             self.family()
-            _signal(self.pid, signal.SIGCONT, group=True)
-            _signal(self.pid, signal.SIGTERM, group=True)
+            send_signal(self.pid, signal.SIGCONT, group=True)
+            send_signal(self.pid, signal.SIGTERM, group=True)
             try:
                 self.process.wait(timeout=grace)
             except subprocess.TimeoutExpired:

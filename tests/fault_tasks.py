@@ -18,6 +18,7 @@ from typing import Any, Optional
 
 from orchestrator import Task, Workflow
 from shared import context
+from dist_tasks import swallow_everything as swallow_timeout  # noqa: F401  (workers import it from dist_tasks)
 
 COUNTER_PREFIX = "fault:count:"
 """Executions of a task are counted at ``fault:count:{key}``."""
@@ -111,18 +112,6 @@ def sleep_with_pid(url: str, key: str, directory: str, seconds: float) -> str:
     _write(os.path.join(directory, f"{key}.pid"), str(os.getpid()))
     time.sleep(seconds)
     return "slept"
-
-
-def swallow_timeout(seconds: float) -> str:
-    """Ignore every exception (the timeout included) and keep running for ``seconds``."""
-    end = time.time() + seconds
-    while time.time() < end:
-        try:
-            while time.time() < end:
-                time.sleep(0.05)
-        except BaseException:  # noqa: BLE001 - the point of this task
-            pass
-    return "survived"
 
 
 def gate(url: str, key: str, timeout: float = 60.0) -> str:

@@ -20,7 +20,6 @@ import os
 import random
 import signal
 import subprocess
-import sys
 import threading
 import time
 import uuid
@@ -29,6 +28,7 @@ from pathlib import Path
 import pytest
 
 import cluster_tasks
+from bench.procs import alive, descendants, orch_command, send_signal
 from cluster_tasks import ProgressLog, check_run, diagnose_stall, is_rq_dequeue_gap, lost_worker, summary
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
@@ -39,39 +39,7 @@ STALL_SECONDS = 15.0
 RUN_LIMIT = 200.0
 
 
-def orch_command() -> list[str]:
-    script = Path(sys.executable).with_name("orch")
-    if script.is_file() and os.access(script, os.X_OK):
-        return [str(script)]
-    return [sys.executable, "-c", "import sys; from orchestrator.cli import main; sys.argv[0] = 'orch'; main()"]
 
-
-def descendants(pid: int) -> list[int]:
-    """Live descendants of ``pid`` (from /proc)."""
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                stat = f.read()
-        except OSError:
-            continue
-        fields = stat[stat.rfind(")") + 2:].split()
-        children.setdefault(int(fields[1]), []).append(int(entry))
-    out, stack = [], list(children.get(pid, ()))
-    while stack:
-        child = stack.pop()
-        out.append(child)
-        stack.extend(children.get(child, ()))
-    return out
-
-
-def _signal(pid: int, sig: int, group: bool = False) -> None:
-    try:
-        (os.killpg if group else os.kill)(pid, sig)
-    except (ProcessLookupError, PermissionError):
-        pass
 
 
 class Workers:
@@ -106,12 +74,12 @@ class Workers:
         """Freeze the worker's process group, then SIGKILL it and every descendant; return the time."""
         with self._lock:
             process = self.live.pop(name)
-        _signal(process.pid, signal.SIGSTOP, group=True)
+        send_signal(process.pid, signal.SIGSTOP, group=True)
         family = descendants(process.pid)
         at = time.time()
-        _signal(process.pid, signal.SIGKILL, group=True)
+        send_signal(process.pid, signal.SIGKILL, group=True)
         for pid in family:
-            _signal(pid, signal.SIGKILL)
+            send_signal(pid, signal.SIGKILL)
         self.family.update(family)
         process.wait(timeout=10)
         self.killed[name] = at
@@ -121,15 +89,15 @@ class Workers:
         """Kill every worker still running (and all its descendants); return pids that would not die."""
         for process in self.all:
             if process.poll() is None:
-                _signal(process.pid, signal.SIGSTOP, group=True)
+                send_signal(process.pid, signal.SIGSTOP, group=True)
                 self.family.update(descendants(process.pid))
-                _signal(process.pid, signal.SIGKILL, group=True)
+                send_signal(process.pid, signal.SIGKILL, group=True)
         for pid in self.family:
-            _signal(pid, signal.SIGKILL)
+            send_signal(pid, signal.SIGKILL)
         for process in self.all:
             process.wait(timeout=10)
         time.sleep(0.2)
-        return [pid for pid in self.family if _is_running(pid)]
+        return [pid for pid in self.family if alive(pid)]
 
     def registered(self, conn) -> set[str]:
         from rq import Worker
@@ -140,15 +108,6 @@ class Workers:
             names = {m.decode() for m in conn.smembers(keys.LEAN_WORKERS)}
             return {n for n in names if conn.exists(keys.alive(n))}
         return {w.name for w in Worker.all(connection=conn)}
-
-
-def _is_running(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            stat = f.read()
-    except OSError:
-        return False
-    return stat[stat.rfind(")") + 2:].split()[0] != "Z"
 
 
 @pytest.fixture
@@ -235,7 +194,6 @@ def test_500_tasks_survive_workers_killed_every_few_seconds(redis_server, worker
     finished = time.time()
     assert not chaos_errors, chaos_errors
     if stalled is not None:
-        dead = set(workers.killed)
         pytest.fail(f"the run stalled (seed {seed}, kills {kills}): {json.dumps(stalled, indent=1)}\n"
                     f"{logs(tmp_path)}")
     assert "error" not in outcome, f"coordinator raised {outcome.get('error')!r}"

@@ -46,7 +46,7 @@ from shared.config import NO_TIMEOUT, Settings
 from shared.errors import SerializationError
 from shared.events import Event, RunCancelled, TaskFailed, TaskStarted, TaskSucceeded
 from shared.messages import FAILED, STARTED, SUCCEEDED, Outcome, cancel_requester
-from shared.states import FailureKind, TaskState
+from shared.states import TaskState
 from worker.lean import job_message
 from worker.rq_worker import JOB_FUNCTION
 
