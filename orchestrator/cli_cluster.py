@@ -41,7 +41,7 @@ def _when(epoch: Optional[float]) -> str:
               help="Comma-separated queues to serve, in priority order.")
 @click.option("--concurrency", "-c", type=click.IntRange(min=1), default=1, show_default=True,
               help="Tasks run at once (worker processes, or lean work processes).")
-@click.option("--burst", is_flag=True, help="Quit once the queues are empty (RQ mode).")
+@click.option("--burst", is_flag=True, help="Quit once the queues are empty.")
 @click.option("--path", "paths", multiple=True, type=click.Path(file_okay=False), metavar="DIR",
               help="Put DIR first on sys.path so task modules import (repeatable).")
 @click.option("--name", default=None, help="Worker name (default: generated).")
@@ -75,7 +75,7 @@ def worker(options: CliOptions, queues: str, concurrency: int, burst: bool, path
     if mode == "lean":
         from worker.lean import LeanWorker
 
-        LeanWorker(url, queue_names, concurrency=concurrency, name=name).work()
+        LeanWorker(url, queue_names, concurrency=concurrency, name=name, burst=burst).work()
         return
     from worker.rq_worker import serve
 

@@ -78,3 +78,21 @@ def test_commands_that_need_redis_say_so() -> None:
                             timeout=60, env=env)
     assert result.returncode == 2
     assert "needs Redis: pass --redis-url URL or set ORCH_REDIS_URL" in result.stderr
+
+
+def test_lean_worker_burst_runs_what_is_queued_then_exits(redis_server) -> None:
+    from shared.messages import Outcome
+    from worker.lean import job_message
+
+    client = redis_server.client()
+    client.rpush(keys.lean_queue("default"), job_message("burst-run", "t", 1, "dist_tasks:identity",
+                                                         '[[41],{}]', None, None))
+    done = subprocess.run([sys.executable, "-m", "orchestrator", "worker", "--mode", "lean", "--burst",
+                           "--concurrency", "2", "--path", str(TESTS), "--redis-url", redis_server.url],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr[-2000:]
+    outcomes = [Outcome.from_fields(fields) for _, fields in client.xrange(keys.events("burst-run"))]
+    assert [o.status for o in outcomes] == ["started", "succeeded"]
+    assert outcomes[-1].result == b"41"
+    assert client.llen(keys.lean_queue("default")) == 0
+    assert not client.sismember(keys.LEAN_WORKERS, outcomes[-1].worker), "a worker that quit must leave the set"

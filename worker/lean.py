@@ -148,6 +148,8 @@ class _Slot:
                 time.sleep(1.0)
                 continue
             if taken is None:
+                if w.burst:
+                    break  # --burst: the queues are empty, this slot is done
                 continue
             self.current = taken
             try:
@@ -240,8 +242,9 @@ class LeanWorker:
     """``concurrency`` slots serving the lean queues of ``queues``."""
 
     def __init__(self, redis_url: str, queues: list[str], concurrency: int = 1, name: Optional[str] = None,
-                 settings: Optional[Settings] = None) -> None:
+                 settings: Optional[Settings] = None, burst: bool = False) -> None:
         self.redis_url = redis_url
+        self.burst = burst
         self.connection = connect(redis_url)
         self.queue_keys = [keys.lean_queue(q) for q in queues]
         self.name = name or f"{socket.gethostname()}.{os.getpid()}.{uuid.uuid4().hex[:6]}"
