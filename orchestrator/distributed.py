@@ -10,6 +10,8 @@ in Redis alone; ``cancel_run`` cancels one, adopting it if nobody drives it.
 """
 from __future__ import annotations
 
+import contextlib
+import gc
 import getpass
 import logging
 import os
@@ -17,7 +19,7 @@ import socket
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import redis
 
@@ -103,6 +105,25 @@ def submit_run(workflow: Any, connection: redis.Redis, *, lease: Optional[Lease]
     settings = settings or Settings()
     if transport not in TRANSPORTS:
         raise WorkflowError(f"unknown transport {transport!r}; expected one of {', '.join(TRANSPORTS)}")
+    with _no_cyclic_gc():
+        return _submit(workflow, connection, lease, settings, transport)
+
+
+@contextlib.contextmanager
+def _no_cyclic_gc() -> Iterator[None]:
+    """Submitting a large DAG allocates a few objects per task and frees none: the cyclic
+    collector would only rescan them, about a fifth of the time at 100,000 tasks."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
+def _submit(workflow: Any, connection: redis.Redis, lease: Optional[Lease], settings: Settings,
+            transport: str) -> Submission:
     tasks: dict[str, Task] = workflow.tasks
     graph = workflow.validate()
     refs = task_references(tasks)

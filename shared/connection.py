@@ -29,7 +29,6 @@ def connect(url: str, *, check: bool = True, socket_timeout: float | None = None
             url,
             retry=Retry(ExponentialBackoff(cap=2.0, base=0.05), retries=8),
             retry_on_error=[redis.ConnectionError, redis.TimeoutError],
-            health_check_interval=30,
             socket_timeout=socket_timeout,
             socket_connect_timeout=5,
         )

@@ -55,6 +55,9 @@ log = logging.getLogger("orch.coordinator")
 READ_BATCH = 1000
 """Most outcomes taken from the stream in one read."""
 TRANSPORTS = ("rq", "lean")
+RQ_RESULT_TTL = 60
+"""Seconds RQ keeps a finished orch job (its result is in the run's own keys). Not 0: RQ
+deletes a job with no result TTL down a path that costs its work horse ~11 round trips."""
 HOUSEKEEPING_INTERVAL = 1.0
 """Seconds between lease renewals and worker heartbeat checks."""
 DEFER_STARTS = 0.2
@@ -190,7 +193,7 @@ class RQBackend:
                 JOB_FUNCTION,
                 args=self._job_args(dispatch.task, dispatch.attempt),
                 timeout=job_timeout,
-                result_ttl=0,
+                result_ttl=RQ_RESULT_TTL,
                 failure_ttl=self.settings.retention,
                 job_id=self.job_id(dispatch.task, dispatch.attempt),
                 description=f"orch run {self.run_id} task {dispatch.task!r} attempt {dispatch.attempt}",
