@@ -19,7 +19,7 @@ import redis
 from orchestrator.task import Task
 from shared import codec, keys
 from shared.errors import CorruptRunError, RunNotFoundError, WorkflowError
-from shared.messages import CANCEL, cancel_fields
+from shared.messages import cancel_fields
 from shared.states import RunState, TaskState
 
 
@@ -190,7 +190,3 @@ def list_runs(connection: redis.Redis, limit: int = 20) -> list[RunSnapshot]:
         except RunNotFoundError:
             connection.zrem(keys.RUNS, run_id)  # its keys expired: forget it
     return out
-
-
-__all__ = ["CANCEL", "RunSnapshot", "create_run", "list_runs", "new_run_id", "read_result", "read_run", "load_tasks",
-           "request_cancel", "task_record", "task_spec"]

@@ -13,20 +13,11 @@ from hypothesis import strategies as st
 
 from orchestrator import dag
 from orchestrator.actions import Dispatch, RunFinished, ScheduleRetry, StopTask, Transition
-from orchestrator.scheduler import TRANSITIONS, Scheduler, retry_delay
+from orchestrator.scheduler import TRANSITIONS, C, F, P, Q, R, S, Scheduler, W, retry_delay
 from shared.errors import InvalidTransition, UnknownTaskError, WorkflowError
 from shared.events import RetryDue, RunCancelled, TaskFailed, TaskStarted, TaskSucceeded
 from shared.states import TERMINAL_STATES, FailureKind, RunState, TaskState
 
-P, Q, R, W, S, F, C = (
-    TaskState.PENDING,
-    TaskState.QUEUED,
-    TaskState.RUNNING,
-    TaskState.RETRYING,
-    TaskState.SUCCESS,
-    TaskState.FAILURE,
-    TaskState.CANCELLED,
-)
 
 
 @dataclass
