@@ -13,6 +13,11 @@ Three ways an attempt can be stranded, and how each is seen:
 
 Each becomes a ``TaskFailed(kind=LOST)`` event; the scheduler retries it like
 any failure, and ignores it if the attempt had finished after all.
+
+All three read heartbeats, which lapse for live workers too while Redis is
+down. So when the checks themselves were held up (an outage, a restart, a
+paused coordinator: longer than ``STALL`` between two checks), no verdict is
+given for one heartbeat TTL, long enough for live workers to beat again.
 """
 from __future__ import annotations
 
@@ -25,6 +30,9 @@ import redis
 from shared import keys
 from shared.events import Event, TaskFailed
 from shared.states import FailureKind
+
+STALL = 2.5
+"""Seconds between two checks (normally about one) that mean the coordinator was held up."""
 
 
 class LossWatch:
@@ -40,6 +48,8 @@ class LossWatch:
         self.queued: dict[str, tuple[str, int, str]] = {}
         """RQ job id -> (task, attempt, intermediate list key) of attempts not reported started."""
         self._in_transit_since: dict[str, float] = {}
+        self._last_check: Optional[float] = None
+        self._quiet_until = 0.0
 
     # ------------------------------------------------------------- bookkeeping
     def dispatched(self, job_id: str, task: str, attempt: int, intermediate_key: str) -> None:
@@ -59,6 +69,13 @@ class LossWatch:
 
     # ------------------------------------------------------------------- check
     def check(self, lean: bool) -> list[Event]:
+        now = time.monotonic()
+        if self._last_check is not None and now - self._last_check > STALL:
+            self._quiet_until = now + self.heartbeat_ttl
+            self._in_transit_since.clear()
+        self._last_check = now
+        if now < self._quiet_until:
+            return []
         lost = self._stranded_in_transit()
         if lean:
             lost += self._stranded_lean()
