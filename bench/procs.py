@@ -45,15 +45,9 @@ def descendants(pid: int) -> list[int]:
     """
     children: dict[int, list[int]] = {}
     for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                stat = f.read()
-        except OSError:
-            continue
-        fields = stat[stat.rfind(")") + 2:].split()
-        children.setdefault(int(fields[1]), []).append(int(entry))
+        fields = _stat(entry) if entry.isdigit() else None
+        if fields is not None:
+            children.setdefault(int(fields[1]), []).append(int(entry))
     out: list[int] = []
     stack = list(children.get(pid, ()))
     while stack:
@@ -63,13 +57,23 @@ def descendants(pid: int) -> list[int]:
     return out
 
 
-def alive(pid: int) -> bool:
+def _stat(pid: int | str) -> Optional[list[str]]:
+    """The fields of ``/proc/PID/stat`` after the command name (state first), or None if gone.
+
+    The command name may hold spaces and parentheses, so the split starts after its last ')'.
+    """
     try:
         with open(f"/proc/{pid}/stat") as f:
             stat = f.read()
     except OSError:
-        return False
-    return stat[stat.rfind(")") + 2:].split()[0] != "Z"
+        return None
+    return stat[stat.rfind(")") + 2:].split()
+
+
+def alive(pid: int) -> bool:
+    """True while ``pid`` exists and is not a zombie."""
+    fields = _stat(pid)
+    return fields is not None and fields[0] != "Z"
 
 
 def send_signal(pid: int, sig: int, group: bool = False) -> None:
@@ -264,11 +268,7 @@ def tree_cpu_seconds(pids: Sequence[int]) -> float:
             if p in seen:
                 continue
             seen.add(p)
-            try:
-                with open(f"/proc/{p}/stat") as f:
-                    stat = f.read()
-            except OSError:
-                continue
-            fields = stat[stat.rfind(")") + 2:].split()
-            total += sum(int(x) for x in fields[11:15])  # utime stime cutime cstime
+            fields = _stat(p)
+            if fields is not None:
+                total += sum(int(x) for x in fields[11:15])  # utime stime cutime cstime
     return total / _TICK

@@ -22,6 +22,7 @@ from typing import Any, Callable, Iterable, Optional
 
 import redis
 from bench.procs import alive as pid_alive, descendants, free_port, orch_command, send_signal  # noqa: F401
+from redis_server import RedisServer
 
 TESTS_DIR = Path(__file__).resolve().parent
 REPO_DIR = TESTS_DIR.parent
@@ -201,7 +202,7 @@ def worker_ready(client: redis.Redis, name: str, mode: str) -> bool:
 
 
 # ----------------------------------------------------------------- redis
-class AofRedis:
+class AofRedis(RedisServer):
     """A ``redis-server`` of this test's own, with ``--appendonly yes --appendfsync always``,
     that can be stopped (SIGTERM: a clean shutdown) and started again on the same port."""
 
@@ -209,55 +210,7 @@ class AofRedis:
         binary = shutil.which("redis-server")
         if binary is None:
             raise RuntimeError("no redis-server on PATH")
-        self.binary = binary
-        self.directory = directory
-        self.directory.mkdir(parents=True, exist_ok=True)
-        self.port = free_port()
-        self.url = f"redis://127.0.0.1:{self.port}/0"
-        self.process: Optional[subprocess.Popen] = None
-
-    def start(self, timeout: float = 10.0) -> None:
-        log = open(self.directory / "redis.log", "ab")
-        self.process = subprocess.Popen(
-            [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.directory),
-             "--daemonize", "no", "--save", "", "--appendonly", "yes", "--appendfsync", "always"],
-            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
-        log.close()
-        deadline = time.monotonic() + timeout
-        while True:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"redis-server exited: {self.log()}")
-            try:
-                client = redis.Redis(host="127.0.0.1", port=self.port, socket_connect_timeout=0.5)
-                client.ping()
-                client.close()
-                return
-            except redis.BusyLoadingError:
-                time.sleep(0.02)
-            except redis.RedisError:
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"redis-server did not come up: {self.log()}")
-                time.sleep(0.02)
-
-    def stop(self, sig: int = signal.SIGTERM) -> None:
-        process, self.process = self.process, None
-        if process is None or process.poll() is not None:
-            return
-        process.send_signal(sig)
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=5)
-
-    def client(self) -> redis.Redis:
-        return redis.Redis.from_url(self.url)
-
-    def log(self) -> str:
-        try:
-            return (self.directory / "redis.log").read_text(errors="replace")[-3000:]
-        except OSError:
-            return ""
+        super().__init__(binary, directory, extra_args=("--save", "", "--appendonly", "yes", "--appendfsync", "always"))
 
 
 # --------------------------------------------------------------- run state

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import contextlib
 import io
+import os
+import signal
 import sys
 import time
 import traceback
@@ -28,6 +30,36 @@ def describe_exception(exc: BaseException) -> str:
     message = str(exc).strip().splitlines()
     name = type(exc).__qualname__
     return f"{name}: {message[0]}" if message else name
+
+
+def kill_group(pid: int) -> None:
+    """SIGKILL the process group that an attempt's process leads (it calls ``os.setpgrp()``),
+    so nothing the task started keeps running. A group not made yet, or gone, is no error."""
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def timeout_error(limit: float) -> str:
+    """The error of an attempt killed from outside for running past its timeout."""
+    return f"TaskTimeout: attempt ran past its timeout of {limit:g}s and was killed"
+
+
+def death_error(exitcode: Optional[int]) -> str:
+    """The error of an attempt whose process died without reporting, from its exit code as
+    :mod:`multiprocessing` gives it (negative: killed by that signal; ``os.waitstatus_to_exitcode``
+    turns a ``waitpid`` status into one)."""
+    if exitcode is None:
+        how = "no exit status"
+    elif exitcode < 0:
+        try:
+            how = f"signal {-exitcode} ({signal.Signals(-exitcode).name})"
+        except ValueError:
+            how = f"signal {-exitcode}"
+    else:
+        how = f"exit code {exitcode}"
+    return f"WorkerCrash: worker process died: {how}"
 
 
 class _Tee(io.TextIOBase):

@@ -42,6 +42,7 @@ from shared.config import Settings
 from shared.connection import connect
 from shared.messages import FAILED, STARTED, Outcome
 from shared.states import FailureKind
+from worker.execute import death_error, kill_group, timeout_error
 from worker.rq_job import attempt_outcome
 
 log = logging.getLogger("orch.worker")
@@ -123,10 +124,7 @@ class _Slot:
     def kill(self) -> None:
         if self.process is None:
             return
-        try:
-            os.killpg(self.process.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+        kill_group(self.process.pid)
         self.process.kill()
         self.process.join()
         if self.conn is not None:
@@ -213,29 +211,16 @@ class _Slot:
                 if self._stopped_attempt == (run_id, task, attempt):
                     return Outcome(at=time.time(), error="Cancelled: attempt stopped on request",
                                    kind=FailureKind.CANCELLED, **common)
-                return Outcome(at=time.time(), error=f"WorkerCrash: worker process died: {_describe(code)}",
+                return Outcome(at=time.time(), error=death_error(code),
                                kind=FailureKind.CRASHED, **common)
             if deadline is not None and time.time() >= deadline:
                 self.kill()
-                return Outcome(at=time.time(), error=f"TaskTimeout: attempt ran past its timeout of {timeout:g}s "
-                               "and was killed", kind=FailureKind.TIMEOUT, **common)
+                return Outcome(at=time.time(), error=timeout_error(timeout), kind=FailureKind.TIMEOUT, **common)
 
     def stop_attempt(self, key: tuple[str, str, int]) -> None:
         self._stopped_attempt = key
         if self.process is not None:
-            try:
-                os.killpg(self.process.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-
-
-def _describe(code: Optional[int]) -> str:
-    if code is not None and code < 0:
-        try:
-            return f"signal {-code} ({signal.Signals(-code).name})"
-        except ValueError:
-            return f"signal {-code}"
-    return f"exit code {code}"
+            kill_group(self.process.pid)
 
 
 class LeanWorker:

@@ -29,6 +29,7 @@ from shared import keys
 from shared.config import Settings
 from shared.messages import FAILED, STARTED, Outcome
 from shared.states import FailureKind
+from worker.execute import death_error, timeout_error
 from worker.rq_job import START_REPORTED_BY_WORKER, publish
 
 JOB_FUNCTION = "worker.rq_job.run_task"
@@ -113,24 +114,12 @@ class OrchWorker(Worker):
         if self._timed_out_job == job.id:
             self._timed_out_job = None
             kind = FailureKind.TIMEOUT
-            error = f"TaskTimeout: attempt ran past its timeout of {timeout:g}s and was killed"
+            error = timeout_error(timeout)
         else:
             kind = FailureKind.CRASHED
-            error = f"WorkerCrash: worker process died: {_describe_status(ret_val)}"
+            error = death_error(None if ret_val is None else os.waitstatus_to_exitcode(ret_val))
         publish(self.connection, Outcome(run_id=run_id, task=task, attempt=attempt, status=FAILED, at=time.time(),
                                          error=error, kind=kind, worker=self.name))
-
-
-def _describe_status(status: Optional[int]) -> str:
-    if status is None:
-        return "no exit status"
-    if os.WIFSIGNALED(status):
-        number = os.WTERMSIG(status)
-        try:
-            return f"signal {number} ({signal.Signals(number).name})"
-        except ValueError:
-            return f"signal {number}"
-    return f"exit code {os.WEXITSTATUS(status)}"
 
 
 def serve(

@@ -23,9 +23,9 @@ from orchestrator.coordinator import Step
 from orchestrator.task import Task
 from shared.context import TaskContext, running
 from shared.events import Event, TaskFailed, TaskStarted, TaskSucceeded
-from shared.messages import SUCCEEDED, Outcome
+from shared.messages import FAILED, SUCCEEDED, Outcome
 from shared.states import FailureKind
-from worker.execute import describe_exception, run_attempt
+from worker.execute import death_error, describe_exception, kill_group, run_attempt, timeout_error
 
 DEFAULT_MAX_WORKERS = 4
 
@@ -47,7 +47,7 @@ def _child(tasks: Mapping[str, Task], name: str, attempt: int, run_id: str, conn
     try:
         func = task.resolve()
     except Exception as exc:
-        outcome = Outcome(run_id=run_id, task=task.name, attempt=attempt, status="failed", at=time.time(),
+        outcome = Outcome(run_id=run_id, task=task.name, attempt=attempt, status=FAILED, at=time.time(),
                           error=describe_exception(exc), started_at=time.time())
     else:
         def upstream_result(other: str) -> Any:
@@ -129,15 +129,14 @@ class LocalBackend:
                     continue
             if not a.process.is_alive():
                 self._finish(a)
-                self._events.append(TaskFailed(name, a.attempt, now, _death_message(a.process.exitcode),
+                self._events.append(TaskFailed(name, a.attempt, now, death_error(a.process.exitcode),
                                                FailureKind.CRASHED, started_at=a.started_at))
             elif a.deadline is not None and now >= a.deadline:
                 self._kill(a)
                 del self._running[name]
                 limit = self.tasks[name].timeout
                 self._events.append(TaskFailed(name, a.attempt, now,
-                                               f"TaskTimeout: attempt {a.attempt} ran past its timeout of {limit:g}s "
-                                               "and was killed", FailureKind.TIMEOUT, started_at=a.started_at))
+                                               timeout_error(limit), FailureKind.TIMEOUT, started_at=a.started_at))
 
     def _finish(self, a: _Attempt) -> None:
         a.process.join()
@@ -153,11 +152,8 @@ class LocalBackend:
 
     def _kill(self, a: _Attempt) -> None:
         """Kill the attempt's whole process group, so nothing it started keeps running."""
-        try:
-            os.killpg(a.process.pid, signal.SIGKILL)
-        except ProcessLookupError:  # the child has not made its group yet, or is gone
-            pass
-        a.process.kill()
+        kill_group(a.process.pid)
+        a.process.kill()  # the child may not have made its group yet
         a.process.join()
         a.conn.close()
 
@@ -166,13 +162,3 @@ class LocalBackend:
             self._kill(a)
         self._running.clear()
         self._queue.clear()
-
-
-def _death_message(exitcode: Optional[int]) -> str:
-    if exitcode is not None and exitcode < 0:
-        try:
-            name = signal.Signals(-exitcode).name
-        except ValueError:
-            name = "unknown"
-        return f"WorkerCrash: worker process died: signal {-exitcode} ({name})"
-    return f"WorkerCrash: worker process died: exit code {exitcode} before reporting a result"
