@@ -19,7 +19,9 @@ key                             type    contents
                                         read by the coordinator, trimmed once applied
 ``orch:run:{id}:lease``         string  token of the coordinator driving the run (TTL: lease)
 ``orch:active``                 set     ids of runs not finished yet (what coordinators adopt)
-``orch:alive:{worker}``         string  a worker's heartbeat; it lapses (TTL) when the worker dies
+``orch:alive:{worker}``         string  a worker's heartbeat, its descriptor (JSON: kind, queues,
+                                        host, pid, concurrency); it lapses (TTL) when the worker dies
+``orch:workers``                set     names of workers that heartbeat (see shared/workers.py)
 ``orch:queue:{queue}``          list    lean mode: attempts waiting (JSON), oldest first
 ``orch:inflight:{worker}``      list    lean mode: attempts a worker has taken and not finished
 ``orch:lean-workers``           set     lean mode: names of workers that may hold in-flight attempts
@@ -35,6 +37,7 @@ RUNS = f"{PREFIX}:runs"
 ACTIVE = f"{PREFIX}:active"
 STOP_CHANNEL = f"{PREFIX}:stop"
 LEAN_WORKERS = f"{PREFIX}:lean-workers"
+WORKERS = f"{PREFIX}:workers"
 
 
 def run(run_id: str) -> str:

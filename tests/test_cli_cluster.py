@@ -82,7 +82,7 @@ def test_commands_that_need_redis_say_so() -> None:
 
 def test_lean_worker_burst_runs_what_is_queued_then_exits(redis_server) -> None:
     from shared.messages import Outcome
-    from worker.lean import job_message
+    from shared.jobs import job_message
 
     client = redis_server.client()
     client.rpush(keys.lean_queue("default"), job_message("burst-run", "t", 1, "dist_tasks:identity",

@@ -40,7 +40,9 @@ import redis
 from shared import keys
 from shared.config import Settings
 from shared.connection import connect
+from shared.jobs import parse_job_message, MalformedJob
 from shared.messages import FAILED, STARTED, Outcome
+from shared.workers import LEAN, WorkerInfo, beat, retire
 from shared.states import FailureKind
 from worker.execute import death_error, kill_group, timeout_error
 from worker.rq_job import attempt_outcome
@@ -76,12 +78,6 @@ for i = 2, #KEYS do
 end
 return false
 """
-
-
-def job_message(run_id: str, task: str, attempt: int, ref: str, payload: str, timeout: Optional[float],
-                max_result_bytes: Optional[int]) -> str:
-    """The queue entry of one attempt; deterministic, so the coordinator can ``LREM`` it to dequeue it."""
-    return json.dumps([run_id, task, attempt, ref, payload, timeout, max_result_bytes], separators=(",", ":"))
 
 
 def _work_process(redis_url: str, jobs: Connection) -> None:
@@ -162,21 +158,16 @@ class _Slot:
         """Run one job; return it with its outcome (``None``: unreadable, dropped) for reporting."""
         w = self.worker
         try:
-            run_id, task, attempt, ref, payload, timeout, max_result_bytes = json.loads(raw)
-            if not (isinstance(run_id, str) and isinstance(task, str)) or type(attempt) is not int:
-                raise TypeError("run id and task must be strings, attempt an integer")
-        except (ValueError, TypeError) as exc:
-            log.error("dropped an unreadable job from %s: %s", queue_key, exc)
-            return raw, None
-        try:
-            if not (isinstance(ref, str) and isinstance(payload, str)):
-                raise TypeError("reference and payload must be strings")
-            timeout = None if timeout is None else float(timeout)
-            max_result_bytes = None if max_result_bytes is None else int(max_result_bytes)
-        except (ValueError, TypeError, OverflowError) as exc:
+            job = parse_job_message(raw)
+        except MalformedJob as exc:
+            if exc.attempt_key is None:
+                log.error("dropped an unreadable job from %s: %s", queue_key, exc)
+                return raw, None
+            run_id, task, attempt = exc.attempt_key
             log.error("job of task %r attempt %s in run %s is malformed: %s", task, attempt, run_id, exc)
             return raw, Outcome(run_id=run_id, task=task, attempt=attempt, status=FAILED, at=time.time(),
                                 error=f"SerializationError: malformed job: {exc}", worker=w.name)
+        run_id, task, attempt, ref, payload, timeout, max_result_bytes = job.args()
         started = time.time()
         if not reported:
             w.publish(Outcome(run_id=run_id, task=task, attempt=attempt, status=STARTED, at=started,
@@ -240,6 +231,7 @@ class LeanWorker:
         self.slots = [_Slot(self, n) for n in range(concurrency)]
         self._next_queue = 0
         self._finish_and_take = self.connection.register_script(_FINISH_AND_TAKE)
+        self.info = WorkerInfo(self.name, LEAN, tuple(queues), concurrency)
 
     def take_job(self) -> Optional[tuple[str, bytes]]:
         """Move one job from a queue to this worker's in-flight list, waiting up to a second."""
@@ -279,11 +271,15 @@ class LeanWorker:
         self._next_queue = (self._next_queue + 1) % len(self.queue_keys)
         return turn
 
+    def _beat(self) -> None:
+        pipe = self.connection.pipeline(transaction=False)
+        beat(pipe, self.info, self.settings.heartbeat_ttl)
+        pipe.execute()
+
     def _heartbeat(self) -> None:
-        ttl_ms = int(self.settings.heartbeat_ttl * 1000)
         while not self.stopping.is_set():
             try:
-                self.connection.set(keys.alive(self.name), "1", px=ttl_ms)
+                self._beat()
             except redis.RedisError as exc:
                 log.warning("heartbeat failed: %s", exc)
             self.stopping.wait(1.0)
@@ -336,7 +332,7 @@ class LeanWorker:
 
         signal.signal(signal.SIGTERM, on_signal)
         signal.signal(signal.SIGINT, on_signal)
-        self.connection.set(keys.alive(self.name), "1", px=int(self.settings.heartbeat_ttl * 1000))
+        self._beat()
         self.connection.sadd(keys.LEAN_WORKERS, self.name)
         threading.Thread(target=self._heartbeat, name="heartbeat", daemon=True).start()
         threading.Thread(target=self._listen_for_stops, name="stops", daemon=True).start()
@@ -347,6 +343,7 @@ class LeanWorker:
             for slot in self.slots:
                 slot.thread.join(timeout=0.5)
         pipe = self.connection.pipeline(transaction=True)
-        pipe.delete(keys.alive(self.name), self.inflight_key)
+        retire(pipe, self.name)
+        pipe.delete(self.inflight_key)
         pipe.srem(keys.LEAN_WORKERS, self.name)
         pipe.execute()

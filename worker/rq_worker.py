@@ -10,14 +10,17 @@ not do, and this class adds:
   knows at once ("worker process died: signal 9");
 - kill a horse whose task ignored its timeout ``kill_grace`` seconds after the
   limit (RQ waits 60 s more), and report it as a timeout;
-- keep a heartbeat key ``orch:alive:{worker}`` with a short TTL renewed every
-  second while a job runs (RQ's own worker key lives 60 s and more), so the
-  coordinator can tell within seconds that a worker died or was cut off.
+- keep a heartbeat key ``orch:alive:{worker}`` with a short TTL, renewed every
+  second by a thread of the parent process, busy or idle (RQ's own worker key
+  lives 60 s and more), so the coordinator can tell within seconds that a
+  worker died or was cut off, and which queues have a live worker
+  (:mod:`shared.workers`).
 """
 from __future__ import annotations
 
 import os
 import signal
+import threading
 import time
 from typing import Any, Optional
 
@@ -27,12 +30,13 @@ from rq.serializers import JSONSerializer
 
 from shared import keys
 from shared.config import Settings
+from shared.jobs import JOB_FUNCTION
 from shared.messages import FAILED, STARTED, Outcome
 from shared.states import FailureKind
 from worker.execute import death_error, timeout_error
+from shared.workers import RQ, WorkerInfo, beat, retire
 from worker.rq_job import START_REPORTED_BY_WORKER, publish
 
-JOB_FUNCTION = "worker.rq_job.run_task"
 MONITORING_INTERVAL = 1
 """Seconds between the parent's checks on a running horse (RQ's default is 30)."""
 
@@ -72,28 +76,53 @@ class OrchWorker(Worker):
         os.environ[START_REPORTED_BY_WORKER] = "1"
         settings = Settings()
         self.kill_grace = settings.kill_grace
-        self.heartbeat_ttl_ms = int(settings.heartbeat_ttl * 1000)
+        self.heartbeat_ttl = settings.heartbeat_ttl
         self._timed_out_job: Optional[str] = None
+        self._beating = threading.Event()
 
-    def heartbeat(self, timeout: Optional[int] = None, pipeline: Any = None) -> None:
-        super().heartbeat(timeout, pipeline=pipeline)
-        target = pipeline if pipeline is not None else self.connection
-        target.set(keys.alive(self.name), "1", px=self.heartbeat_ttl_ms)
+    def register_birth(self) -> None:
+        super().register_birth()
+        info = WorkerInfo(self.name, RQ, tuple(self.queue_names()))
+        pool = self.connection.connection_pool
+        own = type(self.connection)(connection_pool=type(pool)(connection_class=pool.connection_class,
+                                                               **pool.connection_kwargs))
+        self._beat(own, info)
+        threading.Thread(target=self._heartbeat_loop, args=(own, info), name="orch-heartbeat", daemon=True).start()
+
+    def _beat(self, connection: Any, info: WorkerInfo) -> None:
+        pipe = connection.pipeline(transaction=False)
+        beat(pipe, info, self.heartbeat_ttl)
+        pipe.execute()
+
+    def _heartbeat_loop(self, connection: Any, info: WorkerInfo) -> None:
+        """Every second, on its own connection (the work horse forked meanwhile never uses it)."""
+        while not self._beating.wait(1.0):
+            try:
+                self._beat(connection, info)
+            except Exception as exc:  # Redis away: the next beat tries again
+                self.log.warning("orch heartbeat failed: %s", exc)
+
+    def register_death(self) -> None:
+        self._beating.set()
+        try:
+            pipe = self.connection.pipeline(transaction=False)
+            retire(pipe, self.name)
+            pipe.execute()
+        finally:
+            super().register_death()
 
     def prepare_execution(self, job: Job) -> Any:
-        """Before the fork: renew the heartbeat and report the attempt started, in one round trip.
+        """Before the fork: report the attempt started.
 
         Reporting from here, not from the work horse, narrows the window in
         which a dying worker could hold an attempt nobody knows it started.
         """
-        pipe = self.connection.pipeline(transaction=False)
-        pipe.set(keys.alive(self.name), "1", px=self.heartbeat_ttl_ms)
         found = attempt_of(job)
         if found is not None:
             run_id, task, attempt, _ = found
-            pipe.xadd(keys.events(run_id), Outcome(run_id=run_id, task=task, attempt=attempt, status=STARTED,
-                                                   at=time.time(), worker=self.name).to_fields())
-        pipe.execute()
+            self.connection.xadd(keys.events(run_id), Outcome(run_id=run_id, task=task, attempt=attempt,
+                                                              status=STARTED, at=time.time(),
+                                                              worker=self.name).to_fields())
         return super().prepare_execution(job)
 
     def maintain_heartbeats(self, job: Job) -> None:

@@ -44,11 +44,10 @@ from orchestrator.task import Task
 from shared import keys
 from shared.config import NO_TIMEOUT, Settings
 from shared.errors import SerializationError
+from shared.jobs import JOB_FUNCTION, job_message
 from shared.events import Event, RunCancelled, TaskFailed, TaskStarted, TaskSucceeded
 from shared.messages import FAILED, STARTED, SUCCEEDED, Outcome, cancel_requester
 from shared.states import TaskState
-from worker.lean import job_message
-from worker.rq_worker import JOB_FUNCTION
 
 log = logging.getLogger("orch.coordinator")
 
