@@ -33,7 +33,6 @@ from typing import Any, Callable, NoReturn, Optional, TypeVar, cast
 import click
 
 from orchestrator import graph as graphs
-from orchestrator.backends.rq import TRANSPORTS
 from orchestrator import report
 from orchestrator.loading import load_workflow
 from orchestrator.workflow import Workflow
@@ -136,17 +135,17 @@ def main(ctx: click.Context, redis_url: Optional[str]) -> None:
 
 
 def run_workflow(workflow: Workflow, options: CliOptions, *, max_workers: Optional[int] = None,
-                 quiet: bool = False, transport: str = "rq") -> bool:
+                 quiet: bool = False) -> bool:
     """Run ``workflow`` with a progress display on stderr; return True if Ctrl-C cancelled it.
 
     Without a Redis URL the run is local with ``max_workers`` processes; with
     one it goes to the workers through Redis. Either way a Ctrl-C has already
     cancelled the run when ``workflow.run`` re-raises it.
     """
-    run_options: dict[str, Any] = {"max_workers": max_workers}
-    if options.redis_url:
-        run_options = {"redis_url": options.redis_url, "transport": transport, "on_submitted": _announce}
     with report.ProgressDisplay(len(workflow), enabled=not quiet) as progress:
+        run_options: dict[str, Any] = {"max_workers": max_workers}
+        if options.redis_url:
+            run_options = {"redis_url": options.redis_url, "on_submitted": _announce, "on_notice": progress.notice}
         try:
             workflow.run(on_progress=progress, **run_options)
         except KeyboardInterrupt:
@@ -163,15 +162,12 @@ def _announce(run_id: str) -> None:
 @redis_url_option
 @click.option("--detach", is_flag=True,
               help="Distributed runs: write the run and return at once; an 'orch coordinator' drives it.")
-@click.option("--transport", type=click.Choice(TRANSPORTS), default="rq", show_default=True,
-              help="Distributed runs: 'rq' for 'orch worker', 'lean' for 'orch worker --mode lean'.")
 @click.option("--max-workers", "-j", type=click.IntRange(min=1), default=None, metavar="N",
               help="Local runs: attempts running at once (default: the number of CPUs, at least 4).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress display on stderr; the results table is still printed.")
 @pass_options
 @handle_errors
-def submit(options: CliOptions, target: str, detach: bool, transport: str, max_workers: Optional[int],
-           quiet: bool) -> None:
+def submit(options: CliOptions, target: str, detach: bool, max_workers: Optional[int], quiet: bool) -> None:
     """Run the workflow TARGET and print a table of its results.
 
     With a Redis URL the run goes to the workers and its id is printed first.
@@ -184,11 +180,10 @@ def submit(options: CliOptions, target: str, detach: bool, transport: str, max_w
     if detach:
         from orchestrator.distributed import run_distributed
 
-        run_id, _ = run_distributed(workflow, options.require_redis_url("submit --detach"), detach=True,
-                                    transport=transport)
+        run_id, _ = run_distributed(workflow, options.require_redis_url("submit --detach"), detach=True)
         click.echo(run_id)
         return
-    interrupted = run_workflow(workflow, options, max_workers=max_workers, quiet=quiet, transport=transport)
+    interrupted = run_workflow(workflow, options, max_workers=max_workers, quiet=quiet)
     if interrupted:
         click.echo("run cancelled (Ctrl-C)", err=True)
     report.print_results(workflow)

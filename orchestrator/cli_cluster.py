@@ -45,9 +45,9 @@ def _when(epoch: Optional[float]) -> str:
 @click.option("--path", "paths", multiple=True, type=click.Path(file_okay=False), metavar="DIR",
               help="Put DIR first on sys.path so task modules import (repeatable).")
 @click.option("--name", default=None, help="Worker name (default: generated).")
-@click.option("--mode", type=click.Choice(["rq", "lean"]), default="rq", show_default=True,
-              help="'rq': an RQ worker, a forked work horse per task ('rq info' sees it). "
-                   "'lean': persistent work processes, for runs submitted with --transport lean.")
+@click.option("--mode", type=click.Choice(["lean", "rq"]), default="lean", show_default=True,
+              help="'lean': persistent work processes (fast). 'rq': the RQ-compatible worker, a forked work "
+                   "horse per task, seen by 'rq info' and RQ's tools. Submissions follow either on their own.")
 @click.option("--log-level", default="INFO", show_default=True, type=click.Choice(["DEBUG", "INFO", "WARNING"]))
 @redis_url_option
 @pass_options
@@ -117,6 +117,8 @@ def status(options: CliOptions, run_id: str) -> None:
                f"finished {_when(meta.get('finished_at'))}")
     if meta.get("cancelled_by"):
         click.echo(f"cancelled by {meta['cancelled_by']} at {_when(meta.get('cancelled_at'))}")
+    if meta.get("warning") and meta.get("state") == RunState.RUNNING.value:
+        click.echo(f"warning: {meta['warning']}")
     report.print_results(workflow)
     _exit(EXIT_OK if meta.get("state") == RunState.SUCCESS.value else exit_code_of(workflow))
 

@@ -23,7 +23,8 @@ from typing import Any, Callable, Iterator, Optional
 
 import redis
 
-from orchestrator.backends.rq import TRANSPORTS, RQBackend
+from orchestrator.backends.routing import AUTO, TRANSPORTS
+from orchestrator.backends.rq import RQBackend
 from orchestrator.coordinator import Coordinator, ProgressCallback
 from orchestrator.dag import Graph
 from orchestrator.lease import Lease, LeaseLost
@@ -97,7 +98,7 @@ class Submission:
 
 
 def submit_run(workflow: Any, connection: redis.Redis, *, lease: Optional[Lease] = None,
-               settings: Optional[Settings] = None, transport: str = "rq") -> Submission:
+               settings: Optional[Settings] = None, transport: str = AUTO) -> Submission:
     """Check and write a new run. Nothing is written on a bad input.
 
     Task records are written as tasks move; a task without one is pending.
@@ -145,12 +146,15 @@ def run_distributed(
     settings: Optional[Settings] = None,
     connection: Optional[redis.Redis] = None,
     detach: bool = False,
-    transport: str = "rq",
+    transport: str = AUTO,
+    on_notice: Optional[Callable[[Optional[str]], None]] = None,
 ) -> tuple[str, RunState]:
     """Submit ``workflow`` as a new run and, unless ``detach``, coordinate it to the end.
 
-    ``transport`` is ``"rq"`` (RQ jobs, for ``orch worker``) or ``"lean"`` (for
-    ``orch worker --mode lean``).
+    ``transport``: ``"auto"`` (the default) sends each queue's jobs in the form its
+    live workers run (:mod:`orchestrator.backends.routing`); ``"lean"`` or ``"rq"``
+    pins one form for every queue. ``on_notice(text)`` is called when tasks start
+    waiting on a queue no live worker serves, and with ``None`` when that clears.
 
     Returns ``(run_id, state)`` (``running`` when detached). ``on_submitted(run_id)``
     is called once the run is written. The caller's Task objects are kept current.
@@ -165,7 +169,8 @@ def run_distributed(
         on_submitted(run_id)
     if detach:
         return run_id, RunState.RUNNING
-    backend = RQBackend(conn, run_id, workflow.tasks, submission.specs, settings, lease=lease, transport=transport)
+    backend = RQBackend(conn, run_id, workflow.tasks, submission.specs, settings, lease=lease, transport=transport,
+                        on_notice=on_notice)
     scheduler = Scheduler(workflow.tasks.values(), submission.graph)
     coordinator = Coordinator(workflow.tasks, backend, on_progress=on_progress, scheduler=scheduler)
     return run_id, coordinator.run()
@@ -178,6 +183,7 @@ def restore_coordinator(
     *,
     settings: Optional[Settings] = None,
     on_progress: Optional[ProgressCallback] = None,
+    on_notice: Optional[Callable[[Optional[str]], None]] = None,
 ) -> tuple[Coordinator, dict[str, Task]]:
     """Rebuild a run's coordinator from Redis alone, with its lease already held by ``lease``."""
     settings = settings or Settings()
@@ -191,9 +197,9 @@ def restore_coordinator(
                if task.state is TaskState.RUNNING and task.worker}
     specs = {spec["name"]: spec for spec in spec_list}
     backend = RQBackend(connection, run_id, tasks, specs, settings, last_event=meta.get("last_event") or "0-0",
-                        lease=lease, running=running, transport=meta.get("transport") or "rq",
+                        lease=lease, running=running, transport=meta.get("transport") or AUTO,
                         queued=[(name, task.attempts) for name, task in tasks.items()
-                                if task.state is TaskState.QUEUED])
+                                if task.state is TaskState.QUEUED], on_notice=on_notice)
     coordinator = Coordinator(tasks, backend, on_progress=on_progress, scheduler=scheduler)
     for name, task in tasks.items():
         if task.state is TaskState.RETRYING:
@@ -208,6 +214,7 @@ def resume_run(
     *,
     settings: Optional[Settings] = None,
     on_progress: Optional[ProgressCallback] = None,
+    on_notice: Optional[Callable[[Optional[str]], None]] = None,
 ) -> tuple[RunState, dict[str, Task]]:
     """Continue ``run_id`` from Redis: succeeded tasks are not run again, running ones report in,
     due retries fire. Raises :class:`RunBusyError` while another coordinator holds the run."""
@@ -217,7 +224,7 @@ def resume_run(
         raise RunBusyError(run_id)
     try:
         coordinator, tasks = restore_coordinator(connection, run_id, lease, settings=settings,
-                                                 on_progress=on_progress)
+                                                 on_progress=on_progress, on_notice=on_notice)
         return coordinator.run(), tasks
     except BaseException:
         try:

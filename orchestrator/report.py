@@ -187,6 +187,18 @@ class ProgressDisplay:
             self._progress.stop()
             self._progress = None
 
+    def notice(self, text: Optional[str]) -> None:
+        """Show that tasks wait on a queue no live worker serves (``None``: that cleared)."""
+        if not self.enabled:
+            return
+        line = f"warning: {text}" if text else "every waiting task has a live worker again"
+        if self._progress is not None:
+            self._progress.console.print(line, style="yellow" if text else None, highlight=False)
+            self._progress.refresh()
+        else:
+            self.console.file.write(line + "\n")
+            self.console.file.flush()
+
     def __call__(self, scheduler: Scheduler, transitions: Sequence[Transition]) -> None:
         if not self.enabled:
             return

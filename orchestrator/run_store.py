@@ -61,7 +61,7 @@ def task_record(task: Task) -> str:
 
 def create_run(connection: redis.Redis, run_id: str, workflow: str, specs: list[dict[str, Any]],
                lease_token: Optional[str] = None, lease_ttl: float = 5.0,
-               transport: str = "rq") -> None:
+               transport: str = "auto") -> None:
     """Write a new run in one MULTI, so a failure leaves nothing half-written.
 
     With ``lease_token`` the submitter holds the run's lease from the start;

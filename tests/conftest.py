@@ -142,12 +142,12 @@ WORKER_MODES = ("rq", "lean")
 
 
 def worker_command(url: str, *, queues: Optional[list[str]] = None, concurrency: Optional[int] = None,
-                   name: Optional[str] = None, burst: bool = False, mode: str = "rq") -> list[str]:
-    """The ``orch worker`` command line; ``mode="lean"`` adds ``--mode lean``."""
+                   name: Optional[str] = None, burst: bool = False, mode: str = "lean") -> list[str]:
+    """The ``orch worker`` command line; ``mode="rq"`` adds ``--mode rq`` (lean is the default: no option)."""
     if mode not in WORKER_MODES:
         raise ValueError(f"unknown worker mode {mode!r}; expected one of {', '.join(WORKER_MODES)}")
     cmd = [*orch_command(), "worker", "--redis-url", url, "--path", str(TESTS_DIR)]
-    if mode != "rq":
+    if mode != "lean":
         cmd += ["--mode", mode]
     if queues:
         cmd += ["--queues", ",".join(queues)]
@@ -162,8 +162,8 @@ def worker_command(url: str, *, queues: Optional[list[str]] = None, concurrency:
 
 @pytest.fixture
 def orch_workers(redis_server: RedisServer, tmp_path: Path) -> Iterator[Callable[..., list[WorkerProcess]]]:
-    """Factory: ``orch_workers(n, mode="rq", queues=None, concurrency=None)`` starts ``n`` real
-    ``orch worker`` processes (``mode="lean"``: ``orch worker --mode lean``) on ``redis_server``
+    """Factory: ``orch_workers(n, mode="lean", queues=None, concurrency=None)`` starts ``n`` real
+    ``orch worker`` processes (``mode="rq"``: ``orch worker --mode rq``) on ``redis_server``
     and returns once all of them are ready: in RQ mode, once all of them (times their
     concurrency) have registered with RQ; in lean mode, once each has added its name to
     ``orch:lean-workers`` and set its heartbeat key (one member per process, whatever its
@@ -189,7 +189,7 @@ def orch_workers(redis_server: RedisServer, tmp_path: Path) -> Iterator[Callable
             return all(h.name in members and client.exists(keys.alive(h.name)) for h in batch)
         return True
 
-    def start(n: int = 1, *, mode: str = "rq", queues: Optional[list[str]] = None,
+    def start(n: int = 1, *, mode: str = "lean", queues: Optional[list[str]] = None,
               concurrency: Optional[int] = None, env: Optional[dict[str, str]] = None) -> list[WorkerProcess]:
         if mode not in WORKER_MODES:
             raise ValueError(f"unknown worker mode {mode!r}; expected one of {', '.join(WORKER_MODES)}")

@@ -204,3 +204,20 @@ def state_counts(records: dict[str, dict]) -> dict[str, int]:
     for record in records.values():
         out[record["state"]] = out.get(record["state"], 0) + 1
     return out
+
+
+# ------------------------------------------------------ workflows for tests/test_default_path.py
+def make_on_gpu() -> Workflow:
+    """Two tasks on queue 'gpu', which the tests' default workers do not serve."""
+    wf = Workflow("on-gpu")
+    wf.add_task(Task("first", identity, args=(1,), queue="gpu"))
+    wf.add_task(Task("second", identity, dependencies=["first"], args=(2,), queue="gpu"))
+    return wf
+
+
+def make_busy_three() -> Workflow:
+    """Three independent 1.5 s tasks for one single-slot worker: two of them wait their turn."""
+    wf = Workflow("busy-three")
+    for i in range(3):
+        wf.add_task(Task(f"nap{i}", sleep_for, args=(1.5,)))
+    return wf

@@ -224,7 +224,7 @@ def drive(args: argparse.Namespace) -> int:
     from shared.connection import connect
 
     conn = connect(args.redis_url)
-    _wait_for_workers(conn, [n for n in args.expect_workers.split(",") if n], args.transport, 60)
+    _wait_for_workers(conn, [n for n in args.expect_workers.split(",") if n], args.worker_mode, 60)
     wf = cluster_tasks.make_fanout(args.redis_url, args.tag, n_items=args.items)
     log = cluster_tasks.ProgressLog(wf.tasks, args.progress)
     started = time.time()
@@ -239,14 +239,14 @@ def drive(args: argparse.Namespace) -> int:
         while True:
             time.sleep(0.5)
             if "id" in run_id and time.time() - log.last_at > args.stall:
-                diagnosis = cluster_tasks.diagnose_stall(conn, run_id["id"], args.transport)
+                diagnosis = cluster_tasks.diagnose_stall(conn, run_id["id"], args.worker_mode)
                 Path(args.out).write_text(json.dumps({"stalled": True, "diagnosis": diagnosis}))
                 log.note(event="stalled", at=time.time())
                 os._exit(3)
 
     threading.Thread(target=watchdog, daemon=True).start()
     _, state = run_distributed(wf, args.redis_url, on_progress=log, on_submitted=submitted,
-                               transport=args.transport, connection=conn)
+                               connection=conn)
     finished = time.time()
     log.note(event="finished", state=state.value, at=finished)
     snap = cluster_tasks.snapshot(conn, run_id["id"], args.tag)
@@ -260,7 +260,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("drive", help="submit the fan-out workflow and coordinate it")
     p.add_argument("--redis-url", required=True)
-    p.add_argument("--transport", choices=["rq", "lean"], default="rq")
+    p.add_argument("--worker-mode", choices=["rq", "lean"], default="lean")
     p.add_argument("--tag", required=True)
     p.add_argument("--items", type=int, default=198)
     p.add_argument("--expect-workers", default="")

@@ -150,7 +150,7 @@ def test_500_tasks_survive_workers_killed_every_few_seconds(redis_server, worker
     def coordinate() -> None:
         try:
             outcome["state"] = run_distributed(wf, redis_server.url, on_progress=progress,
-                                               on_submitted=run_ids.append, transport=mode,
+                                               on_submitted=run_ids.append,
                                                settings=Settings(heartbeat_ttl=HEARTBEAT_TTL))[1]
         except BaseException as exc:  # noqa: BLE001 - reported by the test
             outcome["error"] = exc

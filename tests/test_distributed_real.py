@@ -8,8 +8,9 @@ Faults are injected by the tasks themselves: sleeping past a timeout,
 swallowing the timeout, ``os._exit``, SIGKILL of their own work horse.
 
 Every test that runs workers runs twice, once per worker mode (the ``mode``
-fixture): ``orch worker`` with runs submitted with ``transport="rq"``, and
-``orch worker --mode lean`` with ``transport="lean"``. Where a check is about
+fixture): ``orch worker`` (lean, the default) and ``orch worker --mode rq`` (the
+RQ-compatible path); runs are submitted with no transport option, so each test
+also shows that a submission follows the workers it finds. Where a check is about
 RQ itself (its job counts, its queues), the lean run checks the same property
 its own way (task records, the lean queue and in-flight lists).
 """
@@ -35,7 +36,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]
 
 @pytest.fixture(params=["rq", "lean"])
 def mode(request: pytest.FixtureRequest) -> str:
-    """The worker mode of a test: its workers' ``--mode`` and its runs' ``transport``."""
+    """The worker mode of a test: its workers' ``--mode`` (submissions follow it by themselves)."""
     return request.param
 
 
@@ -45,11 +46,11 @@ def states(wf: Workflow) -> dict[str, str]:
 
 def run(wf: Workflow, url: str, mode: str) -> tuple[dict, float]:
     started = time.monotonic()
-    results = wf.run(redis_url=url, transport=mode)
+    results = wf.run(redis_url=url)
     elapsed = time.monotonic() - started
     client = redis.Redis.from_url(url)
     try:
-        assert run_meta(client, wf.last_run_id)["transport"] == mode
+        assert run_meta(client, wf.last_run_id)["transport"] == "auto"
     finally:
         client.close()
     return results, elapsed

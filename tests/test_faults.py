@@ -100,10 +100,6 @@ def client_of(url: str) -> redis.Redis:
     return redis.Redis.from_url(url)
 
 
-def lean_options(mode: str) -> dict[str, Any]:
-    return {"transport": mode}
-
-
 # =============================================================================
 # 1. A work horse dies: os._exit, segfault, SIGKILL
 # =============================================================================
@@ -116,7 +112,7 @@ def test_work_horse_death_fails_the_attempt_at_once_and_it_is_retried(procs: Pro
         wf.add_task(Task(how, fault_tasks.crash_first, args=(url, how, how), max_retries=1))
     wf.add_task(Task("next", fault_tasks.value, dependencies=["exit", "segv", "kill"], args=(url, "next", 42)))
 
-    run = Background(wf, url, **lean_options(mode))
+    run = Background(wf, url)
     results = run.join(60)
 
     assert results == {"exit": "ok 2", "segv": "ok 2", "kill": "ok 2", "next": 42}
@@ -190,7 +186,7 @@ def test_dead_worker_is_detected_and_its_attempt_retried_on_another(procs: Proce
                      max_retries=1))
     wf.add_task(Task("after", fault_tasks.value, dependencies=["long"], args=(url, "after", "done")))
 
-    run = Background(wf, url, **lean_options(mode))
+    run = Background(wf, url)
     victim, survivor, killed_at = _kill_the_worker_running(run, workers, "long")
     horse = int((tmp_path / "long.1.pid").read_text())
 
@@ -456,7 +452,7 @@ def test_run_survives_a_redis_restart(aof_redis: AofRedis, aof_procs: Processes,
     wf.add_task(Task("sum", fault_tasks.fan_sum, dependencies=[f"t{i}" for i in range(n)],
                      args=(url, "sum", [f"t{i}" for i in range(n)])))
 
-    run = Background(wf, url, **lean_options(mode))
+    run = Background(wf, url)
     run_id = run.wait_run_id()
     client = aof_redis.client()
     wait_for(lambda: sum(r["state"] == "success" for r in task_records(client, run_id).values()) >= 6, 30,
@@ -519,7 +515,7 @@ def test_late_result_of_a_superseded_attempt_is_ignored(procs: Processes, mode: 
     # keeps the run open (on the other worker) until the late report has been read
     wf.add_task(Task("after", fault_tasks.after_gate, dependencies=["late"], args=(url, "late-read", "late")))
 
-    run = Background(wf, url, **lean_options(mode))
+    run = Background(wf, url)
     run_id = run.wait_run_id()
     wait_for(lambda: wf.tasks["late"].state is TaskState.RUNNING and wf.tasks["late"].worker, 30, "late to run")
     time.sleep(0.3)
@@ -587,7 +583,7 @@ def test_orch_cancel_stops_a_running_run(procs: Processes, mode: str, tmp_path: 
     url = procs.redis_url
     client = client_of(url)
     wf = fault_tasks.build_cancellable(url, str(tmp_path))
-    run = Background(wf, url, **lean_options(mode))
+    run = Background(wf, url)
     run_id = run.wait_run_id()
     pid = int(wait_for(lambda: (tmp_path / "long.pid").exists() and (tmp_path / "long.pid").read_text(), 30,
                        "the long task to start"))
@@ -746,7 +742,7 @@ def test_forged_jobs_do_not_crash_the_worker(procs: Processes, mode: str) -> Non
     wf.add_task(Task(odd, fault_tasks.value, args=(url, "odd", "fine")))
     wf.add_task(Task("child of odd", fault_tasks.after_gate, dependencies=[odd], args=(url, "open", odd)))
     client.set("fault:gate:open", "1")
-    results = Background(wf, url, **lean_options(mode)).join(30)
+    results = Background(wf, url).join(30)
 
     assert results == {odd: "fine", "child of odd": {"seen": "fine"}}
     assert results_hash(client, wf.last_run_id) == results

@@ -116,7 +116,7 @@ def test_a_worker_cut_off_mid_run_is_detected_and_its_tasks_rerun_elsewhere(netw
     tag = uuid.uuid4().hex[:12]
     progress, out = tmp_path / "progress.jsonl", tmp_path / "out.json"
     driver = net.popen("coord", [sys.executable, str(netns.TESTS_DIR / "netns.py"), "drive", "--redis-url", url,
-                                 "--transport", mode, "--tag", tag, "--items", str(ITEMS),
+                                 "--worker-mode", mode, "--tag", tag, "--items", str(ITEMS),
                                  "--expect-workers", ",".join(workers["w1"] + workers["w2"]),
                                  "--progress", str(progress), "--out", str(out), "--stall", "15"],
                        tmp_path / "coordinator.log", {"ORCH_HEARTBEAT_TTL": str(HEARTBEAT_TTL)})

@@ -1,10 +1,12 @@
-"""The distributed backend: RQ (or lean) queues out, a Redis stream of outcomes back.
+"""The distributed backend: jobs out on Redis queues, a Redis stream of outcomes back.
 
-``transport="rq"`` enqueues each attempt as an RQ job (``rq info`` sees it,
-``orch worker`` runs it in a forked work horse); ``transport="lean"`` pushes a
-compact JSON entry on ``orch:queue:{queue}`` for ``orch worker --mode lean``
-(persistent work processes, see :mod:`worker.lean`). Both report on the same
-stream, so everything below the dispatch is shared.
+Each queue's jobs take the form its live workers run (:mod:`.routing`): a
+compact JSON entry on ``orch:queue:{queue}`` for ``orch worker`` (persistent
+work processes, :mod:`worker.lean`), or an RQ job (``rq info`` sees it) for
+``orch worker --mode rq`` (a forked work horse per job). Both report on the
+same stream, so everything below the dispatch is shared. Jobs still waiting on
+a queue whose workers changed kind are moved, and a queue that no live worker
+serves is reported (``on_notice``, and the run's ``warning`` field).
 
 Each :class:`~orchestrator.coordinator.Step` becomes one MULTI/EXEC: the task
 records and results it commits, the RQ jobs of the attempts it dispatches
@@ -29,14 +31,17 @@ import json
 import logging
 import math
 import time
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import redis
 from rq import Queue
 from rq.command import send_stop_job_command
 from rq.serializers import JSONSerializer
 
+from rq.job import Job
+
 from orchestrator.coordinator import Step
+from orchestrator.backends.routing import AUTO, TRANSPORTS, Routes
 from orchestrator.backends.watch import LossWatch
 from orchestrator.lease import Lease, LeaseLost
 from orchestrator.run_store import task_record
@@ -48,12 +53,12 @@ from shared.jobs import JOB_FUNCTION, job_message
 from shared.events import Event, RunCancelled, TaskFailed, TaskStarted, TaskSucceeded
 from shared.messages import FAILED, STARTED, SUCCEEDED, Outcome, cancel_requester
 from shared.states import TaskState
+from shared.workers import LEAN, RQ
 
 log = logging.getLogger("orch.coordinator")
 
 READ_BATCH = 1000
 """Most outcomes taken from the stream in one read."""
-TRANSPORTS = ("rq", "lean")
 RQ_RESULT_TTL = 60
 """Seconds RQ keeps a finished orch job (its result is in the run's own keys). Not 0: RQ
 deletes a job with no result TTL down a path that costs its work horse ~11 round trips."""
@@ -82,12 +87,15 @@ class RQBackend:
         last_event: str = "0-0",
         lease: Optional[Lease] = None,
         running: Optional[Mapping[str, tuple[int, str]]] = None,
-        transport: str = "rq",
+        transport: str = AUTO,
         queued: Sequence[tuple[str, int]] = (),
+        on_notice: Optional[Callable[[Optional[str]], None]] = None,
     ) -> None:
         if transport not in TRANSPORTS:
             raise ValueError(f"unknown transport {transport!r}; expected one of {', '.join(TRANSPORTS)}")
-        self.transport = transport
+        self.routes = Routes(connection, transport)
+        self.on_notice = on_notice
+        self.notice: Optional[str] = None
         self.connection = connection
         self.run_id = run_id
         self.tasks = tasks
@@ -99,9 +107,15 @@ class RQBackend:
         self._events_key = keys.events(run_id)
         self.lease = lease
         self.watch = LossWatch(connection, run_id, self.settings.heartbeat_ttl, dict(running or {}))
-        for task, attempt in queued if transport == "rq" else ():
+        self._waiting: dict[str, dict[str, tuple[int, Optional[str]]]] = {}
+        """queue -> {task: (attempt, transport)} of attempts dispatched and not started
+        (transport ``None``: dispatched by an earlier coordinator, in a form not known)."""
+        self._forms: dict[str, set[Optional[str]]] = {}
+        """queue -> transports its waiting attempts may have (a superset), to skip queues with nothing to move."""
+        for task, attempt in queued:
+            self._mark_waiting(task, attempt, None)
             self.watch.dispatched(self.job_id(task, attempt), task, attempt,
-                                  self._queue(specs[task]["queue"]).intermediate_queue_key)
+                                  self._queue(self._queue_name(task)).intermediate_queue_key)
         self._deferred: set[str] = set()
         self._deferred_since = 0.0
         self._housekeeping_at = 0.0
@@ -114,13 +128,28 @@ class RQBackend:
     def job_id(self, task: str, attempt: int) -> str:
         return keys.job_id(self.run_id, self._index[task], attempt)
 
-    def _rq_job_id(self, task: str, attempt: int) -> Optional[str]:
-        return self.job_id(task, attempt) if self.transport == "rq" else None
+    def _queue_name(self, task: str) -> str:
+        return self.specs[task]["queue"]
+
+    def _mark_waiting(self, task: str, attempt: int, transport: Optional[str]) -> None:
+        queue = self._queue_name(task)
+        self._waiting.setdefault(queue, {})[task] = (attempt, transport)
+        self._forms.setdefault(queue, set()).add(transport)
+
+    def _forget_waiting(self, task: str) -> None:
+        waiting = self._waiting.get(self._queue_name(task))
+        if waiting:
+            waiting.pop(task, None)
 
     # ------------------------------------------------------------------ output
     def carry_out(self, step: Step) -> None:
         for stop in step.stops:
-            self.watch.finished(self._rq_job_id(stop.task, stop.attempt), stop.task, stop.attempt)
+            self.watch.finished(self.job_id(stop.task, stop.attempt), stop.task, stop.attempt)
+        for move in step.transitions:
+            if move.finish is not TaskState.QUEUED:
+                self._forget_waiting(move.task)
+        if self.notice is not None and not step.finished:
+            self._reconnecting(self._update_notice)  # e.g. the waiting task just started: say so now
         changed = {move.task for move in step.transitions}
         if _only_starts(step):
             # "running" is shown, not needed to resume (an outcome after a lost start still
@@ -158,13 +187,12 @@ class RQBackend:
         if step.finished:
             meta.update(state=step.finished.state.value, finished_at=repr(step.finished.at))
         pipe.hset(keys.run(run_id), mapping=meta)
-        if self.transport == "lean":
-            self._queue_lean(pipe, step)
-        else:
-            self._queue_rq(pipe, step)
+        self._unqueue(pipe, step.stops)
+        self._queue_jobs(pipe, [(d.task, d.attempt) for d in step.dispatches])
         if self._last_event != "0-0":
             pipe.xtrim(self._events_key, minid=self._last_event, approximate=False)
         if step.finished:
+            pipe.hdel(keys.run(run_id), "warning")
             for key in keys.all_of_run(run_id):
                 pipe.expire(key, self.settings.retention)
             pipe.srem(keys.ACTIVE, run_id)
@@ -181,39 +209,97 @@ class RQBackend:
         return (self.run_id, task, attempt, spec["ref"], spec["payload"], spec["timeout"],
                 self.settings.max_result_bytes)
 
-    def _queue_rq(self, pipe: Any, step: Step) -> None:
-        for stop in step.stops:
-            pipe.lrem(self._queue(self.tasks[stop.task].queue).key, 0, self.job_id(stop.task, stop.attempt))
-        by_queue: dict[str, list[Any]] = {}
-        for dispatch in step.dispatches:
-            timeout = self.specs[dispatch.task]["timeout"]
-            job_timeout = NO_TIMEOUT if timeout is None else math.ceil(timeout) + math.ceil(self.settings.kill_grace)
-            by_queue.setdefault(self.specs[dispatch.task]["queue"], []).append(Queue.prepare_data(
-                JOB_FUNCTION,
-                args=self._job_args(dispatch.task, dispatch.attempt),
-                timeout=job_timeout,
-                result_ttl=RQ_RESULT_TTL,
-                failure_ttl=self.settings.retention,
-                job_id=self.job_id(dispatch.task, dispatch.attempt),
-                description=f"orch run {self.run_id} task {dispatch.task!r} attempt {dispatch.attempt}",
-            ))
-        for queue_name, jobs in by_queue.items():
+    def _unqueue(self, pipe: Any, attempts: Sequence[Any]) -> None:
+        """Take queued attempts back, in whichever form they were sent (a no-op for one already taken)."""
+        for stop in attempts:
+            queue = self._queue_name(stop.task)
+            pipe.lrem(keys.lean_queue(queue), 0, job_message(*self._job_args(stop.task, stop.attempt)))
+            pipe.lrem(self._queue(queue).key, 0, self.job_id(stop.task, stop.attempt))
+
+    def _queue_jobs(self, pipe: Any, attempts: Sequence[tuple[str, int]]) -> None:
+        """Queue ``(task, attempt)`` pairs on ``pipe``, each queue's in the form its live workers run."""
+        lean: dict[str, list[str]] = {}
+        rq_jobs: dict[str, list[Any]] = {}
+        for task, attempt in attempts:
+            queue = self._queue_name(task)
+            transport = self.routes.transport(queue)
+            self._mark_waiting(task, attempt, transport)
+            if transport == LEAN:
+                lean.setdefault(queue, []).append(job_message(*self._job_args(task, attempt)))
+            else:
+                rq_jobs.setdefault(queue, []).append(self._rq_job(task, attempt))
+        for queue_name, messages in lean.items():
+            pipe.rpush(keys.lean_queue(queue_name), *messages)
+        for queue_name, jobs in rq_jobs.items():
             queue = self._queue(queue_name)
             queue.enqueue_many(jobs, pipeline=pipe)
             for job in jobs:
-                task, attempt = job.args[1], job.args[2]
-                self.watch.dispatched(job.job_id, task, attempt, queue.intermediate_queue_key)
+                self.watch.dispatched(job.job_id, job.args[1], job.args[2], queue.intermediate_queue_key)
 
-    def _queue_lean(self, pipe: Any, step: Step) -> None:
-        for stop in step.stops:
-            message = job_message(*self._job_args(stop.task, stop.attempt))
-            pipe.lrem(keys.lean_queue(self.specs[stop.task]["queue"]), 0, message)
-        by_queue: dict[str, list[str]] = {}
-        for dispatch in step.dispatches:
-            by_queue.setdefault(self.specs[dispatch.task]["queue"], []).append(
-                job_message(*self._job_args(dispatch.task, dispatch.attempt)))
-        for queue_name, messages in by_queue.items():
-            pipe.rpush(keys.lean_queue(queue_name), *messages)
+    def _rq_job(self, task: str, attempt: int) -> Any:
+        timeout = self.specs[task]["timeout"]
+        job_timeout = NO_TIMEOUT if timeout is None else math.ceil(timeout) + math.ceil(self.settings.kill_grace)
+        return Queue.prepare_data(
+            JOB_FUNCTION,
+            args=self._job_args(task, attempt),
+            timeout=job_timeout,
+            result_ttl=RQ_RESULT_TTL,
+            failure_ttl=self.settings.retention,
+            job_id=self.job_id(task, attempt),
+            description=f"orch run {self.run_id} task {task!r} attempt {attempt}",
+        )
+
+    # ------------------------------------------------------------ routing
+    def _reroute(self) -> None:
+        """Move the attempts still waiting on a queue whose live workers now run the other form."""
+        moving: list[tuple[str, int, Optional[str]]] = []
+        for queue, forms in self._forms.items():
+            route = self.routes.transport(queue)
+            if forms == {route}:
+                continue
+            self._forms[queue] = {route}
+            moving += [(task, attempt, via) for task, (attempt, via) in self._waiting.get(queue, {}).items()
+                       if via != route]
+        if not moving:
+            return
+        pipe = self.connection.pipeline(transaction=False)
+        for task, attempt, _via in moving:
+            pipe.lrem(keys.lean_queue(self._queue_name(task)), 1, job_message(*self._job_args(task, attempt)))
+            pipe.lrem(self._queue(self._queue_name(task)).key, 1, self.job_id(task, attempt))
+        removed = pipe.execute()
+        taken_back = []
+        pipe = self.connection.pipeline(transaction=True)
+        for n, (task, attempt, _via) in enumerate(moving):
+            from_lean, from_rq = removed[2 * n], removed[2 * n + 1]
+            if from_rq:
+                pipe.delete(Job.key_for(self.job_id(task, attempt)))
+                self.watch.finished(self.job_id(task, attempt), task, attempt)
+            if from_lean or from_rq:
+                taken_back.append((task, attempt))
+            else:  # a worker took it meanwhile: it reports as usual
+                self._mark_waiting(task, attempt, self.routes.transport(self._queue_name(task)))
+        self._queue_jobs(pipe, taken_back)
+        pipe.execute()
+        if taken_back:
+            log.info("run %s: moved %d waiting job(s) to the form their queue's live workers run",
+                     self.run_id, len(taken_back))
+
+    def _update_notice(self) -> None:
+        """Say (once, and again when it changes) which queues' tasks wait with no live worker."""
+        notice = self.routes.notice({queue: len(tasks) for queue, tasks in self._waiting.items()})
+        if notice == self.notice:
+            return
+        self.notice = notice
+        if notice is None:
+            self.connection.hdel(keys.run(self.run_id), "warning")
+        else:
+            self.connection.hset(keys.run(self.run_id), "warning", notice)
+        if self.on_notice is not None:
+            self.on_notice(notice)
+        elif notice is None:
+            log.info("run %s: every waiting task has a live worker again", self.run_id)
+        else:
+            log.warning("run %s: %s", self.run_id, notice)
 
     def _reconnecting(self, call: Any, *args: Any) -> Any:
         """``call(*args)``, retried with backoff while Redis is unreachable, up to ``settings.outage`` s."""
@@ -230,10 +316,8 @@ class RQBackend:
                 pause = min(pause * 2, 2.0)
 
     def _stop_running(self, task: str, attempt: int) -> None:
-        """Ask the worker running this attempt, if any, to kill its work horse."""
-        if self.transport == "lean":
-            self.connection.publish(keys.STOP_CHANNEL, json.dumps([self.run_id, task, attempt]))
-            return
+        """Ask the worker running this attempt, if any, to kill its work process (either kind)."""
+        self.connection.publish(keys.STOP_CHANNEL, json.dumps([self.run_id, task, attempt]))
         try:
             send_stop_job_command(self.connection, self.job_id(task, attempt), serializer=JSONSerializer)
         except Exception as exc:  # the job may be queued, finished or unknown: nothing to stop
@@ -264,7 +348,10 @@ class RQBackend:
         self._housekeeping_at = now + HOUSEKEEPING_INTERVAL
         if self.lease is not None and not self.lease.acquire():
             raise LeaseLost(self.run_id)
-        return self.watch.check(lean=self.transport == "lean")
+        self.routes.refresh()
+        self._reroute()
+        self._update_notice()
+        return self.watch.check(lean=True)
 
     def _read(self, timeout: float) -> list[Event]:
         block_ms = max(1, int(timeout * 1000))
@@ -291,7 +378,7 @@ class RQBackend:
         if outcome.run_id != self.run_id or outcome.task not in self.tasks:
             log.error("run %s: ignored an event for run %.80r task %.80r", self.run_id, outcome.run_id, outcome.task)
             return None
-        job_id = self._rq_job_id(outcome.task, outcome.attempt)
+        job_id = self.job_id(outcome.task, outcome.attempt)
         if outcome.status == STARTED:
             self.watch.started(job_id, outcome.task, outcome.attempt, outcome.worker)
             return TaskStarted(outcome.task, outcome.attempt, now, outcome.worker)
