@@ -143,11 +143,12 @@ class Driver:
 
 
 class OrchDriver(Driver):
-    """``run_distributed`` with transport ``rq`` or ``lean``; also times submit and first dispatch."""
+    """``run_distributed`` with its defaults (each queue's jobs in the form its live workers run:
+    ``orch-lean`` starts default ``orch worker`` processes, ``orch-rq`` ``orch worker --mode rq``);
+    also times submit and first dispatch."""
 
     def __init__(self, url: str, workers: int, system: str) -> None:
         super().__init__(url, workers, system)
-        self.transport = "lean" if system == "orch-lean" else "rq"
         from orchestrator.backends.rq import RQBackend
 
         stats = self.stats = {"steps": 0, "dispatches": 0, "reads": 0, "events": 0, "first_step_done": None}
@@ -218,7 +219,7 @@ class OrchDriver(Driver):
         self.tracing = bool(os.environ.get("BENCH_TRACE"))
         marks["start_epoch"] = time.time()
         start, start_cpu = time.perf_counter(), cpu_seconds()
-        run_id, state = run_distributed(wf, self.url, transport=self.transport, on_submitted=submitted)
+        run_id, state = run_distributed(wf, self.url, on_submitted=submitted)
         if state is not RunState.SUCCESS:
             raise RuntimeError(f"orch run {run_id} ended {state.value}")
         extra.update(submit_s=marks["submitted"] - start, submit_cpu_s=marks["submitted_cpu"] - start_cpu,

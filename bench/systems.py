@@ -9,6 +9,7 @@ from typing import Callable, Optional
 
 from bench import procs as _procs
 from bench.procs import ORCH_CLI, Proc, wait_until
+from shared.workers import live_workers
 
 QUEUE = "bench"
 READY_TIMEOUT = 60.0
@@ -32,8 +33,8 @@ class System:
 
 
 SYSTEMS: dict[str, System] = {s.name: s for s in (
-    System("orch-rq", "orch, rq mode (`orch worker`, fork per task)"),
-    System("orch-lean", "orch, lean mode (`orch worker --mode lean`)"),
+    System("orch-rq", "orch, RQ-compatible (`orch worker --mode rq`, fork per task)"),
+    System("orch-lean", "orch, defaults (`orch worker`, `run(redis_url=...)`)"),
     System("rq", "raw RQ jobs, fork `Worker` (floor)", dag_engine=False),
     System("rq-simple", "raw RQ jobs, `SimpleWorker`", dag_engine=False),
     System("rq-depends", "RQ `depends_on`, fork `Worker`"),
@@ -61,21 +62,19 @@ def _rq_ready(url: str, n: int, procs: list[Proc]) -> None:
 
 def _orch(mode: str) -> Callable[[str, int, Path, str, bool], list[Proc]]:
     def start(url: str, workers: int, log_dir: Path, tag: str, lean_processes: bool) -> list[Proc]:
-        common = ["worker", "--redis-url", url, "--path", str(_procs.ROOT), "--queues", QUEUE, "--mode", mode,
-                  "--log-level", "WARNING"]
+        common = ["worker", "--redis-url", url, "--path", str(_procs.ROOT), "--queues", QUEUE,
+                  "--log-level", "WARNING"] + (["--mode", "rq"] if mode == "rq" else [])
         if mode == "rq" or lean_processes:
             procs = [Proc(f"{tag}-w{i}", ORCH_CLI + common, log_dir) for i in range(workers)]
         else:
             procs = [Proc(f"{tag}-w0", ORCH_CLI + common + ["--concurrency", str(workers)], log_dir)]
-        if mode == "rq":
-            _rq_ready(url, workers, procs)
-        else:
-            client = _redis(url)
-            try:
-                wait_until(lambda: client.scard("orch:lean-workers") >= len(procs), READY_TIMEOUT,
-                           "lean workers to register", procs)
-            finally:
-                client.close()
+        expected = workers if mode == "rq" else len(procs)
+        client = _redis(url)
+        try:  # registered in orch's registry, which is what submissions route by
+            wait_until(lambda: sum(w.kind == mode for w in live_workers(client)) >= expected, READY_TIMEOUT,
+                       f"{expected} orch workers ({mode}) to register", procs)
+        finally:
+            client.close()
         return procs
     return start
 

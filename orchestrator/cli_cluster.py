@@ -46,6 +46,7 @@ def _when(epoch: Optional[float]) -> str:
               help="Put DIR first on sys.path so task modules import (repeatable).")
 @click.option("--name", default=None, help="Worker name (default: generated).")
 @click.option("--mode", type=click.Choice(["lean", "rq"]), default="lean", show_default=True,
+              envvar="ORCH_WORKER_MODE", show_envvar=True,
               help="'lean': persistent work processes (fast). 'rq': the RQ-compatible worker, a forked work "
                    "horse per task, seen by 'rq info' and RQ's tools. Submissions follow either on their own.")
 @click.option("--log-level", default="INFO", show_default=True, type=click.Choice(["DEBUG", "INFO", "WARNING"]))

@@ -172,6 +172,7 @@ def orch_workers(redis_server: RedisServer, tmp_path: Path) -> Iterator[Callable
     from rq import Worker
 
     from shared import keys
+    from shared.workers import live_workers
 
     started: list[WorkerProcess] = []
     client = redis_server.client()
@@ -179,7 +180,8 @@ def orch_workers(redis_server: RedisServer, tmp_path: Path) -> Iterator[Callable
     def ready_count(mode: str) -> int:
         if mode == "lean":
             return client.scard(keys.LEAN_WORKERS)
-        return Worker.count(connection=client)
+        # registered with RQ, and in orch's registry (which submissions route by)
+        return min(Worker.count(connection=client), sum(w.kind == "rq" for w in live_workers(client)))
 
     def all_ready(mode: str, expected: int, batch: list[WorkerProcess]) -> bool:
         if ready_count(mode) < expected:

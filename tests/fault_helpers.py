@@ -158,7 +158,7 @@ class Processes:
         return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=str(REPO_DIR),
                               env=self.env(env), stdin=subprocess.DEVNULL, start_new_session=True)
 
-    def workers(self, n: int, *, mode: str = "rq", env: Optional[dict[str, str]] = None, fast: bool = True,
+    def workers(self, n: int, *, mode: str = "lean", env: Optional[dict[str, str]] = None, fast: bool = True,
                 queues: str = "default", concurrency: int = 1) -> list[Proc]:
         """Start ``n`` ``orch worker`` processes and wait until each serves its queues."""
         batch = []
@@ -198,7 +198,8 @@ class Processes:
 def worker_ready(client: redis.Redis, name: str, mode: str) -> bool:
     if mode == "lean":
         return bool(client.sismember("orch:lean-workers", name)) and bool(client.exists(f"orch:alive:{name}"))
-    return bool(client.exists(f"rq:worker:{name}"))
+    # registered with RQ, and in orch's registry (which submissions route by)
+    return bool(client.exists(f"rq:worker:{name}")) and bool(client.exists(f"orch:alive:{name}"))
 
 
 # ----------------------------------------------------------------- redis

@@ -280,6 +280,10 @@ def test_rq_attempt_taken_by_a_worker_that_died_before_starting_it_is_retried(re
         except BaseException as exc:  # noqa: BLE001
             outcome["error"] = exc
 
+    from shared.workers import RQ, WorkerInfo, beat
+
+    # The RQ-mode worker that is about to die, as the registry saw it: the job is sent to RQ.
+    beat(conn, WorkerInfo("doomed", RQ, ("default",)), ttl=HEARTBEAT_TTL)
     coordinator = threading.Thread(target=coordinate, name="coordinator", daemon=True)
     coordinator.start()
     queue = Queue("default", connection=conn, serializer=JSONSerializer)

@@ -60,13 +60,21 @@ def argv_of(command: Any) -> list[str]:
     return [str(part) for part in command]
 
 
+_DEFAULTED = re.compile(r"\$\{(\w+):-([^}]*)\}")
+
+
+def interpolated(value: str) -> str:
+    """Compose's ``${VAR:-default}``: the variable when set and not empty, else the default."""
+    return _DEFAULTED.sub(lambda m: os.environ.get(m.group(1)) or m.group(2), value)
+
+
 def environment_of(service: dict[str, Any]) -> dict[str, str]:
-    """A compose ``environment`` (mapping or ``KEY=VALUE`` list) as a dict."""
+    """A compose ``environment`` (mapping or ``KEY=VALUE`` list) as a dict, interpolated."""
     env = service.get("environment") or {}
     if isinstance(env, list):
         pairs = (item.split("=", 1) if "=" in item else (item, "") for item in env)
-        return {key: value for key, value in pairs}
-    return {str(key): "" if value is None else str(value) for key, value in env.items()}
+        return {key: interpolated(value) for key, value in pairs}
+    return {str(key): "" if value is None else interpolated(str(value)) for key, value in env.items()}
 
 
 def depends_on(service: dict[str, Any]) -> dict[str, str]:
@@ -435,6 +443,22 @@ def test_worker_scales() -> None:
     assert not named, "a fixed --name: RQ refuses a second live worker with the same name"
     assert "--burst" not in argv, "a --burst worker exits when the queue is empty (a restart loop)"
     assert "--queues" in argv or any(arg.startswith("--queues=") for arg in argv)
+
+
+@pytest.mark.parametrize(("setting", "mode"), [(None, "lean"), ("rq", "rq")])
+def test_worker_kind_is_one_setting(setting: Optional[str], mode: str, image_root: Path,
+                                    clean_env: pytest.MonkeyPatch) -> None:
+    """The default worker is the fast one; ``ORCH_WORKER_MODE=rq docker compose up`` makes every worker
+    the RQ-compatible one, and nothing else in the file needs to change."""
+    if setting:
+        clean_env.setenv("ORCH_WORKER_MODE", setting)
+    worker = services()["worker"]
+    for key, value in environment_of(worker).items():
+        clean_env.setenv(key, value)
+    argv = argv_of(worker.get("command"))
+    assert "--mode" not in argv
+    contexts = parse_orch(to_host(image_root, argv), "docker-compose.yml:worker", shown=argv)
+    assert contexts[-1].params["mode"] == mode
 
 
 def test_tools_are_behind_a_profile() -> None:

@@ -240,8 +240,9 @@ def _lease_holder(client: redis.Redis, run_id: str) -> Any:
     return value.decode() if value is not None else None
 
 
-def test_resume_after_the_coordinator_was_killed_runs_nothing_twice(procs: Processes) -> None:
-    procs.workers(2)
+@pytest.mark.parametrize("mode", MODES)
+def test_resume_after_the_coordinator_was_killed_runs_nothing_twice(procs: Processes, mode: str) -> None:
+    workers = procs.workers(2, mode=mode)
     url = procs.redis_url
     client = client_of(url)
     submit = procs.start("submit", ["submit", "tests/fault_tasks.py:resumable", "--redis-url", url, "-q"])
@@ -258,16 +259,25 @@ def test_resume_after_the_coordinator_was_killed_runs_nothing_twice(procs: Proce
     submit.wait(5)
     killed_records = task_records(client, run_id)
     running_then = sorted(name for name, r in killed_records.items() if r["state"] == "running")
-    # the workers finish what they hold meanwhile (their outcomes wait in the stream), go idle,
+    # the workers finish what they hold meanwhile (their outcomes wait in the stream), then die,
     # and their heartbeat keys lapse (2 s): the outcomes must win over the lapsed heartbeats
-    wait_for(lambda: not client.keys("orch:alive:*"), 15, "the idle workers' heartbeat keys to lapse")
+    def all_reported() -> bool:
+        finished = {fields[b"task"].decode() for _, fields in client.xrange(keys.events(run_id))
+                    if fields.get(b"status") in (b"succeeded", b"failed")}
+        return all(name in finished for name, r in killed_records.items() if r["state"] in ("running", "queued"))
+
+    wait_for(all_reported, 15, "the workers to report what they held")
+    for worker in workers:
+        worker.signal_all(signal.SIGKILL)
+    wait_for(lambda: not client.keys("orch:alive:*"), 15, "the dead workers' heartbeat keys to lapse")
     assert run_meta(client, run_id)["state"] == "running"
     waiting = client.xlen(keys.events(run_id))
     assert waiting > 0, "no outcome waited in the stream"
     assert task_records(client, run_id) == killed_records  # nobody drove the run meanwhile
 
-    # the dead coordinator's lease lapses (2 s), then `orch resume` takes over
+    # the dead coordinator's lease lapses (2 s), then `orch resume` takes over, with fresh workers
     wait_for(lambda: _lease_holder(client, run_id) is None, 5, "the dead coordinator's lease to lapse")
+    procs.workers(2, mode=mode)
     resumed = procs.orch(["resume", run_id, "-q"], timeout=60)
     assert resumed.returncode == 0, resumed.stderr + resumed.stdout
     status = procs.orch(["status", run_id])
@@ -287,8 +297,9 @@ def test_resume_after_the_coordinator_was_killed_runs_nothing_twice(procs: Proce
           f"tasks done when the coordinator died: {sum(r['state'] == 'success' for r in killed_records.values())}")
 
 
-def test_standby_coordinator_drives_detached_runs_and_adopts_orphaned_ones(procs: Processes) -> None:
-    procs.workers(2)
+@pytest.mark.parametrize("mode", MODES)
+def test_standby_coordinator_drives_detached_runs_and_adopts_orphaned_ones(procs: Processes, mode: str) -> None:
+    procs.workers(2, mode=mode)
     url = procs.redis_url
     client = client_of(url)
     service = procs.start("coordinator", ["coordinator", "--redis-url", url, "--poll", "0.2"])
@@ -338,8 +349,9 @@ def test_standby_coordinator_drives_detached_runs_and_adopts_orphaned_ones(procs
     assert service.alive()
 
 
-def test_stale_coordinator_that_wakes_up_after_another_took_over_is_fenced(procs: Processes) -> None:
-    procs.workers(2)
+@pytest.mark.parametrize("mode", MODES)
+def test_stale_coordinator_that_wakes_up_after_another_took_over_is_fenced(procs: Processes, mode: str) -> None:
+    procs.workers(2, mode=mode)
     url = procs.redis_url
     client = client_of(url)
     stale = procs.start("stale", ["submit", "tests/fault_tasks.py:long_chain", "--redis-url", url, "-q"])
@@ -600,8 +612,9 @@ def test_orch_cancel_stops_a_running_run(procs: Processes, mode: str, tmp_path: 
     assert worker.alive()
 
 
-def test_ctrl_c_on_a_foreground_submit_cancels_the_run(procs: Processes, tmp_path: Path) -> None:
-    procs.workers(1)
+@pytest.mark.parametrize("mode", MODES)
+def test_ctrl_c_on_a_foreground_submit_cancels_the_run(procs: Processes, tmp_path: Path, mode: str) -> None:
+    procs.workers(1, mode=mode)
     client = client_of(procs.redis_url)
     submit = procs.start("submit", ["submit", "tests/fault_tasks.py:cancellable", "--redis-url", procs.redis_url,
                                     "-q"])
@@ -618,8 +631,9 @@ def test_ctrl_c_on_a_foreground_submit_cancels_the_run(procs: Processes, tmp_pat
     _assert_cancelled(client, run_id, "rq", pid, "Ctrl-C")
 
 
-def test_orch_cancel_adopts_a_run_nobody_drives(procs: Processes, tmp_path: Path) -> None:
-    procs.workers(1)
+@pytest.mark.parametrize("mode", MODES)
+def test_orch_cancel_adopts_a_run_nobody_drives(procs: Processes, tmp_path: Path, mode: str) -> None:
+    procs.workers(1, mode=mode)
     client = client_of(procs.redis_url)
     submit = procs.start("submit", ["submit", "tests/fault_tasks.py:cancellable", "--redis-url", procs.redis_url,
                                     "-q"])
@@ -751,7 +765,8 @@ def test_forged_jobs_do_not_crash_the_worker(procs: Processes, mode: str) -> Non
     assert {task.worker for task in wf} == {worker.worker_name}
 
 
-def test_a_job_whose_payload_does_not_decode_fails_its_task(procs: Processes) -> None:
+@pytest.mark.parametrize("mode", MODES)
+def test_a_job_whose_payload_does_not_decode_fails_its_task(procs: Processes, mode: str) -> None:
     from rq.job import Job
 
     url = procs.redis_url
@@ -759,16 +774,24 @@ def test_a_job_whose_payload_does_not_decode_fails_its_task(procs: Processes) ->
     wf = Workflow("bad-payload")
     wf.add_task(Task("victim", fault_tasks.echo, args=("fine",)))
     wf.add_task(Task("child", fault_tasks.echo, dependencies=["victim"], args=(1,)))
-    run = Background(wf, url)  # no worker yet: the job waits in the queue, where it gets damaged
+    # No worker yet, so the form is pinned: the job waits in the queue, where it gets damaged.
+    run = Background(wf, url, transport=mode)
     run_id = run.wait_run_id()
-    queue = Queue("default", connection=client, serializer=JSONSerializer)
-    wait_for(lambda: queue.count == 1, 10, "the job to be queued")
-    job = Job.fetch(queue.job_ids[0], connection=client, serializer=JSONSerializer)
-    args = list(job.args)
-    args[4] = "{not json"
-    job.args = tuple(args)
-    job.save()
-    (worker,) = procs.workers(1)
+    if mode == "rq":
+        queue = Queue("default", connection=client, serializer=JSONSerializer)
+        wait_for(lambda: queue.count == 1, 10, "the job to be queued")
+        job = Job.fetch(queue.job_ids[0], connection=client, serializer=JSONSerializer)
+        args = list(job.args)
+        args[4] = "{not json"
+        job.args = tuple(args)
+        job.save()
+    else:
+        entries = keys.lean_queue("default")
+        wait_for(lambda: client.llen(entries) == 1, 10, "the job to be queued")
+        entry = json.loads(client.lindex(entries, 0))
+        entry[4] = "{not json"
+        client.lset(entries, 0, json.dumps(entry))
+    (worker,) = procs.workers(1, mode=mode)
     results = run.join(30)
 
     victim = wf.tasks["victim"]
