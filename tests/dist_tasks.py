@@ -221,3 +221,10 @@ def make_busy_three() -> Workflow:
     for i in range(3):
         wf.add_task(Task(f"nap{i}", sleep_for, args=(1.5,)))
     return wf
+
+
+def make_one_nap() -> Workflow:
+    """One 2 s task: nothing else happens in the run while it runs."""
+    wf = Workflow("one-nap")
+    wf.add_task(Task("nap", sleep_for, args=(2.0,)))
+    return wf

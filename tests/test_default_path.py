@@ -144,3 +144,20 @@ def test_the_rq_path_is_one_worker_option_and_rq_info_sees_it(redis_server, orch
 def client_has_rq_job(redis_server, run_id: str) -> bool:
     client = redis_server.client()
     return bool(client.exists(f"rq:job:{keys.job_id(run_id, 0, 1)}"))
+
+
+def test_a_running_task_is_recorded_running_within_a_second(redis_server, orch_workers, tmp_path) -> None:
+    """Nothing else happens in this run while its one task sleeps: the 'running' record must not
+    wait for a next event (it used to, so `orch status` showed the task queued until it ended)."""
+    worker, = orch_workers(1)
+    client = redis_server.client()
+    process, err = submit(redis_server.url, "dist_tasks.py:make_one_nap", tmp_path)
+    run_id = wait_for(lambda: run_id_of(err), 30, "the run id on stderr")
+    record = wait_for(lambda: task_records(client, run_id).get("nap", {}).get("state") == "running"
+                      and task_records(client, run_id)["nap"], 20, "'nap' recorded running")
+    seen_at = time.time()
+    assert record["worker"] == worker.name
+    assert seen_at - record["started_at"] < 1.0 + 0.5, "recorded running more than a second after it started"
+    assert process.poll() is None, "seen running while it still runs"
+    finish(process)
+    assert process.returncode == 0, err.read_text()[-2000:]

@@ -325,11 +325,14 @@ class RQBackend:
 
     # ------------------------------------------------------------------- input
     def wait(self, timeout: float) -> Sequence[Event]:
+        self._flush_deferred()
         lost = list(self._reconnecting(self._housekeeping))
         if not lost:
+            if self._deferred:  # wake in time to write the deferred "running" records
+                timeout = min(timeout, max(0.0, self._deferred_since + DEFER_STARTS - time.monotonic()))
             return self._reconnecting(self._read, min(timeout, HOUSEKEEPING_INTERVAL))
-        # An attempt whose worker's heartbeat lapsed may have reported before it did (an idle RQ
-        # worker keeps no heartbeat; a resumed run finds outcomes that waited in the stream for
+        # An attempt whose worker's heartbeat lapsed may have reported before it did (a worker
+        # cut off for a while; a resumed run finds outcomes that waited in the stream for
         # longer than the TTL): read everything already in the stream first, so that those
         # outcomes come before the losses, which the scheduler then ignores as not current.
         events: list[Event] = []
