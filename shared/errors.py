@@ -122,3 +122,11 @@ class CorruptRunError(WorkflowError):
     def __init__(self, run_id: str, reason: str) -> None:
         self.run_id = run_id
         super().__init__(f"run {run_id} cannot be resumed: {reason}")
+
+
+class TaskRefused(WorkflowError):
+    """A worker refused a job before importing anything: its function is not allowed there."""
+
+    def __init__(self, ref: str, worker: str, why: str) -> None:
+        self.ref, self.worker, self.why = ref, worker, why
+        super().__init__(f"{ref!r} is not allowed on worker {worker} ({why})")
