@@ -12,7 +12,8 @@ Exit codes (the same for every command):
 * ``2`` bad input: the target cannot be loaded, the workflow is not a valid
   DAG, Redis cannot be used — one line ``error: <message>`` on stderr, no
   traceback (also click's own usage errors);
-* ``130`` Ctrl-C interrupted a run (the run was cancelled first).
+* ``128 + N`` signal N interrupted a foreground run, which was cancelled first:
+  ``130`` Ctrl-C, ``143`` SIGTERM, ``129`` SIGHUP.
 
 To add a command::
 
@@ -26,14 +27,17 @@ To add a command::
 """
 from __future__ import annotations
 
+import contextlib
 import functools
+import signal
 from dataclasses import dataclass
-from typing import Any, Callable, NoReturn, Optional, TypeVar, cast
+from typing import Any, Callable, Iterator, NoReturn, Optional, TypeVar, cast
 
 import click
 
 from orchestrator import graph as graphs
 from orchestrator import report
+from orchestrator.coordinator import RunInterrupted
 from orchestrator.loading import load_workflow
 from orchestrator.workflow import Workflow
 from shared.errors import InvalidTransition, WorkflowError
@@ -42,7 +46,6 @@ from shared.states import TaskState
 EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_USAGE = 2
-EXIT_INTERRUPTED = 130
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -134,23 +137,42 @@ def main(ctx: click.Context, redis_url: Optional[str]) -> None:
     ctx.obj = CliOptions(redis_url=redis_url or None)
 
 
+@contextlib.contextmanager
+def interrupting_signals(caught: list[int]) -> Iterator[None]:
+    """SIGTERM and SIGHUP (a CI job's timeout, a closed terminal) act like Ctrl-C while a run is
+    driven in the foreground: they raise ``KeyboardInterrupt``, which cancels the run. The signal
+    is appended to ``caught``; the previous handlers come back afterwards."""
+    def interrupt(signum: int, frame: Any) -> None:
+        caught.append(signum)
+        raise RunInterrupted(signal.Signals(signum).name)
+
+    previous = {sig: signal.signal(sig, interrupt) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
 def run_workflow(workflow: Workflow, options: CliOptions, *, max_workers: Optional[int] = None,
-                 quiet: bool = False) -> bool:
-    """Run ``workflow`` with a progress display on stderr; return True if Ctrl-C cancelled it.
+                 quiet: bool = False) -> Optional[int]:
+    """Run ``workflow`` with a progress display on stderr; return the signal that cancelled it
+    (``SIGINT`` for Ctrl-C), or ``None`` if it ran to its end.
 
     Without a Redis URL the run is local with ``max_workers`` processes; with
-    one it goes to the workers through Redis. Either way a Ctrl-C has already
-    cancelled the run when ``workflow.run`` re-raises it.
+    one it goes to the workers through Redis. Either way an interrupt has
+    already cancelled the run when ``workflow.run`` re-raises it.
     """
-    with report.ProgressDisplay(len(workflow), enabled=not quiet) as progress:
+    caught: list[int] = []
+    with report.ProgressDisplay(len(workflow), enabled=not quiet) as progress, interrupting_signals(caught):
         run_options: dict[str, Any] = {"max_workers": max_workers}
         if options.redis_url:
             run_options = {"redis_url": options.redis_url, "on_submitted": _announce, "on_notice": progress.notice}
         try:
             workflow.run(on_progress=progress, **run_options)
         except KeyboardInterrupt:
-            return True
-    return False
+            return caught[0] if caught else signal.SIGINT
+    return None
 
 
 def _announce(run_id: str) -> None:
@@ -184,10 +206,11 @@ def submit(options: CliOptions, target: str, detach: bool, max_workers: Optional
         click.echo(run_id)
         return
     interrupted = run_workflow(workflow, options, max_workers=max_workers, quiet=quiet)
-    if interrupted:
-        click.echo("run cancelled (Ctrl-C)", err=True)
+    if interrupted is not None:
+        how = "Ctrl-C" if interrupted == signal.SIGINT else signal.Signals(interrupted).name
+        click.echo(f"run cancelled ({how})", err=True)
     report.print_results(workflow)
-    _exit(EXIT_INTERRUPTED if interrupted else exit_code_of(workflow))
+    _exit(exit_code_of(workflow) if interrupted is None else 128 + interrupted)
 
 
 @main.command()

@@ -5,6 +5,7 @@ registered on the root group of :mod:`orchestrator.cli` when it is imported.
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import socket
@@ -14,13 +15,13 @@ from datetime import datetime
 from typing import Optional
 
 import click
-from rich.table import Table
 
 from orchestrator import report
 from orchestrator.cli import (EXIT_FAILED, EXIT_OK, CliOptions, _exit, exit_code_of, handle_errors, main,
                               pass_options, redis_url_option)
 from orchestrator.distributed import cancel_run, resume_run, serve_coordinator, who
-from orchestrator.run_store import list_runs, load_tasks
+from orchestrator.run_store import load_tasks
+from orchestrator.run_views import find_runs, run_summary, status_document, wait_until_final
 from orchestrator.workflow import Workflow
 from shared import keys
 from shared.config import Settings
@@ -106,12 +107,30 @@ def coordinator(options: CliOptions, poll: float) -> None:
 
 @main.command()
 @click.argument("run_id")
+@click.option("--wait", is_flag=True, help="Block until the run is final; then exit 0 if it succeeded, else 1.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object (shape in the README) instead of the table.")
 @redis_url_option
 @pass_options
 @handle_errors
-def status(options: CliOptions, run_id: str) -> None:
-    """Show the state of run RUN_ID and of each of its tasks. Exits 0 if it succeeded."""
-    meta, _, tasks = load_tasks(_redis(options, "status"), run_id, with_results=False)
+def status(options: CliOptions, run_id: str, wait: bool, as_json: bool) -> None:
+    """Show the state of run RUN_ID and of each of its tasks.
+
+    Exits 0 whenever it could show the run, whatever its state (with --wait: 0 if it
+    succeeded, 1 if it failed or was cancelled); 2 for an unknown run.
+    """
+    connection = _redis(options, "status")
+    if wait:
+        wait_until_final(connection, run_id)
+    meta, _, tasks = load_tasks(connection, run_id, with_results=False)
+    if as_json:
+        click.echo(json.dumps(status_document(run_id, meta, tasks)))
+    else:
+        _print_status(run_id, meta, tasks)
+    if wait and meta.get("state") != RunState.SUCCESS.value:
+        _exit(EXIT_FAILED)
+
+
+def _print_status(run_id: str, meta: dict, tasks: dict) -> None:
     workflow = Workflow(meta.get("workflow") or "workflow")
     workflow.tasks = tasks
     click.echo(f"run {run_id} ({workflow.name}): {meta.get('state')}, created {_when(meta.get('created_at'))}, "
@@ -121,23 +140,23 @@ def status(options: CliOptions, run_id: str) -> None:
     if meta.get("warning") and meta.get("state") == RunState.RUNNING.value:
         click.echo(f"warning: {meta['warning']}")
     report.print_results(workflow)
-    _exit(EXIT_OK if meta.get("state") == RunState.SUCCESS.value else exit_code_of(workflow))
 
 
 @main.command()
+@click.option("--state", type=click.Choice([s.value for s in RunState]), default=None, help="Only runs in STATE.")
+@click.option("--workflow", default=None, metavar="NAME", help="Only runs of workflow NAME.")
 @click.option("--limit", "-n", type=click.IntRange(min=1), default=20, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="A JSON list (shape in the README) instead of the table.")
 @redis_url_option
 @pass_options
 @handle_errors
-def runs(options: CliOptions, limit: int) -> None:
+def runs(options: CliOptions, state: Optional[str], workflow: Optional[str], limit: int, as_json: bool) -> None:
     """List the most recent runs, newest first, with their state and task counts."""
-    table = Table()
-    for column in ("run id", "workflow", "state", "created", "tasks"):
-        table.add_column(column, no_wrap=column != "tasks")
-    for snapshot in list_runs(_redis(options, "runs"), limit):
-        counts = ", ".join(f"{n} {state}" for state, n in sorted(snapshot.counts.items()))
-        table.add_row(snapshot.run_id, snapshot.workflow, snapshot.state, _when(snapshot.created_at), counts)
-    report.stdout_console().print(table)
+    found = find_runs(_redis(options, "runs"), state=state, workflow=workflow, limit=limit)
+    if as_json:
+        click.echo(json.dumps([run_summary(snapshot) for snapshot in found]))
+        return
+    report.stdout_console().print(report.runs_table(found))
 
 
 @main.command()
@@ -180,8 +199,13 @@ def resume(options: CliOptions, run_id: str, quiet: bool) -> None:
     """Continue run RUN_ID from its state in Redis (after its coordinator died)."""
     connection = _redis(options, "resume")
     meta, _, tasks = load_tasks(connection, run_id, with_results=False)
+    def say_waiting(patience: float) -> None:
+        click.echo(f"run {run_id}: its lease is still held (a coordinator that just died keeps it up to "
+                   f"ORCH_LEASE_TTL); waiting up to {patience:g}s for it to lapse", err=True)
+
     with report.ProgressDisplay(len(tasks), enabled=not quiet) as progress:
-        _, tasks = resume_run(connection, run_id, on_progress=progress)
+        _, tasks = resume_run(connection, run_id, on_progress=progress, on_notice=progress.notice,
+                              patience=Settings().lease_ttl + 1.0, on_wait=say_waiting)
     workflow = Workflow(meta.get("workflow") or "workflow")
     workflow.tasks = tasks
     report.print_results(workflow)

@@ -60,6 +60,14 @@ class Backend(Protocol):
 ProgressCallback = Callable[[Scheduler, Sequence[Transition]], None]
 
 
+class RunInterrupted(KeyboardInterrupt):
+    """An interrupt other than Ctrl-C (e.g. SIGTERM) that cancels the run; ``by`` is recorded."""
+
+    def __init__(self, by: str) -> None:
+        super().__init__(by)
+        self.by = by
+
+
 class Coordinator:
     """Runs one workflow run to its end with ``backend``.
 
@@ -92,9 +100,9 @@ class Coordinator:
                 self.apply(self.scheduler.start(self.clock()))
             while not self.scheduler.finished:
                 self._step(self.backend.wait(self._wait_time()))
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as exc:
             self.interrupted = True
-            self.cancel("Ctrl-C")
+            self.cancel(exc.by if isinstance(exc, RunInterrupted) else "Ctrl-C")
             raise
         return self.scheduler.run_state
 

@@ -44,7 +44,8 @@ log = logging.getLogger("orch.coordinator")
 class RunBusyError(WorkflowError):
     def __init__(self, run_id: str) -> None:
         self.run_id = run_id
-        super().__init__(f"run {run_id} is being driven by another coordinator (its lease is held)")
+        super().__init__(f"run {run_id} is being driven by a live coordinator (it keeps renewing the run's "
+                         f"lease); let it finish, or stop it with 'orch cancel {run_id}'")
 
 
 def who() -> str:
@@ -215,12 +216,19 @@ def resume_run(
     settings: Optional[Settings] = None,
     on_progress: Optional[ProgressCallback] = None,
     on_notice: Optional[Callable[[Optional[str]], None]] = None,
+    patience: float = 0.0,
+    on_wait: Optional[Callable[[float], None]] = None,
 ) -> tuple[RunState, dict[str, Task]]:
     """Continue ``run_id`` from Redis: succeeded tasks are not run again, running ones report in,
-    due retries fire. Raises :class:`RunBusyError` while another coordinator holds the run."""
+    due retries fire.
+
+    A coordinator that just died still holds the lease for up to ``lease_ttl``: with
+    ``patience`` seconds, wait that long for it to lapse (calling ``on_wait(patience)``
+    once, when the wait starts). Raises :class:`RunBusyError` if the lease is still
+    held after that, i.e. a live coordinator keeps renewing it."""
     settings = settings or Settings()
     lease = Lease(connection, run_id, settings.lease_ttl)
-    if not lease.acquire():
+    if not _acquire_within(lease, patience, on_wait):
         raise RunBusyError(run_id)
     try:
         coordinator, tasks = restore_coordinator(connection, run_id, lease, settings=settings,
@@ -232,6 +240,18 @@ def resume_run(
         except redis.RedisError:
             pass
         raise
+
+
+def _acquire_within(lease: Lease, patience: float, on_wait: Optional[Callable[[float], None]]) -> bool:
+    deadline = time.monotonic() + patience
+    while not lease.acquire():
+        if time.monotonic() >= deadline:
+            return False
+        if on_wait is not None:
+            on_wait(patience)
+            on_wait = None
+        time.sleep(0.1)
+    return True
 
 
 def cancel_run(connection: redis.Redis, run_id: str, by: Optional[str] = None,

@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import time
 from collections import Counter
+from datetime import datetime
 from types import TracebackType
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 from rich.console import Console
 from rich.measure import Measurement
@@ -135,6 +136,31 @@ def summary(workflow: Workflow) -> Text:
         text.append(": " if i == 0 else ", ")
         text.append(f"{n} {state}", style=STATE_STYLES[state])
     return text
+
+
+def runs_table(snapshots: Sequence[Any]) -> Table:
+    """``orch runs``: id, workflow, state, created, task counts; readable at 80 columns.
+
+    The id, state and time never wrap; the workflow name is cut with an ellipsis
+    before anything else gives way, and the counts wrap between whole words
+    (one count a line), never inside one.
+    """
+    table = Table(box=None, pad_edge=False, header_style="bold underline")
+    table.add_column("run id", no_wrap=True)
+    table.add_column("workflow", overflow="ellipsis", no_wrap=True, max_width=12)
+    table.add_column("state", no_wrap=True)
+    table.add_column("created", no_wrap=True)
+    table.add_column("tasks", min_width=12, ratio=1)
+    for snapshot in snapshots:
+        created = datetime.fromtimestamp(snapshot.created_at).strftime("%m-%d %H:%M") if snapshot.created_at else "-"
+        counts = Text()
+        order = {state.value: n for n, state in enumerate(TaskState)}
+        for n, state in enumerate(sorted(snapshot.counts, key=lambda name: order.get(name, len(order)))):
+            counts.append("\n" if n else "")  # one count a line: a narrow terminal never splits "3 success"
+            known = state in order
+            counts.append(f"{snapshot.counts[state]} {state}", style=STATE_STYLES[TaskState(state)] if known else "")
+        table.add_row(snapshot.run_id, snapshot.workflow, Text(snapshot.state), created, counts)
+    return table
 
 
 def print_results(workflow: Workflow, console: Optional[Console] = None) -> None:

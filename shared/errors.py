@@ -113,7 +113,7 @@ class RedisUnavailableError(BackendError, ConnectionError):
 class RunNotFoundError(WorkflowError, LookupError):
     def __init__(self, run_id: str) -> None:
         self.run_id = run_id
-        super().__init__(f"no run with id {run_id!r} in Redis (wrong id, or its retention expired)")
+        super().__init__(f"no run {run_id!r} in this Redis (wrong id, or its retention expired)")
 
 
 class CorruptRunError(WorkflowError):

@@ -228,3 +228,22 @@ def make_one_nap() -> Workflow:
     wf = Workflow("one-nap")
     wf.add_task(Task("nap", sleep_for, args=(2.0,)))
     return wf
+
+
+def make_failing() -> Workflow:
+    """A root that fails for good and its child: the run fails."""
+    wf = Workflow("failing")
+    wf.add_task(Task("ok", identity, args=(1,)))
+    wf.add_task(Task("bad", always_fail, args=("no luck",)))
+    wf.add_task(Task("child", identity, dependencies=["bad"], args=(2,)))
+    return wf
+
+
+def make_slow_chain() -> Workflow:
+    """Five 1 s steps, one after the other."""
+    wf = Workflow("slow-chain")
+    previous: list[str] = []
+    for k in range(5):
+        wf.add_task(Task(f"s{k}", sleep_for, dependencies=previous, args=(1.0,)))
+        previous = [f"s{k}"]
+    return wf

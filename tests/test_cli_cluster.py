@@ -33,7 +33,7 @@ def test_detach_status_runs_cancel(redis_server) -> None:
     assert not client.exists(keys.lease(run_id)), "a detached run must wait for a coordinator"
 
     status = invoke("status", run_id, url=url)
-    assert status.exit_code == 1
+    assert status.exit_code == 0, "a run it could show exits 0, whatever its state"
     assert f"run {run_id} (example): running" in status.output
     assert "extract" in status.output and "transform" in status.output
     assert "2 tasks: 2 pending" in status.output, "nothing is dispatched before a coordinator drives the run"
@@ -52,7 +52,8 @@ def test_detach_status_runs_cancel(redis_server) -> None:
     assert client.llen("rq:queue:default") == 0, "nothing may be enqueued for a cancelled run"
 
     after = invoke("status", run_id, url=url)
-    assert after.exit_code == 1
+    assert after.exit_code == 0
+    assert invoke("status", run_id, "--wait", url=url).exit_code == 1, "--wait: 1 for a cancelled run"
     assert "cancelled by orch cancel by" in after.output
     assert after.output.count("cancelled") >= 3
 
@@ -60,7 +61,7 @@ def test_detach_status_runs_cancel(redis_server) -> None:
 def test_unknown_run_and_unreachable_redis_exit_2(redis_server) -> None:
     unknown = CliRunner().invoke(main, ["status", "nope", "--redis-url", redis_server.url])
     assert unknown.exit_code == 2
-    assert "no run with id 'nope'" in unknown.output
+    assert "error: no run 'nope' in this Redis" in unknown.output
     for command in (["runs"], ["status", "x"], ["cancel", "x"], ["resume", "x"]):
         result = subprocess.run([sys.executable, "-m", "orchestrator", *command, "--redis-url",
                                  "redis://127.0.0.1:1/0"], capture_output=True, text=True, timeout=60)

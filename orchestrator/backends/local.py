@@ -43,6 +43,8 @@ class _Attempt:
 def _child(tasks: Mapping[str, Task], name: str, attempt: int, run_id: str, conn: Connection) -> None:
     os.setpgrp()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the coordinator's to handle
+    for sig in (signal.SIGTERM, signal.SIGHUP):  # not the CLI's "cancel the run" handlers
+        signal.signal(sig, signal.SIG_DFL)
     task = tasks[name]
     try:
         func = task.resolve()

@@ -1,0 +1,106 @@
+"""What the CLI (and later the dashboard) shows of stored runs, as plain data.
+
+Every reader of a run goes through :mod:`orchestrator.run_store`; this module
+turns what it reads into the documented shapes (``orch status --json``,
+``orch runs --json``), finds runs by state and workflow, and waits for a run
+to finish. Extra keys may be added to these shapes later; the ones here stay.
+"""
+from __future__ import annotations
+
+import time
+from typing import Any, Iterator, Optional
+
+import redis
+
+from orchestrator import dag
+from orchestrator.run_store import RunSnapshot, read_run
+from orchestrator.task import Task
+from shared import keys
+from shared.errors import RunNotFoundError
+from shared.states import RunState
+
+PAGE = 200
+"""Run ids read from the newest-first index in one go while filtering."""
+
+
+def _epoch(value: Any) -> Optional[float]:
+    try:
+        return float(value) if value not in (None, "") else None
+    except (TypeError, ValueError):
+        return None
+
+
+def task_document(task: Task) -> dict[str, Any]:
+    return {"name": task.name, "state": task.state.value, "attempts": task.attempts, "worker": task.worker,
+            "started_at": task.started_at, "finished_at": task.finished_at, "duration": task.duration,
+            "error": task.error}
+
+
+def status_document(run_id: str, meta: dict[str, Any], tasks: dict[str, Task],
+                    params: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+    """``orch status --json``: the run and its tasks in execution order."""
+    try:
+        order = dag.topological_order(tasks)
+    except Exception:  # a damaged spec: show the tasks as stored
+        order = list(tasks)
+    document = {
+        "run_id": run_id,
+        "workflow": meta.get("workflow"),
+        "state": meta.get("state"),
+        "params": params or {},
+        "created_at": _epoch(meta.get("created_at")),
+        "finished_at": _epoch(meta.get("finished_at")),
+        "tasks": [task_document(tasks[name]) for name in order],
+    }
+    for optional in ("cancelled_by", "warning"):
+        if meta.get(optional):
+            document[optional] = meta[optional]
+    return document
+
+
+def run_summary(snapshot: RunSnapshot) -> dict[str, Any]:
+    """One element of ``orch runs --json``."""
+    return {"run_id": snapshot.run_id, "workflow": snapshot.workflow, "state": snapshot.state,
+            "created_at": snapshot.created_at, "finished_at": snapshot.finished_at, "counts": dict(snapshot.counts)}
+
+
+def _newest_first(connection: redis.Redis) -> Iterator[str]:
+    start = 0
+    while True:
+        page = connection.zrevrange(keys.RUNS, start, start + PAGE - 1)
+        if not page:
+            return
+        for raw in page:
+            yield raw.decode() if isinstance(raw, bytes) else raw
+        start += PAGE
+
+
+def find_runs(connection: redis.Redis, *, state: Optional[str] = None, workflow: Optional[str] = None,
+              limit: int = 20) -> list[RunSnapshot]:
+    """The newest ``limit`` retained runs in ``state`` of ``workflow`` (either ``None``: any), newest first.
+    Ids whose keys expired leave the index."""
+    found: list[RunSnapshot] = []
+    for run_id in _newest_first(connection):
+        try:
+            snapshot = read_run(connection, run_id)
+        except RunNotFoundError:
+            connection.zrem(keys.RUNS, run_id)
+            continue
+        if (state is None or snapshot.state == state) and (workflow is None or snapshot.workflow == workflow):
+            found.append(snapshot)
+            if len(found) >= limit:
+                break
+    return found
+
+
+def wait_until_final(connection: redis.Redis, run_id: str, poll: float = 0.25) -> str:
+    """Block until the run is no longer running; return its final state. Raises
+    :class:`RunNotFoundError` if there is no such run (or it expires meanwhile)."""
+    while True:
+        state = connection.hget(keys.run(run_id), "state")
+        if state is None:
+            raise RunNotFoundError(run_id)
+        text = state.decode() if isinstance(state, bytes) else state
+        if text != RunState.RUNNING.value:
+            return text
+        time.sleep(poll)
