@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterator, NoReturn, Optional, TypeVar, cast
 
 import click
+import redis
 
 from orchestrator import graph as graphs
 from orchestrator import report
@@ -83,7 +84,8 @@ def one_line(message: object) -> str:
 
 
 def handle_errors(func: F) -> F:
-    """Turn any :class:`WorkflowError` raised by the command into ``error: <message>`` and exit 2.
+    """Turn any :class:`WorkflowError` raised by the command into ``error: <message>`` and exit 2,
+    and so a Redis that refuses a command midway (a missing ACL right) or goes away for good.
 
     :class:`InvalidTransition` is a bug in orch, not bad input, so it keeps its traceback.
     """
@@ -96,6 +98,13 @@ def handle_errors(func: F) -> F:
             raise
         except WorkflowError as exc:
             raise CliError(one_line(exc) or type(exc).__name__) from None
+        except redis.exceptions.NoPermissionError as exc:
+            raise CliError(f"Redis refused a command: {one_line(exc)} (give this ACL user the rights the "
+                           f"README's ACL lines list)") from None
+        except (redis.AuthenticationError, redis.exceptions.AuthenticationWrongNumberOfArgsError) as exc:
+            raise CliError(f"Redis refused this client: {one_line(exc)}") from None
+        except (redis.ConnectionError, redis.TimeoutError) as exc:
+            raise CliError(f"lost Redis: {one_line(exc)}") from None
 
     return cast(F, wrapper)
 

@@ -110,6 +110,15 @@ class RedisUnavailableError(BackendError, ConnectionError):
         super().__init__(f"cannot reach Redis at {url}: {reason}")
 
 
+class RedisAccessError(BackendError, PermissionError):
+    """Redis answered but refused this client: a wrong password, an unknown user, a missing ACL right."""
+
+    def __init__(self, url: str, reason: str) -> None:
+        self.url = url
+        super().__init__(f"Redis at {url} refused this client: {reason} (check the user and password in the "
+                         f"URL, and the user's ACL rights: see the README's ACL lines)")
+
+
 class RunNotFoundError(WorkflowError, LookupError):
     def __init__(self, run_id: str) -> None:
         self.run_id = run_id
