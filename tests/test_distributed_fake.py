@@ -127,8 +127,7 @@ def test_example_dag_through_workflow_run(cluster: FakeCluster) -> None:
     assert run.workflow == "example"
     assert run.finished_at is not None and run.finished_at >= run.created_at
     assert run.cancelled_by is None
-    assert [spec["name"] for spec in json.loads(run_meta(cluster.conn, wf.last_run_id)["spec"])] == [
-        "extract", "transform"]
+    assert json.loads(run_meta(cluster.conn, wf.last_run_id)["spec"])["names"] == ["extract", "transform"]
     records = task_records(cluster.conn, wf.last_run_id)
     assert {name: (r["state"], r["attempt"], r["error"]) for name, r in records.items()} == {
         "extract": ("success", 1, None), "transform": ("success", 1, None)}
@@ -227,7 +226,7 @@ def test_keys_get_retention_ttl_when_the_run_finishes(cluster: FakeCluster) -> N
     meta = {k.decode(): v.decode() for k, v in cluster.conn.hgetall(keys.run(run_id)).items()}
     assert meta["state"] == "failure" and meta["total"] == "2" and meta["workflow"] == "ttl"
     assert json.loads(meta["counts"]) == {"success": 1, "failure": 1}
-    assert [spec["name"] for spec in json.loads(meta["spec"])] == ["ok", "bad"]
+    assert json.loads(meta["spec"])["names"] == ["ok", "bad"]
 
 
 def test_unserializable_result_is_a_task_failure(cluster: FakeCluster) -> None:
@@ -552,3 +551,43 @@ def test_cancel_of_an_unknown_run_raises(cluster: FakeCluster) -> None:
     with pytest.raises(RunNotFoundError):
         request_cancel(cluster.conn, "20000101T000000-000000000000", "alice")
     assert cluster.conn.dbsize() == 0
+
+
+# -------------------------------------------------------------------------- resuming
+class CoordinatorDied(Exception):
+    pass
+
+
+def test_a_run_resumes_from_redis_alone_after_its_coordinator_died(cluster: FakeCluster) -> None:
+    """Tasks of several queues, retry policies, timeouts and arguments: the resumed coordinator knows them
+    from the stored spec only, runs what is left once, and commits every result."""
+    wf = Workflow("resume")
+    wf.add_task(Task("a", dist_tasks.add, args=(1, 2)))
+    wf.add_task(Task("b", dist_tasks.fail_until, ["a"], max_retries=2, args=(2,), queue="io"))
+    wf.add_task(Task("c", dist_tasks.identity, ["a", "b", "a"], kwargs={"value": (1, "x")}, timeout=30))
+    wf.add_task(Task("d", "dist_tasks:square", ["c"], args=(4,), queue="io", retry_delay=0.01, retry_backoff=3))
+
+    def die_once_a_succeeded(backend: RQBackend) -> None:
+        if wf.tasks["a"].state is TaskState.SUCCESS:
+            raise CoordinatorDied()
+
+    cluster.hooks.append(die_once_a_succeeded)
+    with pytest.raises(CoordinatorDied):
+        cluster.run(wf)
+    run_id = wf.last_run_id
+    assert wf.tasks["b"].state is TaskState.QUEUED and cluster.queue_length("io") == 1
+    cluster.hooks.clear()
+    cluster.conn.delete(keys.lease(run_id))  # as when the dead coordinator's lease lapses
+
+    state, tasks = distributed.resume_run(cluster.conn, run_id)
+
+    assert state is RunState.SUCCESS
+    assert {name: task.result for name, task in tasks.items()} == {"a": 3, "b": 2, "c": (1, "x"), "d": 16}
+    assert {name: task.attempts for name, task in tasks.items()} == {"a": 1, "b": 2, "c": 1, "d": 1}
+    assert (tasks["c"].dependencies, tasks["c"].timeout, tasks["d"].queue, tasks["d"].retry_backoff) == (
+        ["a", "b", "a"], 30.0, "io", 3.0)
+    records = task_records(cluster.conn, run_id)
+    assert {name: (r["state"], r["attempt"]) for name, r in records.items()} == {
+        "a": ("success", 1), "b": ("success", 2), "c": ("success", 1), "d": ("success", 1)}
+    assert read_run(cluster.conn, run_id).state == "success"
+    assert cluster.queue_length("io") == cluster.queue_length() == 0

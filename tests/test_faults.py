@@ -823,11 +823,14 @@ _field_values = st.one_of(_text_or_bytes, st.sampled_from(["started", "succeeded
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.dictionaries(_field_names, _field_values, max_size=12))
 def test_the_coordinator_reads_any_stream_entry_without_raising(fields: dict) -> None:
+    from orchestrator import dag
     from orchestrator.backends.rq import RQBackend
+    from orchestrator.run_spec import RunSpec
     from shared.events import RunCancelled, TaskFailed, TaskStarted, TaskSucceeded
 
     tasks = {"a": Task("a", fault_tasks.echo)}
-    backend = RQBackend(None, "run-1", tasks, {"a": {"queue": "default"}})  # type: ignore[arg-type]
+    spec = RunSpec.build(list(tasks.values()), dag.analyse(tasks), ["fault_tasks:echo"], lambda task: "[[],{}]")
+    backend = RQBackend(None, "run-1", tasks, spec)  # type: ignore[arg-type]
     event = backend._event_of(fields)
     assert event is None or isinstance(event, (RunCancelled, TaskStarted, TaskSucceeded, TaskFailed))
     if isinstance(event, (TaskStarted, TaskSucceeded, TaskFailed)):
