@@ -26,6 +26,7 @@ import redis
 
 from orchestrator.backends.rq import TRANSPORTS, RQBackend
 from orchestrator.coordinator import Coordinator, ProgressCallback
+from orchestrator.dag import Graph
 from orchestrator.lease import Lease, LeaseLost
 from orchestrator.run_spec import NO_ARGUMENTS, RunSpec
 from orchestrator.run_store import create_run, load_tasks, new_run_id, request_cancel
@@ -85,7 +86,13 @@ def encode_arguments(task: Task) -> str:
 @dataclass(frozen=True)
 class Submission:
     run_id: str
-    spec: RunSpec
+    specs: RunSpec
+    """The run's tasks as stored: ``specs[name]`` gives a task's fields (see :class:`RunSpec`)."""
+
+    @property
+    def graph(self) -> Graph:
+        """The validated graph, which the run's scheduler reuses."""
+        return self.specs.graph
 
 
 def submit_run(workflow: Any, connection: redis.Redis, *, lease: Optional[Lease] = None,
@@ -118,13 +125,13 @@ def _submit(workflow: Any, connection: redis.Redis, lease: Optional[Lease], sett
             transport: str) -> Submission:
     tasks: dict[str, Task] = workflow.tasks
     graph = workflow.validate()
-    spec = RunSpec.build(list(tasks.values()), graph, task_references(tasks), encode_arguments)
+    specs = RunSpec.build(list(tasks.values()), graph, task_references(tasks), encode_arguments)
     run_id = new_run_id(workflow.name)
     if lease is not None:
         lease.run_id, lease.key, lease.held = run_id, keys.lease(run_id), True
-    create_run(connection, run_id, workflow.name, spec,
+    create_run(connection, run_id, workflow.name, specs,
                lease_token=lease.token if lease else None, lease_ttl=settings.lease_ttl, transport=transport)
-    return Submission(run_id, spec)
+    return Submission(run_id, specs)
 
 
 def run_distributed(
@@ -156,8 +163,8 @@ def run_distributed(
         on_submitted(run_id)
     if detach:
         return run_id, RunState.RUNNING
-    backend = RQBackend(conn, run_id, workflow.tasks, submission.spec, settings, lease=lease, transport=transport)
-    scheduler = Scheduler(workflow.tasks.values(), submission.spec.graph)
+    backend = RQBackend(conn, run_id, workflow.tasks, submission.specs, settings, lease=lease, transport=transport)
+    scheduler = Scheduler(workflow.tasks.values(), submission.graph)
     coordinator = Coordinator(workflow.tasks, backend, on_progress=on_progress, scheduler=scheduler)
     return run_id, coordinator.run()
 
@@ -172,15 +179,15 @@ def restore_coordinator(
 ) -> tuple[Coordinator, dict[str, Task]]:
     """Rebuild a run's coordinator from Redis alone, with its lease already held by ``lease``."""
     settings = settings or Settings()
-    meta, spec, tasks = load_tasks(connection, run_id)
+    meta, specs, tasks = load_tasks(connection, run_id)
     states = {name: (task.state, task.attempts, task.error) for name, task in tasks.items()
               if task.state is not TaskState.PENDING or task.attempts}
     now = time.time()
-    scheduler, repairs = Scheduler.restore(tasks.values(), states, now, spec.graph)
+    scheduler, repairs = Scheduler.restore(tasks.values(), states, now, specs.graph)
     scheduler.cancelled_by = meta.get("cancelled_by")
     running = {name: (task.attempts, task.worker) for name, task in tasks.items()
                if task.state is TaskState.RUNNING and task.worker}
-    backend = RQBackend(connection, run_id, tasks, spec, settings, last_event=meta.get("last_event") or "0-0",
+    backend = RQBackend(connection, run_id, tasks, specs, settings, last_event=meta.get("last_event") or "0-0",
                         lease=lease, running=running, transport=meta.get("transport") or "rq",
                         queued=[(name, task.attempts) for name, task in tasks.items()
                                 if task.state is TaskState.QUEUED])

@@ -12,14 +12,19 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import dist_tasks
+import orchestrator.distributed as distributed
 from orchestrator import Task, Workflow
+from orchestrator.backends.rq import RQBackend
 from orchestrator.distributed import encode_arguments, restore_coordinator, submit_run
 from orchestrator.lease import Lease
 from orchestrator.run_spec import NO_ARGUMENTS, RunSpec
-from orchestrator.run_store import load_tasks
+from orchestrator.run_store import load_tasks, read_run
 from shared import keys
 from shared.errors import CorruptRunError
 from shared.refs import reference_of
+from shared.states import RunState, TaskState
+from dist_tasks import task_records
+from tests.test_distributed_fake import FakeCluster
 
 ATTRIBUTES = ("dependencies", "max_retries", "retry_delay", "retry_backoff", "timeout", "queue", "args", "kwargs")
 
@@ -74,7 +79,7 @@ def test_submit_then_load_from_redis_gives_the_same_tasks_and_job_fields() -> No
     assert meta["total"] == str(len(wf.tasks))
     assert_same_tasks(tasks, wf.tasks)
     for i, (name, task) in enumerate(wf.tasks.items()):
-        for stored in (spec, submission.spec):
+        for stored in (spec, submission.specs):
             assert stored.index[name] == i  # RQ job ids are built from it
             fields = stored[name]
             assert (fields["ref"], fields["payload"], fields["timeout"], fields["queue"]) == (
@@ -236,3 +241,48 @@ def test_a_damaged_spec_leaves_the_valid_one_untouched() -> None:
     conn, run_id = _stored_run(json.dumps(doc))
     load_tasks(conn, run_id)
     assert doc == before
+
+
+# ------------------------------------------------------------------------- resuming
+@pytest.fixture
+def cluster(monkeypatch: pytest.MonkeyPatch) -> FakeCluster:
+    return FakeCluster(monkeypatch, queues=("default", "io"))
+
+
+class CoordinatorDied(Exception):
+    pass
+
+
+def test_a_run_resumes_from_redis_alone_after_its_coordinator_died(cluster: FakeCluster) -> None:
+    """Tasks of several queues, retry policies, timeouts and arguments: the resumed coordinator knows them
+    from the stored spec only, runs what is left once, and commits every result."""
+    wf = Workflow("resume")
+    wf.add_task(Task("a", dist_tasks.add, args=(1, 2)))
+    wf.add_task(Task("b", dist_tasks.fail_until, ["a"], max_retries=2, args=(2,), queue="io"))
+    wf.add_task(Task("c", dist_tasks.identity, ["a", "b", "a"], kwargs={"value": (1, "x")}, timeout=30))
+    wf.add_task(Task("d", "dist_tasks:square", ["c"], args=(4,), queue="io", retry_delay=0.01, retry_backoff=3))
+
+    def die_once_a_succeeded(backend: RQBackend) -> None:
+        if wf.tasks["a"].state is TaskState.SUCCESS:
+            raise CoordinatorDied()
+
+    cluster.hooks.append(die_once_a_succeeded)
+    with pytest.raises(CoordinatorDied):
+        cluster.run(wf)
+    run_id = wf.last_run_id
+    assert wf.tasks["b"].state is TaskState.QUEUED and cluster.queue_length("io") == 1
+    cluster.hooks.clear()
+    cluster.conn.delete(keys.lease(run_id))  # as when the dead coordinator's lease lapses
+
+    state, tasks = distributed.resume_run(cluster.conn, run_id)
+
+    assert state is RunState.SUCCESS
+    assert {name: task.result for name, task in tasks.items()} == {"a": 3, "b": 2, "c": (1, "x"), "d": 16}
+    assert {name: task.attempts for name, task in tasks.items()} == {"a": 1, "b": 2, "c": 1, "d": 1}
+    assert (tasks["c"].dependencies, tasks["c"].timeout, tasks["d"].queue, tasks["d"].retry_backoff) == (
+        ["a", "b", "a"], 30.0, "io", 3.0)
+    records = task_records(cluster.conn, run_id)
+    assert {name: (r["state"], r["attempt"]) for name, r in records.items()} == {
+        "a": ("success", 1), "b": ("success", 2), "c": ("success", 1), "d": ("success", 1)}
+    assert read_run(cluster.conn, run_id).state == "success"
+    assert cluster.queue_length("io") == cluster.queue_length() == 0
