@@ -245,7 +245,7 @@ def _lease_holder(client: redis.Redis, run_id: str) -> Any:
 
 
 def test_resume_after_the_coordinator_was_killed_runs_nothing_twice(procs: Processes) -> None:
-    procs.workers(2)
+    workers = procs.workers(2)
     url = procs.redis_url
     client = client_of(url)
     submit = procs.start("submit", ["submit", "tests/fault_tasks.py:resumable", "--redis-url", url, "-q"])
@@ -262,16 +262,25 @@ def test_resume_after_the_coordinator_was_killed_runs_nothing_twice(procs: Proce
     submit.wait(5)
     killed_records = task_records(client, run_id)
     running_then = sorted(name for name, r in killed_records.items() if r["state"] == "running")
-    # the workers finish what they hold meanwhile (their outcomes wait in the stream), go idle,
+    # the workers finish what they hold meanwhile (their outcomes wait in the stream), then die,
     # and their heartbeat keys lapse (2 s): the outcomes must win over the lapsed heartbeats
-    wait_for(lambda: not client.keys("orch:alive:*"), 15, "the idle workers' heartbeat keys to lapse")
+    def all_reported() -> bool:
+        finished = {fields[b"task"].decode() for _, fields in client.xrange(keys.events(run_id))
+                    if fields.get(b"status") in (b"succeeded", b"failed")}
+        return all(name in finished for name, r in killed_records.items() if r["state"] in ("running", "queued"))
+
+    wait_for(all_reported, 15, "the workers to report what they held")
+    for worker in workers:
+        worker.signal_all(signal.SIGKILL)
+    wait_for(lambda: not client.keys("orch:alive:*"), 15, "the dead workers' heartbeat keys to lapse")
     assert run_meta(client, run_id)["state"] == "running"
     waiting = client.xlen(keys.events(run_id))
     assert waiting > 0, "no outcome waited in the stream"
     assert task_records(client, run_id) == killed_records  # nobody drove the run meanwhile
 
-    # the dead coordinator's lease lapses (2 s), then `orch resume` takes over
+    # the dead coordinator's lease lapses (2 s), then `orch resume` takes over, with fresh workers
     wait_for(lambda: _lease_holder(client, run_id) is None, 5, "the dead coordinator's lease to lapse")
+    procs.workers(2)
     resumed = procs.orch(["resume", run_id, "-q"], timeout=60)
     assert resumed.returncode == 0, resumed.stderr + resumed.stdout
     status = procs.orch(["status", run_id])
@@ -376,14 +385,17 @@ def test_stale_coordinator_that_wakes_up_after_another_took_over_is_fenced(procs
 
 def test_a_lapsed_lease_is_not_taken_back_after_another_coordinator_held_it(redis_server: Any) -> None:
     """The fencing rule behind the stale-coordinator test, on every path a stale coordinator can take."""
+    from orchestrator import dag
     from orchestrator.lease import Lease, LeaseLost
+    from orchestrator.run_spec import RunSpec
     from orchestrator.run_store import create_run
 
     client = redis_server.client()
+    no_tasks = RunSpec.build([], dag.analyse({}), [], str)
 
     def new_run(run_id: str, holder: Lease) -> None:
         holder.held = True
-        create_run(client, run_id, "wf", [], lease_token=holder.token, lease_ttl=0.2)
+        create_run(client, run_id, "wf", no_tasks, lease_token=holder.token, lease_ttl=0.2)
 
     # nobody else took it: the coordinator takes its own lapsed lease back (a pause, a Redis outage)
     alone = Lease(client, "run-a", 0.2)
