@@ -109,12 +109,6 @@ class RunSpec(Mapping[str, Mapping[str, Any]]):
     def __len__(self) -> int:
         return len(self.graph.names)
 
-    def profile(self, name: str) -> Profile:
-        return self.profiles[self.profile_of[self.graph.index[name]]]
-
-    def payload(self, name: str) -> str:
-        return self.payloads[self.payload_of[self.graph.index[name]]]
-
     # ------------------------------------------------------------ stored form
     def to_json(self) -> str:
         graph = self.graph
