@@ -217,6 +217,7 @@ class OrchDriver(Driver):
 
         self.trace.clear()
         self.tracing = bool(os.environ.get("BENCH_TRACE"))
+        extra["rss_before_run_mb"] = current_rss_mb()  # what the caller holds: interpreter, DAG, Task objects
         marks["start_epoch"] = time.time()
         start, start_cpu = time.perf_counter(), cpu_seconds()
         run_id, state = run_distributed(wf, self.url, on_submitted=submitted)

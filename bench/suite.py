@@ -263,6 +263,7 @@ def summarize_scale(rows: list[dict[str, Any]], n: int, layers: int, width: int)
         "workers_cpu_ms_per_task": _median([1000 * r["workers_cpu_s"] / n for r in rows]),
         "submit_cpu_ms_per_task": _median([1000 * r["submit_cpu_s"] / n for r in rows]),
         "peak_rss_mb": max(r["client_peak_rss_mb"] for r in rows),
+        "rss_before_run_mb": max(r.get("rss_before_run_mb", 0.0) for r in rows),
         "redis_commands_per_task": _median([r["redis_commands"] / n for r in rows]),
         "round_trips_per_task": _median([r["client_round_trips"] / n for r in rows]),
         "steps": _median([r["steps"] for r in rows]),
@@ -341,18 +342,20 @@ def markdown(runner_results: dict[str, Any], scale: list[dict[str, Any]], wls: l
         lines.append("")
         lines.append(f"Scale (orch lean, {scale[0]['width']}-wide layered DAGs, {scale[0]['workers']} workers; "
                      "*first dispatch*: from calling `run_distributed()` to the first step (the roots' dispatch) written to Redis; "
-                     "coordinator = the driver process):")
+                     "coordinator = the driver process; *RSS before run*: what it held when it called "
+                     "`run_distributed()`: the interpreter, the workload's DAG and the built Workflow's Task objects):")
         lines.append("")
         lines.append("| tasks | build Workflow s | submit+validate s | first dispatch s | wall s | tasks/s "
                      "| coord CPU ms/task | of which submit | workers CPU ms/task | coord peak RSS MB "
-                     "| Redis cmds/task | coord round trips/task | steps |")
-        lines.append("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+                     "| RSS before run MB | Redis cmds/task | coord round trips/task | steps |")
+        lines.append("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
         for s in scale:
             lines.append(f"| {s['tasks']:,} | {_fmt(s['build_s'])} | {_fmt(s['submit_s'])} | "
                          f"{_fmt(s['first_dispatch_s'])} | {_fmt(s['wall_s'])} | {_fmt(s['tasks_per_s'])} | "
                          f"{_fmt(s['cpu_ms_per_task'])} | {_fmt(s['submit_cpu_ms_per_task'])} | "
                          f"{_fmt(s['workers_cpu_ms_per_task'])} | "
-                         f"{_fmt(s['peak_rss_mb'])} | {_fmt(s['redis_commands_per_task'])} | "
+                         f"{_fmt(s['peak_rss_mb'])} | {_fmt(s.get('rss_before_run_mb'))} | "
+                         f"{_fmt(s['redis_commands_per_task'])} | "
                          f"{_fmt(s['round_trips_per_task'])} | {_fmt(s['steps'])} |")
     return "\n".join(lines)
 

@@ -19,6 +19,7 @@ import socket
 import threading
 import time
 from dataclasses import dataclass
+from operator import attrgetter
 from typing import Any, Callable, Iterator, Optional
 
 import redis
@@ -28,7 +29,8 @@ from orchestrator.backends.rq import RQBackend
 from orchestrator.coordinator import Coordinator, ProgressCallback
 from orchestrator.dag import Graph
 from orchestrator.lease import Lease, LeaseLost
-from orchestrator.run_store import create_run, load_tasks, new_run_id, request_cancel, task_spec
+from orchestrator.run_spec import NO_ARGUMENTS, RunSpec
+from orchestrator.run_store import create_run, load_tasks, new_run_id, request_cancel
 from orchestrator.scheduler import Scheduler
 from orchestrator.task import Task
 from shared import codec, keys
@@ -57,32 +59,24 @@ def who() -> str:
     return f"{user}@{socket.gethostname()} (pid {os.getpid()})"
 
 
-def task_references(tasks: dict[str, Task]) -> dict[str, str]:
-    """``{name: "module:function"}``; raises :class:`UnimportableTasksError` naming every bad task.
+def task_references(tasks: dict[str, Task]) -> list[str]:
+    """Each task's ``"module:function"``, in task order; raises :class:`UnimportableTasksError`
+    naming every bad task.
 
     Each distinct function is looked up once: a large DAG is mostly a few functions.
     """
-    refs: dict[str, str] = {}
-    problems: list[tuple[str, str]] = []
-    known: dict[int, str] = {}
-    for name, task in tasks.items():
-        if isinstance(task.func, str):
-            refs[name] = task.func
-            continue
-        key = id(task.func)
-        if key not in known:
-            try:
-                known[key] = reference_of(task.func)
-            except ValueError as exc:
-                problems.append((name, str(exc)))
-                continue
-        refs[name] = known[key]
-    if problems:
-        raise UnimportableTasksError(problems)
-    return refs
-
-
-NO_ARGUMENTS = "[[],{}]"
+    funcs = list(map(attrgetter("func"), tasks.values()))
+    ids = list(map(id, funcs))
+    refs: dict[int, str] = {}
+    bad: dict[int, str] = {}
+    for key, func in dict(zip(ids, funcs)).items():
+        try:
+            refs[key] = func if isinstance(func, str) else reference_of(func)
+        except ValueError as exc:
+            bad[key] = str(exc)
+    if bad:
+        raise UnimportableTasksError([(name, bad[key]) for name, key in zip(tasks, ids) if key in bad])
+    return list(map(refs.__getitem__, ids))
 
 
 def encode_arguments(task: Task) -> str:
@@ -94,8 +88,13 @@ def encode_arguments(task: Task) -> str:
 @dataclass(frozen=True)
 class Submission:
     run_id: str
-    specs: dict[str, dict[str, Any]]
-    graph: Graph
+    specs: RunSpec
+    """The run's tasks as stored: ``specs[name]`` gives a task's fields (see :class:`RunSpec`)."""
+
+    @property
+    def graph(self) -> Graph:
+        """The validated graph, which the run's scheduler reuses."""
+        return self.specs.graph
 
 
 def submit_run(workflow: Any, connection: redis.Redis, *, lease: Optional[Lease] = None,
@@ -128,14 +127,13 @@ def _submit(workflow: Any, connection: redis.Redis, lease: Optional[Lease], sett
             transport: str) -> Submission:
     tasks: dict[str, Task] = workflow.tasks
     graph = workflow.validate()
-    refs = task_references(tasks)
-    specs = {name: task_spec(task, refs[name], encode_arguments(task)) for name, task in tasks.items()}
+    specs = RunSpec.build(list(tasks.values()), graph, task_references(tasks), encode_arguments)
     run_id = new_run_id(workflow.name)
     if lease is not None:
         lease.run_id, lease.key, lease.held = run_id, keys.lease(run_id), True
-    create_run(connection, run_id, workflow.name, list(specs.values()),
+    create_run(connection, run_id, workflow.name, specs,
                lease_token=lease.token if lease else None, lease_ttl=settings.lease_ttl, transport=transport)
-    return Submission(run_id, specs, graph)
+    return Submission(run_id, specs)
 
 
 def run_distributed(
@@ -188,15 +186,14 @@ def restore_coordinator(
 ) -> tuple[Coordinator, dict[str, Task]]:
     """Rebuild a run's coordinator from Redis alone, with its lease already held by ``lease``."""
     settings = settings or Settings()
-    meta, spec_list, tasks = load_tasks(connection, run_id)
+    meta, specs, tasks = load_tasks(connection, run_id)
     states = {name: (task.state, task.attempts, task.error) for name, task in tasks.items()
               if task.state is not TaskState.PENDING or task.attempts}
     now = time.time()
-    scheduler, repairs = Scheduler.restore(tasks.values(), states, now)
+    scheduler, repairs = Scheduler.restore(tasks.values(), states, now, specs.graph)
     scheduler.cancelled_by = meta.get("cancelled_by")
     running = {name: (task.attempts, task.worker) for name, task in tasks.items()
                if task.state is TaskState.RUNNING and task.worker}
-    specs = {spec["name"]: spec for spec in spec_list}
     backend = RQBackend(connection, run_id, tasks, specs, settings, last_event=meta.get("last_event") or "0-0",
                         lease=lease, running=running, transport=meta.get("transport") or AUTO,
                         queued=[(name, task.attempts) for name, task in tasks.items()

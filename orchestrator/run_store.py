@@ -3,7 +3,8 @@
 The layout is in :mod:`shared.keys`. The spec stored at submit holds all a
 coordinator needs to drive (or resume) the run without the submitter's Python
 objects: per task its reference, dependencies, retry policy, timeout, queue
-and encoded arguments.
+and encoded arguments, in the compact form of :mod:`orchestrator.run_spec`
+(format 2; runs stored in format 1 by an older orch are not read).
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from typing import Any, Optional
 
 import redis
 
+from orchestrator.run_spec import RunSpec
 from orchestrator.task import Task
 from shared import codec, keys
 from shared.errors import CorruptRunError, RunNotFoundError, WorkflowError
@@ -27,20 +29,6 @@ def new_run_id(workflow_name: str) -> str:
     """Sortable by time, unique by 48 random bits (and checked with SETNX-like HSETNX at create)."""
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S")
     return f"{stamp}-{secrets.token_hex(6)}"
-
-
-def task_spec(task: Task, ref: str, payload: str) -> dict[str, Any]:
-    return {
-        "name": task.name,
-        "ref": ref,
-        "deps": task.dependencies,
-        "max_retries": task.max_retries,
-        "retry_delay": task.retry_delay,
-        "retry_backoff": task.retry_backoff,
-        "timeout": task.timeout,
-        "queue": task.queue,
-        "payload": payload,
-    }
 
 
 def task_record(task: Task) -> str:
@@ -59,7 +47,7 @@ def task_record(task: Task) -> str:
     )
 
 
-def create_run(connection: redis.Redis, run_id: str, workflow: str, specs: list[dict[str, Any]],
+def create_run(connection: redis.Redis, run_id: str, workflow: str, spec: RunSpec,
                lease_token: Optional[str] = None, lease_ttl: float = 5.0,
                transport: str = "auto") -> None:
     """Write a new run in one MULTI, so a failure leaves nothing half-written.
@@ -75,8 +63,8 @@ def create_run(connection: redis.Redis, run_id: str, workflow: str, specs: list[
         "workflow": workflow,
         "state": RunState.RUNNING.value,
         "created_at": repr(now),
-        "total": len(specs),
-        "spec": json.dumps(specs, separators=(",", ":")),
+        "total": len(spec),
+        "spec": spec.to_json(),
         "last_event": "0-0",
         "transport": transport,
     })
@@ -93,25 +81,20 @@ def request_cancel(connection: redis.Redis, run_id: str, by: str) -> None:
 
 
 def load_tasks(connection: redis.Redis, run_id: str, with_results: bool = True
-               ) -> tuple[dict[str, Any], list[dict[str, Any]], dict[str, Task]]:
-    """``(meta, specs, tasks)`` of a stored run, the Task objects carrying the recorded state.
+               ) -> tuple[dict[str, Any], RunSpec, dict[str, Task]]:
+    """``(meta, spec, tasks)`` of a stored run, the Task objects carrying the recorded state.
 
-    All a coordinator needs to resume the run, and all ``orch status`` shows.
-    A damaged spec raises :class:`CorruptRunError`; a damaged task record
+    All a coordinator needs to resume the run (the spec's graph is validated, so
+    the scheduler reuses it), and all ``orch status`` shows. A damaged spec (or
+    one in another format) raises :class:`CorruptRunError`; a damaged task record
     leaves that task pending.
     """
     meta = {_text(k): _text(v) for k, v in connection.hgetall(keys.run(run_id)).items()}
     if not meta:
         raise RunNotFoundError(run_id)
-    tasks: dict[str, Task] = {}
     try:
-        specs = json.loads(meta["spec"])
-        for spec in specs:
-            args, kwargs = codec.decode(spec["payload"])
-            tasks[spec["name"]] = Task(
-                spec["name"], spec["ref"], spec["deps"], spec["max_retries"], spec["retry_delay"], spec["timeout"],
-                args=args, kwargs=kwargs, retry_backoff=spec["retry_backoff"], queue=spec["queue"],
-            )
+        spec = RunSpec.from_json(meta["spec"])
+        tasks = spec.tasks()
     except (KeyError, TypeError, ValueError, WorkflowError) as exc:
         raise CorruptRunError(run_id, f"its task spec is unreadable ({exc})") from None
     for name, raw in connection.hgetall(keys.tasks(run_id)).items():
@@ -135,7 +118,7 @@ def load_tasks(connection: redis.Redis, run_id: str, with_results: bool = True
                     task.result = codec.decode(blob)
                 except WorkflowError:
                     task.result = None
-    return meta, specs, tasks
+    return meta, spec, tasks
 
 
 @dataclass

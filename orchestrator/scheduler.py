@@ -13,14 +13,19 @@ the task's story, never applied: only the current attempt can commit.
 Cost: ``start`` and a whole run of events are O(V + E): each task is queued,
 finished and propagated through once per attempt, and readiness is a counter
 of unfinished dependencies per task, as in :class:`graphlib.TopologicalSorter`.
+Memory: a few flat lists indexed by task number and the graph's arrays, shared
+with the run's spec; stories are kept compactly (:mod:`orchestrator.story`).
 """
 from __future__ import annotations
 
+from array import array
 from collections import Counter
-from typing import Callable, Iterable, Mapping, Optional, Protocol, Sequence
+from operator import attrgetter
+from typing import Any, Callable, Iterable, Mapping, Optional, Protocol, Sequence
 
-from orchestrator.dag import Graph, analyse
 from orchestrator.actions import Action, Dispatch, RunFinished, ScheduleRetry, StopTask, Transition
+from orchestrator.dag import Graph, analyse
+from orchestrator.story import NUMBER, TASK, Stories
 from shared.errors import InvalidTransition, UnknownTaskError
 from shared.events import Event, RetryDue, RunCancelled, TaskFailed, TaskStarted, TaskSucceeded
 from shared.states import TERMINAL_STATES, FailureKind, RunState, TaskState
@@ -55,21 +60,28 @@ class Scheduler:
     """Holds the state of every task of one run and decides every move.
 
     The DAG is validated here unless the caller passes the :class:`Graph` its
-    own validation made.
+    own validation made. Inside, a task is its number in the graph (its
+    position among the specs) and its state is a slot of a few flat lists, so
+    a 100,000-task run costs a few MB here; names go in and come out.
     """
 
     def __init__(self, specs: Iterable[TaskSpec], graph: Optional[Graph] = None) -> None:
         """``graph``, if given, must be :func:`orchestrator.dag.analyse` of the same specs."""
-        self._specs: dict[str, TaskSpec] = {s.name: s for s in specs}
-        self._state: dict[str, TaskState] = dict.fromkeys(self._specs, P)
-        self._attempt: dict[str, int] = dict.fromkeys(self._specs, 0)
-        self._error: dict[str, str] = {}
-        graph = graph or analyse(self._specs)
-        self._dependents: Mapping[str, list[str]] = graph.dependents  # read, never changed
-        self._waiting_on: dict[str, int] = dict(graph.indegree)
-        self._unfinished = len(self._specs)
-        self._counts: Counter[TaskState] = Counter({P: len(self._specs)})
-        self._stories: dict[str, list[tuple]] = {}
+        specs = list(specs)
+        if graph is None:
+            graph = analyse({s.name: s for s in specs})
+        n = len(graph)
+        self._names = graph.names
+        self._index = graph.index
+        self._specs: list[TaskSpec] = _in_graph_order(specs, graph)
+        self._state: list[TaskState] = [P] * n
+        self._attempt: list[int] = [0] * n
+        self._error: dict[int, str] = {}
+        self._dependents, self._dependents_start = graph.dependents, graph.dependents_start  # read, never changed
+        self._waiting_on = array("i", graph.indegree)
+        self._unfinished = n
+        self._counts: Counter[TaskState] = Counter({P: n})
+        self._stories = Stories(n, graph.names)
         self._started = False
         self._finish_reported = False
         self.cancelled_by: Optional[str] = None
@@ -95,44 +107,52 @@ class Scheduler:
         scheduler = cls(specs, graph)
         scheduler._started = True
         for name, (state, attempt, error) in records.items():
-            if name not in scheduler._state:
-                continue
-            scheduler._counts[P] -= 1
-            scheduler._counts[state] += 1
-            scheduler._state[name] = state
-            scheduler._attempt[name] = attempt
-            if error:
-                scheduler._error[name] = error
-            if state in TERMINAL_STATES:
-                scheduler._unfinished -= 1
-            scheduler._stories.setdefault(name, []).append(("restored", state, state, at))
-        for name, state in scheduler._state.items():
+            i = scheduler._index.get(name)
+            if i is not None:
+                scheduler._restore_task(i, state, attempt, error, at)
+        states, waiting = scheduler._state, scheduler._waiting_on
+        for i, state in enumerate(states):
             if state is S:
-                for dependent in scheduler._dependents[name]:
-                    scheduler._waiting_on[dependent] -= 1
+                for dependent in scheduler._dependents_of(i):
+                    waiting[dependent] -= 1
         actions: list[Action] = []
-        for name, state in scheduler._state.items():
+        for i, state in enumerate(states):
             if state is F:
-                scheduler._fail_downstream(name, at, actions)
-        for name, state in list(scheduler._state.items()):
-            if state is P and scheduler._waiting_on[name] == 0:
-                scheduler._move(name, Q, at, actions, "restored with all dependencies done")
+                scheduler._fail_downstream(i, at, actions)
+        for i in range(len(states)):
+            if states[i] is P and waiting[i] == 0:
+                scheduler._move(i, Q, at, actions, "restored with all dependencies done")
         scheduler._check_finished(at, actions)
         return scheduler, actions
 
+    def _restore_task(self, i: int, state: TaskState, attempt: int, error: Optional[str], at: float) -> None:
+        self._counts[P] -= 1
+        self._counts[state] += 1
+        self._state[i] = state
+        self._attempt[i] = attempt
+        if error:
+            self._error[i] = error
+        if state in TERMINAL_STATES:
+            self._unfinished -= 1
+        self._stories.add(i, "restored", state, state, at)
+
     # ----------------------------------------------------------------- queries
-    def state(self, task: str) -> TaskState:
+    def _number(self, task: str) -> int:
         try:
-            return self._state[task]
+            return self._index[task]
         except KeyError:
             raise UnknownTaskError(task) from None
 
+    def state(self, task: str) -> TaskState:
+        return self._state[self._number(task)]
+
     def attempts(self, task: str) -> int:
         """Attempts dispatched so far (the current attempt's number)."""
-        return self._attempt[task]
+        return self._attempt[self._number(task)]
 
     def error(self, task: str) -> Optional[str]:
-        return self._error.get(task)
+        i = self._index.get(task)
+        return None if i is None else self._error.get(i)
 
     def counts(self) -> dict[TaskState, int]:
         return {state: n for state, n in self._counts.items() if n}
@@ -157,7 +177,11 @@ class Scheduler:
 
     def story(self, task: str) -> list[tuple]:
         """``(cause, start, finish, at)`` for every move (or ignored report) of ``task``, oldest first."""
-        return list(self._stories.get(task, ()))
+        i = self._index.get(task)
+        return [] if i is None else self._stories.of(i)
+
+    def _dependents_of(self, i: int) -> array:
+        return self._dependents[self._dependents_start[i]:self._dependents_start[i + 1]]
 
     # ------------------------------------------------------------------ events
     def start(self, at: float) -> list[Action]:
@@ -166,9 +190,9 @@ class Scheduler:
             raise RuntimeError("Scheduler.start() called twice")
         self._started = True
         actions: list[Action] = []
-        for name, waiting in self._waiting_on.items():
+        for i, waiting in enumerate(self._waiting_on):
             if waiting == 0:
-                self._move(name, Q, at, actions, "start")
+                self._move(i, Q, at, actions, "start")
         self._check_finished(at, actions)
         return actions
 
@@ -180,10 +204,11 @@ class Scheduler:
         if isinstance(event, RunCancelled):
             self._cancel(event, actions)
         else:
-            if event.task not in self._state:
+            i = self._index.get(event.task)
+            if i is None:
                 raise UnknownTaskError(event.task)
             handler = _EVENT_HANDLERS[type(event)]
-            handler(self, event, actions)
+            handler(self, i, event, actions)
         self._check_finished(event.at, actions)
         return actions
 
@@ -193,98 +218,103 @@ class Scheduler:
             actions.extend(self.handle(event))
         return actions
 
-    def _is_current(self, event: TaskStarted | TaskSucceeded | TaskFailed, allowed: frozenset) -> bool:
-        name = event.task
-        if event.attempt == self._attempt[name] and self._state[name] in allowed:
+    def _is_current(self, i: int, event: TaskStarted | TaskSucceeded | TaskFailed, allowed: frozenset) -> bool:
+        if event.attempt == self._attempt[i] and self._state[i] in allowed:
             return True
-        self._stories.setdefault(name, []).append(
-            (f"ignored {type(event).__name__}(attempt {event.attempt})", self._state[name], self._state[name], event.at)
-        )
+        self._ignored(i, event)
         return False
 
-    def _on_started(self, event: TaskStarted, actions: list[Action]) -> None:
-        if self._is_current(event, _QUEUED):
-            self._move(event.task, R, event.at, actions, "started")
+    def _ignored(self, i: int, event: TaskStarted | TaskSucceeded | TaskFailed | RetryDue) -> None:
+        state = self._state[i]
+        self._stories.add(i, f"ignored {type(event).__name__}(attempt {{}})", state, state, event.at,
+                          event.attempt, NUMBER)
 
-    def _on_succeeded(self, event: TaskSucceeded, actions: list[Action]) -> None:
-        if self._is_current(event, _ACTIVE):
-            self._move(event.task, S, event.at, actions, "succeeded")
+    def _on_started(self, i: int, event: TaskStarted, actions: list[Action]) -> None:
+        if self._is_current(i, event, _QUEUED):
+            self._move(i, R, event.at, actions, "started")
 
-    def _on_failed(self, event: TaskFailed, actions: list[Action]) -> None:
-        if not self._is_current(event, _ACTIVE):
+    def _on_succeeded(self, i: int, event: TaskSucceeded, actions: list[Action]) -> None:
+        if self._is_current(i, event, _ACTIVE):
+            self._move(i, S, event.at, actions, "succeeded")
+
+    def _on_failed(self, i: int, event: TaskFailed, actions: list[Action]) -> None:
+        if not self._is_current(i, event, _ACTIVE):
             return
-        name = event.task
-        self._error[name] = event.error
-        if self._attempt[name] <= self._specs[name].max_retries:
-            self._move(name, W, event.at, actions, "failed", kind=event.kind)
+        self._error[i] = event.error
+        if self._attempt[i] <= self._specs[i].max_retries:
+            self._move(i, W, event.at, actions, "failed", kind=event.kind)
         else:
-            self._move(name, F, event.at, actions, "failed", kind=event.kind)
+            self._move(i, F, event.at, actions, "failed", kind=event.kind)
 
-    def _on_retry_due(self, event: RetryDue, actions: list[Action]) -> None:
-        name = event.task
-        if self._state[name] is W and event.attempt == self._attempt[name] + 1:
-            self._move(name, Q, event.at, actions, "retry due")
+    def _on_retry_due(self, i: int, event: RetryDue, actions: list[Action]) -> None:
+        if self._state[i] is W and event.attempt == self._attempt[i] + 1:
+            self._move(i, Q, event.at, actions, "retry due")
         else:
-            self._stories.setdefault(name, []).append(
-                (f"ignored RetryDue(attempt {event.attempt})", self._state[name], self._state[name], event.at)
-            )
+            self._ignored(i, event)
 
     def _cancel(self, event: RunCancelled, actions: list[Action]) -> None:
         if self.cancelled_by is None and self._unfinished:
             self.cancelled_by = event.by
             self.cancelled_at = event.at
-        for name, state in self._state.items():
+        for i, state in enumerate(self._state):
             if state not in TERMINAL_STATES:
-                self._error[name] = f"cancelled by {event.by}"
-                self._move(name, C, event.at, actions, "cancelled", kind=FailureKind.CANCELLED)
+                self._error[i] = f"cancelled by {event.by}"
+                self._move(i, C, event.at, actions, "cancelled", kind=FailureKind.CANCELLED)
 
     # ------------------------------------------------------------- transitions
     def _move(
         self,
-        name: str,
+        i: int,
         finish: TaskState,
         at: float,
         actions: list[Action],
         cause: str,
         kind: Optional[FailureKind] = None,
+        because_of: Optional[int] = None,
     ) -> None:
-        start = self._state[name]
+        """Move task ``i`` to ``finish`` through :data:`TRANSITIONS`. ``cause`` goes to its story,
+        filled with the name of task ``because_of`` if given."""
+        start = self._state[i]
         handler = TRANSITIONS.get((start, finish))
         if handler is None:
-            raise InvalidTransition(name, start, finish, self.story(name))
-        self._state[name] = finish
+            raise InvalidTransition(self._names[i], start, finish, self._stories.of(i))
+        self._state[i] = finish
         self._counts[start] -= 1
         self._counts[finish] += 1
         if finish in TERMINAL_STATES:
             self._unfinished -= 1
         if finish is S:
-            self._error.pop(name, None)
-        self._stories.setdefault(name, []).append((cause, start, finish, at))
-        attempt = self._attempt[name] + (1 if finish is Q else 0)
-        actions.append(Transition(name, start, finish, attempt, at, self._error.get(name), kind))
-        handler(self, name, at, actions)
+            self._error.pop(i, None)
+        if because_of is None:
+            self._stories.add(i, cause, start, finish, at)
+        else:
+            self._stories.add(i, cause, start, finish, at, because_of, TASK)
+        attempt = self._attempt[i] + (1 if finish is Q else 0)
+        actions.append(Transition(self._names[i], start, finish, attempt, at, self._error.get(i), kind))
+        handler(self, i, at, actions)
 
-    def _queue(self, name: str, at: float, actions: list[Action]) -> None:
-        self._attempt[name] += 1
-        actions.append(Dispatch(name, self._attempt[name]))
+    def _queue(self, i: int, at: float, actions: list[Action]) -> None:
+        self._attempt[i] += 1
+        actions.append(Dispatch(self._names[i], self._attempt[i]))
 
-    def _nothing(self, name: str, at: float, actions: list[Action]) -> None:
+    def _nothing(self, i: int, at: float, actions: list[Action]) -> None:
         pass
 
-    def _succeed(self, name: str, at: float, actions: list[Action]) -> None:
-        for dependent in self._dependents[name]:
-            self._waiting_on[dependent] -= 1
-            if self._waiting_on[dependent] == 0 and self._state[dependent] is P:
-                self._move(dependent, Q, at, actions, f"{name} succeeded")
+    def _succeed(self, i: int, at: float, actions: list[Action]) -> None:
+        waiting, state = self._waiting_on, self._state
+        for dependent in self._dependents_of(i):
+            waiting[dependent] -= 1
+            if waiting[dependent] == 0 and state[dependent] is P:
+                self._move(dependent, Q, at, actions, "{} succeeded", because_of=i)
 
-    def _schedule_retry(self, name: str, at: float, actions: list[Action]) -> None:
-        attempt = self._attempt[name]
-        actions.append(ScheduleRetry(name, attempt + 1, at + retry_delay(self._specs[name], attempt)))
+    def _schedule_retry(self, i: int, at: float, actions: list[Action]) -> None:
+        attempt = self._attempt[i]
+        actions.append(ScheduleRetry(self._names[i], attempt + 1, at + retry_delay(self._specs[i], attempt)))
 
-    def _fail_downstream(self, name: str, at: float, actions: list[Action]) -> None:
-        """Fail every pending transitive dependent of ``name``, naming ``name`` as the cause."""
-        message = f"upstream task {name!r} failed"
-        stack = list(self._dependents[name])
+    def _fail_downstream(self, i: int, at: float, actions: list[Action]) -> None:
+        """Fail every pending transitive dependent of task ``i``, naming ``i`` as the cause."""
+        message = f"upstream task {self._names[i]!r} failed"
+        stack = list(self._dependents_of(i))
         while stack:
             dependent = stack.pop()
             if self._state[dependent] is not P:
@@ -294,12 +324,13 @@ class Scheduler:
             self._counts[P] -= 1
             self._counts[F] += 1
             self._unfinished -= 1
-            self._stories.setdefault(dependent, []).append((message, P, F, at))
-            actions.append(Transition(dependent, P, F, self._attempt[dependent], at, message, FailureKind.UPSTREAM))
-            stack.extend(self._dependents[dependent])
+            self._stories.add(dependent, "upstream task {!r} failed", P, F, at, i, TASK)
+            actions.append(Transition(self._names[dependent], P, F, self._attempt[dependent], at, message,
+                                      FailureKind.UPSTREAM))
+            stack.extend(self._dependents_of(dependent))
 
-    def _stop(self, name: str, at: float, actions: list[Action]) -> None:
-        actions.append(StopTask(name, self._attempt[name]))
+    def _stop(self, i: int, at: float, actions: list[Action]) -> None:
+        actions.append(StopTask(self._names[i], self._attempt[i]))
 
     def _check_finished(self, at: float, actions: list[Action]) -> None:
         if self._unfinished == 0 and not self._finish_reported:
@@ -309,26 +340,39 @@ class Scheduler:
     # ---------------------------------------------------------------- checking
     def validate_state(self) -> None:
         """Check every invariant; raise AssertionError naming the first broken one. For tests."""
-        counts: Counter[TaskState] = Counter(self._state.values())
+        counts: Counter[TaskState] = Counter(self._state)
         assert +counts == +self._counts, f"counts {self._counts} != actual {counts}"
-        unfinished = sum(1 for s in self._state.values() if s not in TERMINAL_STATES)
+        unfinished = sum(1 for s in self._state if s not in TERMINAL_STATES)
         assert unfinished == self._unfinished, f"unfinished {self._unfinished} != actual {unfinished}"
-        for name, spec in self._specs.items():
-            state = self._state[name]
-            deps = set(spec.dependencies)
+        for i, spec in enumerate(self._specs):
+            name, state = self._names[i], self._state[i]
+            assert spec.name == name, f"task {i} is {spec.name!r} in the specs, {name!r} in the graph"
+            deps = {self._index[d] for d in spec.dependencies}
             not_done = sum(1 for d in deps if self._state[d] is not S)
-            assert not_done == self._waiting_on[name], f"{name}: waiting_on {self._waiting_on[name]} != {not_done}"
+            assert not_done == self._waiting_on[i], f"{name}: waiting_on {self._waiting_on[i]} != {not_done}"
             if state in (Q, R, W, S):
                 assert not_done == 0, f"{name} is {state} before all its dependencies succeeded"
-            assert self._attempt[name] <= spec.max_retries + 1, f"{name}: {self._attempt[name]} attempts"
+            assert self._attempt[i] <= spec.max_retries + 1, f"{name}: {self._attempt[i]} attempts"
             if state is P:
-                assert self._attempt[name] == 0, f"{name} pending after an attempt"
+                assert self._attempt[i] == 0, f"{name} pending after an attempt"
+
+
+def _in_graph_order(specs: list[TaskSpec], graph: Graph) -> list[TaskSpec]:
+    """``specs`` indexed by task number (they normally come in that order already)."""
+    if len(specs) != len(graph):
+        raise ValueError(f"{len(specs)} task specs for a graph of {len(graph)} tasks")
+    if list(map(attrgetter("name"), specs)) == graph.names:
+        return specs
+    ordered: list[Any] = [None] * len(specs)
+    for spec in specs:
+        ordered[graph.index[spec.name]] = spec
+    return ordered
 
 
 _QUEUED = frozenset({Q})
 _ACTIVE = frozenset({Q, R})
 
-TRANSITIONS: dict[tuple[TaskState, TaskState], Callable[[Scheduler, str, float, list], None]] = {
+TRANSITIONS: dict[tuple[TaskState, TaskState], Callable[[Scheduler, int, float, list], None]] = {
     (P, Q): Scheduler._queue,
     (P, C): Scheduler._nothing,
     (Q, R): Scheduler._nothing,

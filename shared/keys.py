@@ -10,7 +10,11 @@ key                             type    contents
                                         finished_at, total, counts, transport, cancelled_by,
                                         cancelled_at, last_event (stream id applied last),
                                         lease_holder (token of the last coordinator to
-                                        adopt the run), spec (JSON)
+                                        adopt the run), spec (JSON, format 2 of
+                                        orchestrator/run_spec.py: task names, dependencies
+                                        as task numbers, the tasks' shared settings and
+                                        argument payloads as tables, per task an index
+                                        into each)
 ``orch:run:{id}:tasks``         hash    task name -> JSON record: state, attempt, error,
                                         started_at, finished_at, worker, retry_at
 ``orch:run:{id}:results``       hash    task name -> codec-encoded result (successes only)

@@ -7,6 +7,7 @@ truncated entry costs one log line, not a crashed coordinator.
 """
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from typing import Mapping, Optional
 
@@ -32,6 +33,12 @@ def cancel_requester(raw: Mapping[bytes | str, bytes | str]) -> Optional[str]:
         return None
     by = raw.get(b"by", raw.get("by")) or "unknown"
     return by.decode("utf-8", "replace") if isinstance(by, bytes) else str(by)
+
+
+def _shared(name: Optional[str]) -> Optional[str]:
+    """One string object per worker name, however many outcomes name it: every task of a run keeps
+    the name of its worker (``Task.worker``), which would otherwise be a copy per task."""
+    return None if name is None else sys.intern(name)
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,7 +116,7 @@ class Outcome:
                 error=text("error"),
                 kind=FailureKind(text("kind", FailureKind.ERROR.value)),
                 traceback=text("traceback"),
-                worker=text("worker"),
+                worker=_shared(text("worker")),
                 started_at=None if started is None else float(started),
                 log=text("log"),
             )

@@ -373,8 +373,8 @@ def diagnose_stall(conn: redis.Redis, run_id: str, transport: str,
     from shared import keys
 
     meta = {_text(k): _text(v) for k, v in conn.hgetall(keys.run(run_id)).items()}
-    spec = json.loads(meta.get("spec") or "[]")
-    index = {s["name"]: i for i, s in enumerate(spec)}
+    names = json.loads(meta.get("spec") or '{"names": []}')["names"]
+    index = {name: i for i, name in enumerate(names)}
     records = {_text(k): json.loads(v) for k, v in conn.hgetall(keys.tasks(run_id)).items()}
     queue = Queue("default", connection=conn, serializer=JSONSerializer)
     queued_ids = set(queue.get_job_ids())

@@ -389,14 +389,17 @@ def test_stale_coordinator_that_wakes_up_after_another_took_over_is_fenced(procs
 
 def test_a_lapsed_lease_is_not_taken_back_after_another_coordinator_held_it(redis_server: Any) -> None:
     """The fencing rule behind the stale-coordinator test, on every path a stale coordinator can take."""
+    from orchestrator import dag
     from orchestrator.lease import Lease, LeaseLost
+    from orchestrator.run_spec import RunSpec
     from orchestrator.run_store import create_run
 
     client = redis_server.client()
+    no_tasks = RunSpec.build([], dag.analyse({}), [], str)
 
     def new_run(run_id: str, holder: Lease) -> None:
         holder.held = True
-        create_run(client, run_id, "wf", [], lease_token=holder.token, lease_ttl=0.2)
+        create_run(client, run_id, "wf", no_tasks, lease_token=holder.token, lease_ttl=0.2)
 
     # nobody else took it: the coordinator takes its own lapsed lease back (a pause, a Redis outage)
     alone = Lease(client, "run-a", 0.2)
@@ -851,11 +854,14 @@ _field_values = st.one_of(_text_or_bytes, st.sampled_from(["started", "succeeded
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.dictionaries(_field_names, _field_values, max_size=12))
 def test_the_coordinator_reads_any_stream_entry_without_raising(fields: dict) -> None:
+    from orchestrator import dag
     from orchestrator.backends.rq import RQBackend
+    from orchestrator.run_spec import RunSpec
     from shared.events import RunCancelled, TaskFailed, TaskStarted, TaskSucceeded
 
     tasks = {"a": Task("a", fault_tasks.echo)}
-    backend = RQBackend(None, "run-1", tasks, {"a": {"queue": "default"}})  # type: ignore[arg-type]
+    spec = RunSpec.build(list(tasks.values()), dag.analyse(tasks), ["fault_tasks:echo"], lambda task: "[[],{}]")
+    backend = RQBackend(None, "run-1", tasks, spec)  # type: ignore[arg-type]
     event = backend._event_of(fields)
     assert event is None or isinstance(event, (RunCancelled, TaskStarted, TaskSucceeded, TaskFailed))
     if isinstance(event, (TaskStarted, TaskSucceeded, TaskFailed)):

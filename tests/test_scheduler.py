@@ -447,7 +447,7 @@ def test_illegal_move_raises_invalid_transition_and_changes_nothing():
     h.start()
     before = h.states()
     with pytest.raises(InvalidTransition) as info:
-        h.s._move("b", S, 1.0, [], "test")  # pending -> success skips the attempt
+        h.s._move(h.s._index["b"], S, 1.0, [], "test")  # pending -> success skips the attempt
     err = info.value
     assert (err.task, err.start, err.finish) == ("b", P, S)
     assert "'b'" in str(err) and "pending -> success" in str(err)
@@ -456,7 +456,7 @@ def test_illegal_move_raises_invalid_transition_and_changes_nothing():
     h.s.validate_state()
     h.ok("a")
     with pytest.raises(InvalidTransition) as info:
-        h.s._move("a", Q, 2.0, [], "test")  # out of a final state
+        h.s._move(h.s._index["a"], Q, 2.0, [], "test")  # out of a final state
     assert info.value.story  # carries the task's story for debugging
     assert h.s.state("a") is S
 

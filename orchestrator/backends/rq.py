@@ -44,6 +44,7 @@ from orchestrator.coordinator import Step
 from orchestrator.backends.routing import AUTO, TRANSPORTS, Routes
 from orchestrator.backends.watch import LossWatch
 from orchestrator.lease import Lease, LeaseLost
+from orchestrator.run_spec import RunSpec
 from orchestrator.run_store import task_record
 from orchestrator.task import Task
 from shared import keys
@@ -82,7 +83,7 @@ class RQBackend:
         connection: redis.Redis,
         run_id: str,
         tasks: Mapping[str, Task],
-        specs: Mapping[str, Mapping[str, Any]],
+        specs: RunSpec,
         settings: Optional[Settings] = None,
         last_event: str = "0-0",
         lease: Optional[Lease] = None,
@@ -101,7 +102,7 @@ class RQBackend:
         self.tasks = tasks
         self.specs = specs
         self.settings = settings or Settings()
-        self._index = {name: i for i, name in enumerate(specs)}
+        self._index = specs.index
         self._queues: dict[str, Queue] = {}
         self._last_event = last_event
         self._events_key = keys.events(run_id)
