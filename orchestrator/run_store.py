@@ -162,14 +162,3 @@ def read_run(connection: redis.Redis, run_id: str) -> RunSnapshot:
 def read_result(connection: redis.Redis, run_id: str, task: str) -> Any:
     blob = connection.hget(keys.results(run_id), task)
     return None if blob is None else codec.decode(blob)
-
-
-def list_runs(connection: redis.Redis, limit: int = 20) -> list[RunSnapshot]:
-    """The newest ``limit`` runs still retained, newest first."""
-    out = []
-    for run_id in connection.zrevrange(keys.RUNS, 0, limit - 1):
-        try:
-            out.append(read_run(connection, _text(run_id)))
-        except RunNotFoundError:
-            connection.zrem(keys.RUNS, run_id)  # its keys expired: forget it
-    return out
