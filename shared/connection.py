@@ -12,13 +12,8 @@ from shared.errors import InvalidRedisUrlError, RedisUnavailableError
 _SCHEMES = {"redis", "rediss", "unix"}
 
 
-def connect(url: str, *, check: bool = True, socket_timeout: float | None = None,
-            retry: bool = True) -> redis.Redis:
+def connect(url: str, *, check: bool = True, socket_timeout: float | None = None) -> redis.Redis:
     """A client for ``url`` that retries dropped connections with exponential backoff.
-
-    ``retry=False``: a command that fails raises at once instead of being sent again. For a
-    caller that must know whether a command that moves data may have run (a lean work
-    process taking a job), and that does its own retrying.
 
     Raises :class:`InvalidRedisUrlError` for a malformed URL and, when ``check``,
     :class:`RedisUnavailableError` if the server does not answer a PING.
@@ -32,8 +27,8 @@ def connect(url: str, *, check: bool = True, socket_timeout: float | None = None
         parsed.port  # noqa: B018 - raises on a bad port
         client = redis.Redis.from_url(
             url,
-            retry=Retry(ExponentialBackoff(cap=2.0, base=0.05), retries=8 if retry else 0),
-            retry_on_error=[redis.ConnectionError, redis.TimeoutError] if retry else [],
+            retry=Retry(ExponentialBackoff(cap=2.0, base=0.05), retries=8),
+            retry_on_error=[redis.ConnectionError, redis.TimeoutError],
             socket_timeout=socket_timeout,
             socket_connect_timeout=5,
         )

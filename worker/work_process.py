@@ -33,6 +33,7 @@ from shared.jobs import MalformedJob, parse_job_message
 from shared.messages import FAILED, STARTED, Outcome
 from worker.rq_job import attempt_outcome
 from worker.slot_record import SlotRecord, State, attempt_id
+from worker.wire import Wire
 
 log = logging.getLogger("orch.worker")
 
@@ -116,12 +117,13 @@ class _Loop:
         self.config = config
         self.record = record
         self.halt = halt
-        # Takes are never re-sent behind the loop's back (a re-sent take after a lost reply would
-        # leave the first job in the in-flight list unseen); tasks reading upstream results may be.
-        self.connection = connect(config.redis_url, check=False, retry=False)
+        # The loop's own commands go on a bare connection that never re-sends a command behind its
+        # back (a take re-sent after a lost reply would leave the first job in the in-flight list
+        # unseen); tasks reading upstream results use a client that may.
         self.task_connection = connect(config.redis_url, check=False)
+        self.wire = Wire(self.task_connection)
         self.inflight = keys.inflight(config.slot)
-        self._finish_and_take = self.connection.register_script(FINISH_AND_TAKE)
+        self._finish_and_take = self.wire.script(FINISH_AND_TAKE)
         self._next_queue = config.number % len(config.queue_keys)  # slots start on different queues
         self._stream_affixes = tuple(keys.events("\0").split("\0"))
         self._unsure = False
@@ -172,7 +174,7 @@ class _Loop:
         """After a Redis error it is unknown whether the failed call reported ``done`` or took a
         job: the in-flight list says. Entries other than ``done`` are jobs taken whose reply was
         lost; they are run next (queue unknown: -1). Returns ``done`` if it is still to report."""
-        entries = self.connection.lrange(self.inflight, 0, -1)
+        entries = self.wire.call("LRANGE", self.inflight, 0, -1)
         if done is not None and done[0] not in entries:
             done = None  # the script that reported it ran
         self._adopted = [(-1, raw) for raw in entries if done is None or raw != done[0]]
@@ -209,7 +211,7 @@ class _Loop:
         started: :meth:`run_job` does it)."""
         number = self._queues_in_turn()[-1]
         self.record.set(State.BLOCKING, queue=number)
-        raw = self.connection.blmove(self.config.queue_keys[number], self.inflight, BLOCK_SECONDS, "LEFT", "RIGHT")
+        raw = self.wire.call("BLMOVE", self.config.queue_keys[number], self.inflight, "LEFT", "RIGHT", BLOCK_SECONDS)
         if raw is None:
             self.record.set(State.IDLE)
             return None
@@ -236,9 +238,9 @@ class _Loop:
         self.record.set(State.RUNNING, queue=queue, attempt=attempt_id(job.run_id, job.task, job.attempt),
                         started=started, deadline=deadline, timeout=job.timeout or 0.0)
         if not reported:
-            self.connection.xadd(keys.events(job.run_id), Outcome(
-                run_id=job.run_id, task=job.task, attempt=job.attempt, status=STARTED, at=started,
-                worker=worker).to_fields())
+            fields = Outcome(run_id=job.run_id, task=job.task, attempt=job.attempt, status=STARTED, at=started,
+                             worker=worker).to_fields()
+            self.wire.call("XADD", keys.events(job.run_id), "*", *[item for pair in fields.items() for item in pair])
         outcome = attempt_outcome(self.task_connection, job.run_id, job.task, job.attempt, job.ref, job.payload,
                                   None, job.max_result_bytes, worker)
         return raw, outcome
