@@ -359,8 +359,12 @@ class LeanWorker:
                 except redis.RedisError as exc:
                     log.error("%s: could not hand its job back (%s); the coordinator will fail it as lost",
                               slot.name, exc)
+        # Not retired: the attempts handed back were reported started here, and the coordinator
+        # follows them to whichever worker takes them next; until then (at most the heartbeat TTL)
+        # this worker's lapsing heartbeat stands for them. Only the emptied slots are forgotten.
         try:
-            self._retire()
+            self._forget_empty(keys=[keys.LEAN_WORKERS, *(slot.inflight for slot in self.slots)],
+                               args=[slot.name for slot in self.slots])
         except redis.RedisError:
             pass
 
