@@ -240,7 +240,8 @@ class _Loop:
         if not reported:
             fields = Outcome(run_id=job.run_id, task=job.task, attempt=job.attempt, status=STARTED, at=started,
                              worker=worker).to_fields()
-            self.wire.call("XADD", keys.events(job.run_id), "*", *[item for pair in fields.items() for item in pair])
+            # not waited for: the task starts while the report travels (its reply is read with the next call's)
+            self.wire.send("XADD", keys.events(job.run_id), "*", *[item for pair in fields.items() for item in pair])
         outcome = attempt_outcome(self.task_connection, job.run_id, job.task, job.attempt, job.ref, job.payload,
                                   None, job.max_result_bytes, worker)
         return raw, outcome
