@@ -44,7 +44,7 @@ from orchestrator import Task, Workflow  # noqa: E402
 from shared import keys  # noqa: E402
 from shared.jobs import job_message  # noqa: E402
 from shared.states import FailureKind, TaskState  # noqa: E402
-from worker.lean import COLD, Reason, verdict  # noqa: E402
+from worker.settle import COLD, Death, Reason, verdict  # noqa: E402
 from worker.slot_record import SlotRecord, Snapshot, State, attempt_id  # noqa: E402
 
 TTL = float(FAST_ENV["ORCH_HEARTBEAT_TTL"])
@@ -53,60 +53,76 @@ OTHER = job_message("run-1", "u", 1, "fault_tasks:echo", "[[1],{}]", None, None)
 
 
 # ============================================================== the pure parts
-def holding(entry: bytes, queue: int = 0) -> Snapshot:
+def holding(entry: bytes, queue: int = 0, unreported: bool = False) -> Snapshot:
     run_id, task, attempt = json.loads(entry)[:3]
-    return Snapshot(State.RUNNING, queue, attempt_id(run_id, task, attempt), 100.0, math.inf, 5.0)
+    return Snapshot(State.RUNNING, queue, attempt_id(run_id, task, attempt), 100.0, math.inf, 5.0, unreported)
+
+
+def judge(entry: bytes, snapshot: Any, reason: Any = None, queues: int = 1, claimed: int = 0) -> Any:
+    return verdict(entry, Death(-9, reason, snapshot, claimed), queues, "w")
 
 
 def test_the_attempt_in_hand_of_a_crashed_work_process_fails_as_a_crash() -> None:
-    action, outcome = verdict(ENTRY, holding(ENTRY), None, -9, 1, "w")
-    assert action == "report"
+    judged = judge(ENTRY, holding(ENTRY))
+    outcome = judged.outcome
+    assert judged.action == "report" and judged.start is None
     assert (outcome.run_id, outcome.task, outcome.attempt, outcome.status) == ("run-1", "t", 2, "failed")
     assert outcome.error == "WorkerCrash: worker process died: signal 9 (SIGKILL)"
     assert outcome.kind is FailureKind.CRASHED and outcome.started_at == 100.0 and outcome.worker == "w"
 
 
+def test_an_attempt_whose_start_was_not_reported_gets_its_start_reported_before_its_failure() -> None:
+    snapshot = holding(ENTRY, unreported=True)
+    start = judge(ENTRY, snapshot).start
+    assert (start.status, start.task, start.attempt, start.at, start.worker) == ("started", "t", 2, 100.0, "w")
+    assert judge(ENTRY, snapshot, claimed=snapshot.attempt).start is None  # the parent reported it already
+
+
 def test_a_timeout_or_a_stop_is_reported_as_such_only_for_the_attempt_it_was_meant_for() -> None:
     snapshot = holding(ENTRY)
-    _, timed_out = verdict(ENTRY, snapshot, Reason(FailureKind.TIMEOUT, snapshot.attempt), -9, 1, "w")
+    timed_out = judge(ENTRY, snapshot, Reason(FailureKind.TIMEOUT, snapshot.attempt)).outcome
     assert timed_out.kind is FailureKind.TIMEOUT
     assert timed_out.error == "TaskTimeout: attempt ran past its timeout of 5s and was killed"
-    _, stopped = verdict(ENTRY, snapshot, Reason(FailureKind.CANCELLED, snapshot.attempt), -9, 1, "w")
+    stopped = judge(ENTRY, snapshot, Reason(FailureKind.CANCELLED, snapshot.attempt)).outcome
     assert (stopped.kind, stopped.error) == (FailureKind.CANCELLED, "Cancelled: attempt stopped on request")
     # the work process had moved on to another attempt when the kill landed: that one crashed
-    _, other = verdict(ENTRY, snapshot, Reason(FailureKind.TIMEOUT, snapshot.attempt + 1), -9, 1, "w")
+    other = judge(ENTRY, snapshot, Reason(FailureKind.TIMEOUT, snapshot.attempt + 1)).outcome
     assert other.kind is FailureKind.CRASHED
 
 
 def test_a_job_taken_but_not_yet_in_hand_goes_back_to_its_queue_when_the_queue_is_known() -> None:
     blocking_on_2 = Snapshot(State.BLOCKING, 2, 0, 0.0, math.inf, 0.0)
-    assert verdict(ENTRY, blocking_on_2, None, -9, 3, "w") == ("requeue", 2)
+    assert (judge(ENTRY, blocking_on_2, queues=3).action, judge(ENTRY, blocking_on_2, queues=3).queue) == \
+        ("requeue", 2)
     taking = Snapshot(State.TAKING, -1, 0, 0.0, math.inf, 0.0)
-    assert verdict(ENTRY, taking, None, -9, 1, "w") == ("requeue", 0)  # one queue: it came from there
-    action, outcome = verdict(ENTRY, taking, None, -9, 3, "w")  # which of three queues? unknown
-    assert action == "report" and outcome.kind is FailureKind.CRASHED and outcome.started_at is None
-    assert verdict(ENTRY, holding(OTHER), None, -9, 1, "w") == ("requeue", 0)
-    assert verdict(ENTRY, None, None, -9, 1, "w") == ("requeue", 0)  # a record torn by the death
+    assert judge(ENTRY, taking).action == "requeue"  # one queue: it came from there
+    unknown = judge(ENTRY, taking, queues=3)  # which of three queues? unknown
+    assert unknown.action == "report" and unknown.outcome.kind is FailureKind.CRASHED
+    assert unknown.outcome.started_at is None and unknown.start is None
+    assert judge(ENTRY, holding(OTHER)).action == "requeue"
+    assert judge(ENTRY, None).action == "requeue"  # a record torn by the death
 
 
 def test_a_cold_shutdown_hands_the_job_in_hand_back_to_its_own_queue() -> None:
-    assert verdict(ENTRY, holding(ENTRY, queue=1), COLD, -9, 2, "w") == ("requeue", 1)
-    action, _ = verdict(ENTRY, Snapshot(State.TAKING, -1, 0, 0.0, math.inf, 0.0), COLD, -9, 2, "w")
-    assert action == "report"
+    judged = judge(ENTRY, holding(ENTRY, queue=1), COLD, queues=2)
+    assert (judged.action, judged.queue) == ("requeue", 1)
+    assert judge(ENTRY, Snapshot(State.TAKING, -1, 0, 0.0, math.inf, 0.0), COLD, queues=2).action == "report"
 
 
 def test_unreadable_entries_are_dropped_and_malformed_ones_with_an_attempt_are_failed() -> None:
-    assert verdict(b"garbage", None, None, -9, 1, "w")[0] == "drop"
+    assert judge(b"garbage", None).action == "drop"
     malformed = b'["run-1","t",3,"fault_tasks:echo","[[1],{}]",-1,null]'  # a negative timeout
-    action, outcome = verdict(malformed, holding(malformed), None, -9, 1, "w")
-    assert action == "report" and (outcome.task, outcome.attempt) == ("t", 3)
+    judged = judge(malformed, holding(malformed))
+    assert judged.action == "report" and (judged.outcome.task, judged.outcome.attempt) == ("t", 3)
 
 
 def test_the_slot_record_reads_back_what_was_written_and_none_when_a_write_was_cut_short() -> None:
     record = SlotRecord()
     assert record.read().state is State.IDLE
     record.set(State.RUNNING, queue=1, attempt=attempt_id("r", "t", 1), started=5.0, deadline=9.0, timeout=4.0)
-    assert record.read() == Snapshot(State.RUNNING, 1, attempt_id("r", "t", 1), 5.0, 9.0, 4.0)
+    assert record.read() == Snapshot(State.RUNNING, 1, attempt_id("r", "t", 1), 5.0, 9.0, 4.0, False)
+    record.claim(7)
+    assert record.claimed() == 7 and record.read().state is State.RUNNING
     assert record.read().holds(attempt_id("r", "t", 1)) and not record.read().holds(attempt_id("r", "t", 2))
     record._fields.version += 1  # a writer killed between its two version stores
     assert record.read() is None
@@ -330,3 +346,25 @@ def test_cold_shutdown_hands_the_attempt_in_hand_back_to_its_queue(procs: Proces
     assert counters(client) == {"long": 2}
     assert client.llen(inflight(worker, 0)) == 0
     assert not any(keys.slot_worker(m.decode()) == worker.worker_name for m in client.smembers(keys.LEAN_WORKERS))
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(90)
+def test_starts_are_reported_while_an_attempt_runs_and_with_the_outcome_of_a_short_one(
+        procs: Processes, tmp_path: Path) -> None:
+    (worker,) = procs.workers(1, mode="lean")  # idle: each job is taken blocking, its start not reported
+    url = procs.redis_url
+    wf = Workflow("start-reports")
+    wf.add_task(Task("long", fault_tasks.slow_first, args=(url, "long", str(tmp_path), 2, "done", "again")))
+    wf.add_task(Task("short", fault_tasks.value, dependencies=["long"], args=(url, "short", "quick")))
+    run = Background(wf, url, transport="lean")
+    results = run.join(30)
+
+    assert results == {"long": "done", "short": "quick"}
+    for name in ("long", "short"):
+        moves = [move.finish.value for _, move in run.progress.of(name)]
+        assert moves == ["queued", "running", "success"], (name, moves)
+    # the long attempt's start was reported by the worker's parent while it ran, not with its end
+    running, success = run.progress.first("long", "running"), run.progress.first("long", "success")
+    assert success[0] - running[0] > 1.0, success[0] - running[0]
+    assert wf.tasks["long"].worker == wf.tasks["short"].worker == worker.worker_name

@@ -16,14 +16,17 @@ This module is the parent, which only supervises:
   holds the attempt named, which is reported ``Cancelled``;
 - it kills a work process whose attempt runs past its timeout (``TaskTimeout``);
 - it notices a work process's death at once (its sentinel), and reports what
-  was in its hands, or puts it back on its queue, then starts a new one.
+  was in its hands, or puts it back on its queue, then starts a new one;
+- it reports the start of an attempt taken while the worker was idle once it
+  has run for ``START_REPORT_DELAY`` (a shorter one's start goes with its
+  outcome: one wake-up of the coordinator per task instead of two).
 
 It learns what each work process holds, and since when, from the slot's shared
 record (:mod:`worker.slot_record`), which the work process writes without ever
-waiting on the parent; after a death, the slot's in-flight list is the truth,
-and each entry left there is settled in one script that removes it and reports
-it (or requeues it), so an attempt the work process reported itself is never
-reported twice. :func:`verdict` decides what each entry becomes.
+waiting on the parent; after a death, the slot's in-flight list is the truth.
+What the parent writes, it writes through :mod:`worker.settle`, in scripts that
+first check the entry is still in the list, so an attempt the work process
+reported itself is never reported twice.
 
 The semantics are the RQ mode's: the same attempt function
 (:func:`worker.rq_job.attempt_outcome`), the same outcomes on the same stream,
@@ -53,39 +56,23 @@ import redis
 from shared import keys
 from shared.config import Settings
 from shared.connection import connect
-from shared.jobs import MalformedJob, parse_job_message
-from shared.messages import FAILED, Outcome
 from shared.states import FailureKind
 from shared.workers import LEAN, WorkerInfo, beat, retire
-from worker.execute import death_error, kill_group, timeout_error
-from worker.slot_record import Snapshot, SlotRecord, State, attempt_id
+from worker.execute import death_error, kill_group
+from worker.settle import COLD, START_REPORT_DELAY, Death, Reason, Settler
+from worker.slot_record import SlotRecord, State, attempt_id
 from worker.work_process import BLOCK_SECONDS, SlotConfig, serve
 
-__all__ = ["LeanWorker", "BLOCK_SECONDS", "verdict"]
+__all__ = ["LeanWorker", "BLOCK_SECONDS"]
 
 log = logging.getLogger("orch.worker")
 
 POLL_SECONDS = 0.1
-"""Longest the parent sleeps between two looks at its slots' records (timeouts)."""
-SETTLE_RETRY_SECONDS = 1.0
-"""Pause before settling a dead work process's in-flight list again after a Redis error."""
+"""Longest the parent sleeps between two looks at its slots' records (timeouts, start reports)."""
+RETRY_SECONDS = 1.0
+"""Pause before the parent writes for a slot again after a Redis error."""
 TAKING_WAIT_SECONDS = 1.0
 """Longest a cold shutdown waits for a work process to get the reply of a take in progress."""
-
-_SETTLE = """
--- KEYS[1]: a slot's in-flight list; KEYS[2]: a run's event stream, or a queue.
--- ARGV[1]: an entry of the list; ARGV[2]: 'report' (ARGV[3..]: outcome fields), 'requeue' or 'drop'.
--- Only an entry still in the list is reported or requeued: the work process may have reported it.
-if redis.call('LREM', KEYS[1], 1, ARGV[1]) == 0 then
-  return 0
-end
-if ARGV[2] == 'report' then
-  redis.call('XADD', KEYS[2], '*', unpack(ARGV, 3))
-elseif ARGV[2] == 'requeue' then
-  redis.call('LPUSH', KEYS[2], ARGV[1])
-end
-return 1
-"""
 
 _FORGET_EMPTY = """
 -- KEYS[1]: orch:lean-workers; KEYS[2..]: in-flight lists; ARGV: their slot names, in order.
@@ -99,67 +86,6 @@ return 1
 """
 
 
-@dataclass(frozen=True)
-class Reason:
-    """Why the parent killed a work process: ``kind`` is TIMEOUT or CANCELLED for the attempt
-    numbered ``attempt`` (:func:`~worker.slot_record.attempt_id`), or ``None`` for a cold shutdown."""
-
-    kind: Optional[FailureKind]
-    attempt: int = 0
-
-
-COLD = Reason(None)
-
-
-def verdict(raw: bytes, snapshot: Optional[Snapshot], reason: Optional[Reason], exitcode: Optional[int],
-            queues: int, worker: str) -> tuple[str, Any]:
-    """What an entry left in a dead work process's in-flight list becomes:
-
-    - ``("report", outcome)``: the attempt failed (crash, timeout, cancel), reported as such;
-    - ``("requeue", n)``: back to the front of queue number ``n``, to run again as it is;
-    - ``("drop", message)``: an unreadable entry, removed with one log line.
-
-    The attempt the record shows in hand failed as the parent's ``reason`` says (or as a crash);
-    in a cold shutdown it goes back to its queue. An entry taken and not yet shown in hand never
-    ran: it goes back to its queue if that is known (a blocking take names its queue; a worker
-    with one queue knows it), else it fails as a crash.
-    """
-    try:
-        job = parse_job_message(raw)
-        run_id, task, attempt = job.run_id, job.task, job.attempt
-    except MalformedJob as exc:
-        if exc.attempt_key is None:
-            return "drop", f"dropped an unreadable job from a dead work process: {exc}"
-        run_id, task, attempt = exc.attempt_key
-    in_hand = snapshot is not None and snapshot.holds(attempt_id(run_id, task, attempt))
-    queue = _known_queue(snapshot, in_hand, queues)
-    if queue is not None and (reason is COLD or not in_hand):
-        return "requeue", queue
-    common = dict(run_id=run_id, task=task, attempt=attempt, status=FAILED, at=time.time(), worker=worker,
-                  started_at=snapshot.started if in_hand and snapshot is not None else None)
-    if in_hand and reason is not None and reason.kind is not None and snapshot is not None \
-            and reason.attempt == snapshot.attempt:
-        if reason.kind is FailureKind.TIMEOUT:
-            return "report", Outcome(error=timeout_error(snapshot.timeout), kind=FailureKind.TIMEOUT, **common)
-        return "report", Outcome(error="Cancelled: attempt stopped on request", kind=FailureKind.CANCELLED,
-                                 **common)
-    return "report", Outcome(error=death_error(exitcode), kind=FailureKind.CRASHED, **common)
-
-
-def _known_queue(snapshot: Optional[Snapshot], in_hand: bool, queues: int) -> Optional[int]:
-    if snapshot is not None and (in_hand or snapshot.state is State.BLOCKING) and 0 <= snapshot.queue < queues:
-        return snapshot.queue
-    return 0 if queues == 1 else None
-
-
-@dataclass
-class _Death:
-    exitcode: Optional[int]
-    reason: Optional[Reason]
-    snapshot: Optional[Snapshot]
-    retry_at: float = 0.0
-
-
 class _Slot:
     """One work process, its shared record and its in-flight list, as the parent sees them."""
 
@@ -170,7 +96,9 @@ class _Slot:
         self.inflight = keys.inflight(self.name)
         self.record = SlotRecord()
         self.process: Optional[multiprocessing.process.BaseProcess] = None
-        self.death: Optional[_Death] = None
+        self.death: Optional[Death] = None
+        self.retry_at = 0.0
+        """When the parent may write for this slot again (after a Redis error)."""
         self._reason: Optional[Reason] = None
         self._lock = threading.Lock()
 
@@ -178,6 +106,7 @@ class _Slot:
         """Fork a new work process (from the main thread: it dies with the thread that forked it)."""
         w = self.worker
         self.record.set(State.IDLE)
+        self.record.claim(0)
         config = SlotConfig(w.redis_url, w.name, self.number, tuple(w.queue_keys), w.burst, os.getpid())
         process = multiprocessing.get_context("fork").Process(
             target=serve, args=(config, self.record, w.halt), daemon=True, name=f"orch-work-{self.number}")
@@ -208,7 +137,7 @@ class _Slot:
             return
         process.join()
         kill_group(process.pid)  # whatever its task started and left behind
-        self.death = _Death(process.exitcode, reason, self.record.read())
+        self.death = Death(process.exitcode, reason, self.record.read(), self.record.claimed())
 
 
 class LeanWorker:
@@ -228,7 +157,7 @@ class LeanWorker:
         self.slots = [_Slot(self, n) for n in range(concurrency)]
         self.info = WorkerInfo(self.name, LEAN, tuple(queues), concurrency)
         self._signals = 0
-        self._settle = self.connection.register_script(_SETTLE)
+        self.settler = Settler(self.connection, self.queue_keys, self.name)
         self._forget_empty = self.connection.register_script(_FORGET_EMPTY)
 
     # ------------------------------------------------------------------ registry
@@ -285,19 +214,20 @@ class LeanWorker:
             live = [slot for slot in self.slots if slot.process is not None]
             if not live and not any(slot.death for slot in self.slots):
                 return
-            wait = self._time_out()
+            wait = self._watch_records()
             ready = multiprocessing.connection.wait([slot.process.sentinel for slot in live], wait)
             for slot in live:
                 if slot.process is not None and slot.process.sentinel in ready:
                     slot.reap()
             for slot in self.slots:
-                if slot.death is not None and time.monotonic() >= slot.death.retry_at:
+                if slot.death is not None and time.monotonic() >= slot.retry_at:
                     self._settle_and_respawn(slot)
 
-    def _time_out(self) -> float:
-        """Kill the work processes whose attempt ran past its timeout; return how long the
-        supervisor may sleep before the next deadline."""
-        now = time.monotonic()
+    def _watch_records(self) -> float:
+        """Kill the work processes whose attempt ran past its timeout, report the starts of attempts
+        running longer than :data:`START_REPORT_DELAY` unreported; return how long the supervisor
+        may sleep before the next of these is due."""
+        now, wall = time.monotonic(), time.time()
         wait = POLL_SECONDS
         for slot in self.slots:
             snapshot = slot.record.read() if slot.process is not None else None
@@ -305,18 +235,30 @@ class LeanWorker:
                 continue
             if snapshot.deadline <= now:
                 slot.kill(Reason(FailureKind.TIMEOUT, snapshot.attempt))
-            else:
-                wait = min(wait, snapshot.deadline - now)
+                continue
+            wait = min(wait, snapshot.deadline - now)
+            if not snapshot.unreported or slot.record.claimed() == snapshot.attempt or now < slot.retry_at:
+                continue
+            due = snapshot.started + START_REPORT_DELAY
+            if due > wall:
+                wait = min(wait, due - wall)
+                continue
+            try:
+                self.settler.report_start(slot.inflight, snapshot)
+                slot.record.claim(snapshot.attempt)
+            except redis.RedisError as exc:
+                log.warning("%s: cannot report a start (%s); retrying", slot.name, exc)
+                slot.retry_at = now + RETRY_SECONDS
         return max(0.0, wait)
 
     def _settle_and_respawn(self, slot: _Slot) -> None:
         death = slot.death
         assert death is not None
         try:
-            self._settle_entries(slot, death)
+            self.settler.settle(slot.inflight, death)
         except redis.RedisError as exc:
             log.warning("%s: cannot settle its in-flight list yet (%s); retrying", slot.name, exc)
-            death.retry_at = time.monotonic() + SETTLE_RETRY_SECONDS
+            slot.retry_at = time.monotonic() + RETRY_SECONDS
             return
         slot.death = None
         done = death.snapshot is not None and death.snapshot.state is State.DONE
@@ -324,21 +266,6 @@ class LeanWorker:
             if death.reason is None:
                 log.warning("%s: work process died (%s); starting another", slot.name, death_error(death.exitcode))
             slot.spawn()
-
-    def _settle_entries(self, slot: _Slot, death: _Death) -> None:
-        """Report or requeue each entry a dead work process left in its in-flight list (each in one
-        script that first removes it, so what the work process reported itself is left alone)."""
-        for raw in self.connection.lrange(slot.inflight, 0, -1):
-            action, detail = verdict(raw, death.snapshot, death.reason, death.exitcode, len(self.queue_keys),
-                                     self.name)
-            if action == "report":
-                fields = [item for pair in detail.to_fields().items() for item in pair]
-                self._settle(keys=[slot.inflight, keys.events(detail.run_id)], args=[raw, "report", *fields])
-            elif action == "requeue":
-                self._settle(keys=[slot.inflight, self.queue_keys[detail]], args=[raw, "requeue"])
-            else:
-                log.error("%s: %s", slot.name, detail)
-                self._settle(keys=[slot.inflight], args=[raw, "drop"])
 
     def _cold_shutdown(self) -> None:
         """Kill every work process and hand the jobs in hand back to the front of their queues."""
@@ -355,7 +282,7 @@ class LeanWorker:
         for slot in self.slots:
             if slot.death is not None:
                 try:
-                    self._settle_entries(slot, slot.death)
+                    self.settler.settle(slot.inflight, slot.death)
                 except redis.RedisError as exc:
                     log.error("%s: could not hand its job back (%s); the coordinator will fail it as lost",
                               slot.name, exc)

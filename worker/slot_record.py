@@ -16,6 +16,12 @@ the parent treats as "nothing known" (see :mod:`worker.lean`).
 The attempt is identified by :func:`attempt_id`, a 64-bit hash of
 ``(run, task, attempt)``: the work processes are forked from the parent, so both
 sides hash with the same secret.
+
+One word is the parent's: ``claimed``, the attempt whose start the parent
+reported on the work process's behalf (a job taken while the worker was idle has
+its start reported with its outcome, unless it runs longer than
+:data:`worker.lean.START_REPORT_DELAY`; then the parent reports it). It is
+outside the seqlock: one aligned word, written by one side only.
 """
 from __future__ import annotations
 
@@ -37,7 +43,8 @@ class State(IntEnum):
     """In a finish-and-take call: reporting the attempt it ran and maybe taking the next one,
     from a queue it does not know yet. The attempt it ran is over: not to be timed out."""
     RUNNING = 3
-    """Holding attempt ``attempt`` from queue number ``queue`` since ``started``."""
+    """Holding attempt ``attempt`` from queue number ``queue`` since ``started`` (``unreported``:
+    its start is not reported yet)."""
     DONE = 4
     """Exiting on purpose (shutdown, or ``--burst`` with the queues empty): not to be replaced."""
 
@@ -52,6 +59,7 @@ class Snapshot:
     started: float
     deadline: float
     timeout: float
+    unreported: bool = False
 
     def holds(self, attempt: int) -> bool:
         return self.state is State.RUNNING and self.attempt == attempt
@@ -60,7 +68,7 @@ class Snapshot:
 class _Fields(ctypes.Structure):
     _fields_ = [("version", ctypes.c_uint64), ("state", ctypes.c_int32), ("queue", ctypes.c_int32),
                 ("attempt", ctypes.c_int64), ("started", ctypes.c_double), ("deadline", ctypes.c_double),
-                ("timeout", ctypes.c_double)]
+                ("timeout", ctypes.c_double), ("unreported", ctypes.c_int32), ("claimed", ctypes.c_int64)]
 
 
 def attempt_id(run_id: str, task: str, attempt: int) -> int:
@@ -77,7 +85,7 @@ class SlotRecord:
         self._fields = multiprocessing.sharedctypes.RawValue(_Fields)
 
     def set(self, state: State, queue: int = -1, attempt: int = 0, started: float = 0.0,
-            deadline: float = math.inf, timeout: float = 0.0) -> None:
+            deadline: float = math.inf, timeout: float = 0.0, unreported: bool = False) -> None:
         """Write a new state (the work process does; the parent only to reset a slot it respawns)."""
         f = self._fields
         f.version += 1
@@ -87,7 +95,15 @@ class SlotRecord:
         f.started = started
         f.deadline = deadline
         f.timeout = timeout
+        f.unreported = unreported
         f.version += 1
+
+    def claim(self, attempt: int) -> None:
+        """The parent reported the start of ``attempt`` (the work process then leaves it out)."""
+        self._fields.claimed = attempt
+
+    def claimed(self) -> int:
+        return self._fields.claimed
 
     def read(self) -> Optional[Snapshot]:
         """The record as last written; ``None`` if no consistent read was possible (a writer
@@ -97,7 +113,8 @@ class SlotRecord:
             before = f.version
             if before & 1:
                 continue
-            snapshot = Snapshot(State(f.state), f.queue, f.attempt, f.started, f.deadline, f.timeout)
+            snapshot = Snapshot(State(f.state), f.queue, f.attempt, f.started, f.deadline, f.timeout,
+                                bool(f.unreported))
             if f.version == before:
                 return snapshot
         return None

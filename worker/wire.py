@@ -40,28 +40,15 @@ class Wire:
 
     def __init__(self, client: redis.Redis) -> None:
         self._connection = client.connection_pool.make_connection()
-        self._unread = 0
 
     def call(self, *args: Arg) -> Any:
         """Send one command and return its reply (raises what redis-py raises for it)."""
         self._send(args)
         try:
-            while self._unread:
-                self._unread -= 1
-                try:
-                    self._connection.read_response()
-                except redis.ResponseError:
-                    pass  # the reply of a command sent with send(): nobody waits for it
             return self._connection.read_response()
         except (redis.ConnectionError, redis.TimeoutError):
             self._drop()
             raise
-
-    def send(self, *args: Arg) -> None:
-        """Send one command without waiting for its reply, which is read (and dropped) before the
-        next :meth:`call`'s: its round trip overlaps whatever the caller does meanwhile."""
-        self._send(args)
-        self._unread += 1
 
     def _send(self, args: Sequence[Arg]) -> None:
         try:
@@ -74,7 +61,6 @@ class Wire:
             raise redis.ConnectionError(str(exc)) from exc
 
     def _drop(self) -> None:
-        self._unread = 0
         self._connection.disconnect()
 
     def script(self, source: str) -> "WireScript":

@@ -5,7 +5,10 @@ script reports the outcome of the attempt it just ran (``XADD`` on the run's
 stream, ``LREM`` from its slot's in-flight list), moves the next job from a
 queue into that list (``LMOVE``) and reports it started (``XADD``). When the
 queues are empty it waits on ``BLMOVE`` (at most :data:`BLOCK_SECONDS`, so a
-shutdown is seen) and then reports the start itself.
+shutdown is seen). The start of a job taken that way is reported with its
+outcome, in the same script, unless the parent reported it first (it does for
+an attempt still running after ``START_REPORT_DELAY``): a short task then costs
+the coordinator one wake-up, not two.
 
 Nothing goes through the parent: the work process only keeps its
 :class:`~worker.slot_record.SlotRecord` current, from which the parent times
@@ -45,10 +48,15 @@ REDIS_RETRY_SECONDS = 1.0
 FINISH_AND_TAKE = """
 -- KEYS[1]: this slot's in-flight list; KEYS[2..]: queues, in the order to try.
 -- ARGV: finished job ('' for none), its run's event stream, worker name, now,
--- event stream key prefix and suffix, then the finished job's outcome fields.
+-- event stream key prefix and suffix, the number n of the finished job's start fields
+-- (0: its start was reported), those n fields, then its outcome fields.
 if ARGV[1] ~= '' then
-  if #ARGV > 6 then
-    redis.call('XADD', ARGV[2], '*', unpack(ARGV, 7))
+  local n = tonumber(ARGV[7])
+  if n > 0 then
+    redis.call('XADD', ARGV[2], '*', unpack(ARGV, 8, 7 + n))
+  end
+  if #ARGV > 7 + n then
+    redis.call('XADD', ARGV[2], '*', unpack(ARGV, 8 + n))
   end
   redis.call('LREM', KEYS[1], 1, ARGV[1])
 end
@@ -69,8 +77,9 @@ end
 return false
 """
 
-Done = tuple[bytes, Optional[Outcome]]
-"""A job that ran and its outcome (``None``: an unreadable entry, dropped without a report)."""
+Done = tuple[bytes, Optional[Outcome], Optional[Outcome]]
+"""A job that ran, its outcome (``None``: an unreadable entry, dropped without a report) and its
+start report if that is still to be made."""
 
 
 @dataclass(frozen=True)
@@ -110,6 +119,10 @@ def _detach(parent_pid: int) -> None:
         pass  # not Linux: the loop checks its parent between jobs instead
     if os.getppid() != parent_pid:
         os._exit(0)
+
+
+def _flat(fields: dict[str, Any]) -> list[Any]:
+    return [item for pair in fields.items() for item in pair]
 
 
 class _Loop:
@@ -193,14 +206,17 @@ class _Loop:
         slot's in-flight list, reported started. Returns (queue number, entry) or ``None``."""
         if done is None and not take:
             return None
-        raw, outcome = done if done is not None else (b"", None)
-        fields = outcome.to_fields() if outcome is not None else {}
+        raw, outcome, start = done if done is not None else (b"", None, None)
+        if start is not None and self.record.claimed() == attempt_id(start.run_id, start.task, start.attempt):
+            start = None  # the parent reported it
+        started = _flat(start.to_fields()) if start is not None and outcome is not None else []
         order = self._queues_in_turn() if take else []
         self.record.set(State.TAKING)
         reply = self._finish_and_take(
             keys=[self.inflight, *(self.config.queue_keys[i] for i in order)],
             args=[raw, keys.events(outcome.run_id) if outcome is not None else "", self.config.worker,
-                  repr(time.time()), *self._stream_affixes, *[item for pair in fields.items() for item in pair]])
+                  repr(time.time()), *self._stream_affixes, len(started), *started,
+                  *(_flat(outcome.to_fields()) if outcome is not None else [])])
         if not reply:
             return None
         position, job = reply
@@ -228,20 +244,17 @@ class _Loop:
         except MalformedJob as exc:
             if exc.attempt_key is None:
                 log.error("dropped an unreadable job from %s: %s", self._queue_name(queue), exc)
-                return raw, None
+                return raw, None, None
             run_id, task, attempt = exc.attempt_key
             log.error("job of task %r attempt %s in run %s is malformed: %s", task, attempt, run_id, exc)
             return raw, Outcome(run_id=run_id, task=task, attempt=attempt, status=FAILED, at=time.time(),
-                                error=f"SerializationError: malformed job: {exc}", worker=worker)
+                                error=f"SerializationError: malformed job: {exc}", worker=worker), None
         started = time.time()
         deadline = float("inf") if job.timeout is None else time.monotonic() + job.timeout
         self.record.set(State.RUNNING, queue=queue, attempt=attempt_id(job.run_id, job.task, job.attempt),
-                        started=started, deadline=deadline, timeout=job.timeout or 0.0)
-        if not reported:
-            fields = Outcome(run_id=job.run_id, task=job.task, attempt=job.attempt, status=STARTED, at=started,
-                             worker=worker).to_fields()
-            # not waited for: the task starts while the report travels (its reply is read with the next call's)
-            self.wire.send("XADD", keys.events(job.run_id), "*", *[item for pair in fields.items() for item in pair])
+                        started=started, deadline=deadline, timeout=job.timeout or 0.0, unreported=not reported)
+        start = None if reported else Outcome(run_id=job.run_id, task=job.task, attempt=job.attempt, status=STARTED,
+                                              at=started, worker=worker)
         outcome = attempt_outcome(self.task_connection, job.run_id, job.task, job.attempt, job.ref, job.payload,
                                   None, job.max_result_bytes, worker)
-        return raw, outcome
+        return raw, outcome, start
