@@ -43,7 +43,7 @@ from fault_helpers import (FAST_ENV, Background, Processes, counters, descendant
 from orchestrator import Task, Workflow  # noqa: E402
 from shared import keys  # noqa: E402
 from shared.jobs import job_message  # noqa: E402
-from shared.states import FailureKind, TaskState  # noqa: E402
+from shared.states import FailureKind  # noqa: E402
 from worker.settle import COLD, Death, Reason, verdict  # noqa: E402
 from worker.slot_record import SlotRecord, Snapshot, State, attempt_id  # noqa: E402
 

@@ -48,7 +48,6 @@ import socket
 import threading
 import time
 import uuid
-from dataclasses import dataclass
 from typing import Any, Optional
 
 import redis
@@ -176,10 +175,15 @@ class LeanWorker:
             except redis.RedisError as exc:
                 log.warning("heartbeat failed: %s", exc)
 
-    def _retire(self) -> None:
-        """Leave the registry; a slot whose in-flight list still holds work stays for the LossWatch."""
+    def _retire(self, cold: bool) -> None:
+        """Leave the registry; a slot whose in-flight list still holds work stays for the LossWatch.
+
+        After a cold shutdown the heartbeat is left to lapse: the attempts handed back were reported
+        started here, and the coordinator follows each to whichever worker takes it next; until then
+        (at most a heartbeat TTL) this worker's heartbeat stands for them."""
         pipe = self.connection.pipeline(transaction=True)
-        retire(pipe, self.name)
+        if not cold:
+            retire(pipe, self.name)
         self._forget_empty(keys=[keys.LEAN_WORKERS, *(slot.inflight for slot in self.slots)],
                            args=[slot.name for slot in self.slots], client=pipe)
         pipe.execute()
@@ -205,15 +209,16 @@ class LeanWorker:
                 slot.stop_if_holding(target, FailureKind.CANCELLED)
 
     # ------------------------------------------------------------------ supervision
-    def _supervise(self) -> None:
-        """Until every slot is done: reap deaths, settle them, respawn, time attempts out."""
+    def _supervise(self) -> bool:
+        """Until every slot is done: reap deaths, settle them, respawn, time attempts out. Returns
+        ``True`` after a cold shutdown (a second signal)."""
         while True:
             if self._signals >= 2:
                 self._cold_shutdown()
-                raise SystemExit(1)
+                return True
             live = [slot for slot in self.slots if slot.process is not None]
             if not live and not any(slot.death for slot in self.slots):
-                return
+                return False
             wait = self._watch_records()
             ready = multiprocessing.connection.wait([slot.process.sentinel for slot in live], wait)
             for slot in live:
@@ -286,14 +291,6 @@ class LeanWorker:
                 except redis.RedisError as exc:
                     log.error("%s: could not hand its job back (%s); the coordinator will fail it as lost",
                               slot.name, exc)
-        # Not retired: the attempts handed back were reported started here, and the coordinator
-        # follows them to whichever worker takes them next; until then (at most the heartbeat TTL)
-        # this worker's lapsing heartbeat stands for them. Only the emptied slots are forgotten.
-        try:
-            self._forget_empty(keys=[keys.LEAN_WORKERS, *(slot.inflight for slot in self.slots)],
-                               args=[slot.name for slot in self.slots])
-        except redis.RedisError:
-            pass
 
     # ------------------------------------------------------------------------ main
     def _on_signal(self, signum: int, frame: Any) -> None:
@@ -310,12 +307,19 @@ class LeanWorker:
         signal.signal(signal.SIGTERM, self._on_signal)
         signal.signal(signal.SIGINT, self._on_signal)
         self._beat()  # registered before any work process can take a job into its list
-        threading.Thread(target=self._heartbeat, name="heartbeat", daemon=True).start()
+        heartbeat = threading.Thread(target=self._heartbeat, name="heartbeat", daemon=True)
+        heartbeat.start()
         threading.Thread(target=self._listen_for_stops, name="stops", daemon=True).start()
         try:
             for slot in self.slots:
                 slot.spawn()
-            self._supervise()
-            self._retire()
+            cold = self._supervise()
         finally:
             self.finished.set()
+            heartbeat.join()  # no beat may land after the retirement
+        try:
+            self._retire(cold)
+        except redis.RedisError as exc:
+            log.warning("could not leave the registry (%s): the heartbeat will lapse", exc)
+        if cold:
+            raise SystemExit(1)
