@@ -202,8 +202,9 @@ class _Loop:
         return [(first + i) % n for i in range(n)]
 
     def finish_and_take(self, done: Optional[Done], take: bool) -> Optional[tuple[int, bytes]]:
-        """One round trip: report ``done`` and, if ``take``, move the next waiting job into this
-        slot's in-flight list, reported started. Returns (queue number, entry) or ``None``."""
+        """One round trip: report ``done`` (after its start, unless that was reported) and, if
+        ``take``, move the next waiting job into this slot's in-flight list, reported started.
+        Returns (queue number, entry) or ``None``."""
         if done is None and not take:
             return None
         raw, outcome, start = done if done is not None else (b"", None, None)
@@ -223,8 +224,8 @@ class _Loop:
         return order[int(position)], job
 
     def take_blocking(self) -> Optional[tuple[int, bytes]]:
-        """Wait up to :data:`BLOCK_SECONDS` for a job on the next queue in turn (not reported
-        started: :meth:`run_job` does it)."""
+        """Wait up to :data:`BLOCK_SECONDS` for a job on the next queue in turn (its start is not
+        reported here: it goes with its outcome, see :meth:`run_job`)."""
         number = self._queues_in_turn()[-1]
         self.record.set(State.BLOCKING, queue=number)
         raw = self.wire.call("BLMOVE", self.config.queue_keys[number], self.inflight, "LEFT", "RIGHT", BLOCK_SECONDS)
@@ -237,7 +238,9 @@ class _Loop:
         return self.config.queue_keys[number] if number >= 0 else "an unknown queue"
 
     def run_job(self, queue: int, raw: bytes, reported: bool) -> Done:
-        """Run one job taken from queue number ``queue``; return it with its outcome for reporting."""
+        """Run one job taken from queue number ``queue``; return it with its outcome for reporting,
+        and its start too unless ``reported`` (the parent reports that one instead if the attempt
+        runs longer than ``worker.settle.START_REPORT_DELAY``: the record says it is unreported)."""
         worker = self.config.worker
         try:
             job = parse_job_message(raw)
