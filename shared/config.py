@@ -15,6 +15,12 @@ def _env_int(name: str, default: int) -> int:
     return default if value in (None, "") else int(value)
 
 
+def max_result_bytes() -> int:
+    """``ORCH_MAX_RESULT_BYTES`` alone (a worker reads it for every attempt: cheaper than a
+    whole :class:`Settings`, which reads every variable)."""
+    return _env_int("ORCH_MAX_RESULT_BYTES", 16 * 1024 * 1024)
+
+
 @dataclass(frozen=True)
 class Settings:
     """Tunables, each read from its environment variable when not given.
@@ -35,7 +41,7 @@ class Settings:
     """
 
     retention: int = field(default_factory=lambda: _env_int("ORCH_RETENTION", 7 * 24 * 3600))
-    max_result_bytes: int = field(default_factory=lambda: _env_int("ORCH_MAX_RESULT_BYTES", 16 * 1024 * 1024))
+    max_result_bytes: int = field(default_factory=max_result_bytes)
     kill_grace: float = field(default_factory=lambda: _env_float("ORCH_KILL_GRACE", 2.0))
     heartbeat_ttl: float = field(default_factory=lambda: max(2.0, _env_float("ORCH_HEARTBEAT_TTL", 8.0)))
     lease_ttl: float = field(default_factory=lambda: max(1.0, _env_float("ORCH_LEASE_TTL", 5.0)))

@@ -27,8 +27,10 @@ key                             type    contents
                                         host, pid, concurrency); it lapses (TTL) when the worker dies
 ``orch:workers``                set     names of workers that heartbeat (see shared/workers.py)
 ``orch:queue:{queue}``          list    lean mode: attempts waiting (JSON), oldest first
-``orch:inflight:{worker}``      list    lean mode: attempts a worker has taken and not finished
-``orch:lean-workers``           set     lean mode: names of workers that may hold in-flight attempts
+``orch:inflight:{slot}``        list    lean mode: the attempt one work process has taken and not
+                                        finished (``{slot}`` is ``{worker}#{n}``, :func:`lean_slot`)
+``orch:lean-workers``           set     lean mode: the slots (``{worker}#{n}``) whose in-flight
+                                        lists may hold attempts; what the LossWatch inspects
 ``orch:stop`` (pub/sub)         channel lean mode: "stop this attempt" requests (cancellation)
 ==============================  ======  ==================================================
 
@@ -76,8 +78,26 @@ def lean_queue(queue: str) -> str:
     return f"{PREFIX}:queue:{queue}"
 
 
-def inflight(worker: str) -> str:
-    return f"{PREFIX}:inflight:{worker}"
+def inflight(slot: str) -> str:
+    """The in-flight list of one lean slot (:func:`lean_slot`)."""
+    return f"{PREFIX}:inflight:{slot}"
+
+
+def lean_slot(worker: str, number: int) -> str:
+    """The name of slot ``number`` of lean worker ``worker``: ``{worker}#{number}``.
+
+    Each work process has an in-flight list of its own (``inflight(lean_slot(...))``), so
+    that a work process that dies holding a job strands it where its parent, or the
+    coordinator once the worker's heartbeat lapsed, finds it.
+    """
+    return f"{worker}#{number}"
+
+
+def slot_worker(slot: str) -> str:
+    """The worker a slot name (:func:`lean_slot`) belongs to; a name without a slot number is
+    a worker's own name (an in-flight list of a worker from before per-slot lists)."""
+    worker, sep, number = slot.rpartition("#")
+    return worker if sep and number.isdigit() else slot
 
 
 def all_of_run(run_id: str) -> list[str]:

@@ -166,8 +166,7 @@ def orch_workers(redis_server: RedisServer, tmp_path: Path) -> Iterator[Callable
     ``orch worker`` processes (``mode="rq"``: ``orch worker --mode rq``) on ``redis_server``
     and returns once all of them are ready: in RQ mode, once all of them (times their
     concurrency) have registered with RQ; in lean mode, once each has added its name to
-    ``orch:lean-workers`` and set its heartbeat key (one member per process, whatever its
-    concurrency). Every process (and work horse, or lean work process) is gone after the test.
+    ``orch:lean-workers`` and set its heartbeat key (one member per slot: ``{name}#{n}``). Every process (and work horse, or lean work process) is gone after the test.
     """
     from rq import Worker
 
@@ -177,9 +176,13 @@ def orch_workers(redis_server: RedisServer, tmp_path: Path) -> Iterator[Callable
     started: list[WorkerProcess] = []
     client = redis_server.client()
 
+    def lean_workers() -> set[str]:
+        """Workers with slots in orch:lean-workers (its members are slot names, ``{worker}#{n}``)."""
+        return {keys.slot_worker(m.decode()) for m in client.smembers(keys.LEAN_WORKERS)}
+
     def ready_count(mode: str) -> int:
         if mode == "lean":
-            return client.scard(keys.LEAN_WORKERS)
+            return len(lean_workers())
         # registered with RQ, and in orch's registry (which submissions route by)
         return min(Worker.count(connection=client), sum(w.kind == "rq" for w in live_workers(client)))
 
@@ -187,7 +190,7 @@ def orch_workers(redis_server: RedisServer, tmp_path: Path) -> Iterator[Callable
         if ready_count(mode) < expected:
             return False
         if mode == "lean":  # lean workers are always named: check that it is these that joined
-            members = {m.decode() for m in client.smembers(keys.LEAN_WORKERS)}
+            members = lean_workers()
             return all(h.name in members and client.exists(keys.alive(h.name)) for h in batch)
         return True
 

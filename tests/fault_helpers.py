@@ -197,7 +197,10 @@ class Processes:
 
 def worker_ready(client: redis.Redis, name: str, mode: str) -> bool:
     if mode == "lean":
-        return bool(client.sismember("orch:lean-workers", name)) and bool(client.exists(f"orch:alive:{name}"))
+        from shared import keys
+
+        slots = {keys.slot_worker(m.decode()) for m in client.smembers(keys.LEAN_WORKERS)}
+        return name in slots and bool(client.exists(keys.alive(name)))
     # registered with RQ, and in orch's registry (which submissions route by)
     return bool(client.exists(f"rq:worker:{name}")) and bool(client.exists(f"orch:alive:{name}"))
 

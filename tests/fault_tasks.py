@@ -106,6 +106,17 @@ def slow_first(url: str, key: str, directory: str, first_seconds: float, first: 
     return later
 
 
+def slow_first_run(url: str, key: str, directory: str, first_seconds: float, first: Any, later: Any) -> Any:
+    """Like :func:`slow_first`, by execution rather than attempt: the first execution (of any
+    attempt) writes ``{directory}/{key}.pid``, sleeps and returns ``first``; later ones return ``later``
+    at once (an attempt handed back to its queue runs again with the same attempt number)."""
+    if count(url, key) == 1:
+        _write(os.path.join(directory, f"{key}.pid"), str(os.getpid()))
+        time.sleep(first_seconds)
+        return first
+    return later
+
+
 def sleep_with_pid(url: str, key: str, directory: str, seconds: float) -> str:
     """Write ``{directory}/{key}.pid`` and sleep (the cancellation target)."""
     count(url, key)

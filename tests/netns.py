@@ -206,7 +206,7 @@ def _wait_for_workers(conn, names: list[str], transport: str, timeout: float) ->
     deadline = time.monotonic() + timeout
     while True:
         if transport == "lean":
-            present = {m.decode() for m in conn.smembers(keys.LEAN_WORKERS)}
+            present = {keys.slot_worker(m.decode()) for m in conn.smembers(keys.LEAN_WORKERS)}
             present = {n for n in present if conn.exists(keys.alive(n))}
         else:
             present = {w.name for w in Worker.all(connection=conn)}

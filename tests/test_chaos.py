@@ -105,7 +105,7 @@ class Workers:
         from shared import keys
 
         if self.mode == "lean":
-            names = {m.decode() for m in conn.smembers(keys.LEAN_WORKERS)}
+            names = {keys.slot_worker(m.decode()) for m in conn.smembers(keys.LEAN_WORKERS)}
             return {n for n in names if conn.exists(keys.alive(n))}
         return {w.name for w in Worker.all(connection=conn)}
 

@@ -66,7 +66,9 @@ def assert_queues_empty(client, mode: str, *names: str, workers: tuple = ()) -> 
             assert Queue(name, connection=client, serializer=JSONSerializer).count == 0, f"jobs left in {name}"
     if mode == "lean":
         for worker in workers:
-            assert client.llen(keys.inflight(worker.name)) == 0, f"jobs left in {worker.name}'s hands"
+            for n in range(worker.concurrency):
+                slot = keys.lean_slot(worker.name, n)
+                assert client.llen(keys.inflight(slot)) == 0, f"jobs left in {slot}'s hands"
 
 
 def test_example_dag_gives_the_same_results_as_a_local_run(redis_server, orch_workers, mode) -> None:

@@ -1,38 +1,53 @@
-"""``orch worker --mode lean``: persistent work processes, no fork and no RQ job per task.
+"""``orch worker --mode lean``: persistent work processes that take and report their own jobs.
 
 RQ's worker forks a work horse for every job and spends about sixty Redis
 commands on each job's lifecycle; for short tasks that is most of the cost.
-The lean worker keeps one forked *work process* per slot alive across tasks
-and speaks to Redis itself, from the parent. While jobs are waiting, a slot
-spends one round trip per task: one script reports the outcome of the task it
-just ran (``XADD`` + ``LREM`` from its in-flight list), takes the next job
-(``LMOVE`` from the queue into the in-flight list) and reports that one
-started. When the queues are empty it blocks on ``BLMOVE`` and reports the
-start separately.
+The lean worker keeps one forked *work process* per slot alive across tasks.
+Each has its own Redis connection and its own in-flight list and runs the loop
+of :mod:`worker.work_process`: while jobs are waiting, one round trip per task
+reports the attempt it ran and takes the next one. Nothing is relayed through
+this process.
 
-The semantics are the RQ mode's: the same job function
-(:func:`worker.rq_job.run_attempt_of`), the same outcomes on the same stream,
-the same heartbeat key. Isolation and timeouts are kept: a work process that
-runs past its attempt's timeout, or dies, is killed and replaced, and the
-attempt is reported as a timeout or a crash. A stop request for a running
-attempt (cancellation) kills its work process the same way.
+This module is the parent, which only supervises:
 
-Shutdown: the first SIGTERM/SIGINT stops taking jobs and lets the jobs in hand
-finish; a second kills them and hands them back to their queue.
+- it registers the worker (heartbeat descriptor, ``orch:workers``, its slots in
+  ``orch:lean-workers``) and beats every second;
+- it listens for stop requests (cancellation) and kills the work process that
+  holds the attempt named, which is reported ``Cancelled``;
+- it kills a work process whose attempt runs past its timeout (``TaskTimeout``);
+- it notices a work process's death at once (its sentinel), and reports what
+  was in its hands, or puts it back on its queue, then starts a new one;
+- it reports the start of an attempt taken while the worker was idle once it
+  has run for ``START_REPORT_DELAY`` (a shorter one's start goes with its
+  outcome: one wake-up of the coordinator per task instead of two).
+
+It learns what each work process holds, and since when, from the slot's shared
+record (:mod:`worker.slot_record`), which the work process writes without ever
+waiting on the parent; after a death, the slot's in-flight list is the truth.
+What the parent writes, it writes through :mod:`worker.settle`, in scripts that
+first check the entry is still in the list, so an attempt the work process
+reported itself is never reported twice.
+
+The semantics are the RQ mode's: the same attempt function
+(:func:`worker.rq_job.attempt_outcome`), the same outcomes on the same stream,
+the same heartbeat key. Shutdown: the first SIGTERM/SIGINT lets the work
+processes finish the job in hand and take no new one; the second kills them
+and hands their jobs back to the front of their queues.
 """
 from __future__ import annotations
 
+import ctypes
 import json
 import logging
 import multiprocessing
+import multiprocessing.connection
+import multiprocessing.sharedctypes
 import os
-import pickle
 import signal
 import socket
 import threading
 import time
 import uuid
-from multiprocessing.connection import Connection
 from typing import Any, Optional
 
 import redis
@@ -40,182 +55,92 @@ import redis
 from shared import keys
 from shared.config import Settings
 from shared.connection import connect
-from shared.jobs import parse_job_message, MalformedJob
-from shared.messages import FAILED, STARTED, Outcome
-from shared.workers import LEAN, WorkerInfo, beat, retire
 from shared.states import FailureKind
-from worker.execute import death_error, kill_group, timeout_error
-from worker.rq_job import attempt_outcome
+from shared.workers import LEAN, WorkerInfo, beat, retire
+from worker.execute import death_error, kill_group
+from worker.settle import COLD, START_REPORT_DELAY, Death, Reason, Settler
+from worker.slot_record import SlotRecord, State, attempt_id
+from worker.work_process import BLOCK_SECONDS, SlotConfig, serve
+
+__all__ = ["LeanWorker", "BLOCK_SECONDS"]
 
 log = logging.getLogger("orch.worker")
-BLOCK_SECONDS = 1.0
-"""Longest wait for a job in one call, so shutdown requests are seen within a second."""
 
+POLL_SECONDS = 0.1
+"""Longest the parent sleeps between two looks at its slots' records (timeouts, start reports)."""
+RETRY_SECONDS = 1.0
+"""Pause before the parent writes for a slot again after a Redis error."""
+TAKING_WAIT_SECONDS = 1.0
+"""Longest a cold shutdown waits for a work process to get the reply of a take in progress."""
 
-_FINISH_AND_TAKE = """
--- KEYS[1]: this worker's in-flight list; KEYS[2..]: queues, in the order to try.
--- ARGV: finished job ('' for none), its run's event stream, worker name, now,
--- event stream key prefix and suffix, then the finished job's outcome fields.
-if ARGV[1] ~= '' then
-  if #ARGV > 6 then
-    redis.call('XADD', ARGV[2], '*', unpack(ARGV, 7))
-  end
-  redis.call('LREM', KEYS[1], 1, ARGV[1])
-end
+_FORGET_EMPTY = """
+-- KEYS[1]: orch:lean-workers; KEYS[2..]: in-flight lists; ARGV: their slot names, in order.
+-- A slot whose list is empty leaves the set (one that still holds work stays, for the LossWatch).
 for i = 2, #KEYS do
-  local job = redis.call('LMOVE', KEYS[i], KEYS[1], 'LEFT', 'RIGHT')
-  if job then
-    local ok, decoded = pcall(cjson.decode, job)
-    if ok and type(decoded) == 'table' and type(decoded[1]) == 'string' and type(decoded[2]) == 'string'
-        and type(decoded[3]) == 'number' and decoded[3] >= 1 and decoded[3] < 1e9
-        and decoded[3] == math.floor(decoded[3]) then
-      redis.call('XADD', ARGV[5] .. decoded[1] .. ARGV[6], '*', 'run', decoded[1], 'task', decoded[2],
-                 'attempt', string.format('%d', decoded[3]), 'status', 'started', 'at', ARGV[4],
-                 'worker', ARGV[3])
-    end
-    return {KEYS[i], job}
+  if redis.call('LLEN', KEYS[i]) == 0 then
+    redis.call('SREM', KEYS[1], ARGV[i - 1])
   end
 end
-return false
+return 1
 """
 
 
-def _work_process(redis_url: str, jobs: Connection) -> None:
-    """A work process's loop: run each job it is handed, send back its outcome."""
-    os.setpgrp()
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    connection = connect(redis_url, check=False)
-    while True:
-        try:
-            job = jobs.recv()
-        except EOFError:
-            return
-        run_id, task, attempt, ref, payload, _timeout, max_result_bytes, worker = job
-        outcome = attempt_outcome(connection, run_id, task, attempt, ref, payload, None, max_result_bytes, worker)
-        jobs.send_bytes(pickle.dumps(outcome))
-
-
 class _Slot:
-    """One work process and the thread in the parent that feeds it."""
+    """One work process, its shared record and its in-flight list, as the parent sees them."""
 
     def __init__(self, worker: "LeanWorker", number: int) -> None:
         self.worker = worker
         self.number = number
+        self.name = keys.lean_slot(worker.name, number)
+        self.inflight = keys.inflight(self.name)
+        self.record = SlotRecord()
         self.process: Optional[multiprocessing.process.BaseProcess] = None
-        self.conn: Optional[Connection] = None
-        self.current: Optional[tuple[str, bytes]] = None  # (queue key, raw message) in hand
-        self.thread = threading.Thread(target=self.loop, name=f"slot-{number}", daemon=True)
-        self._stopped_attempt: Optional[tuple[str, str, int]] = None
+        self.death: Optional[Death] = None
+        self.retry_at = 0.0
+        """When the parent may write for this slot again (after a Redis error)."""
+        self._reason: Optional[Reason] = None
+        self._lock = threading.Lock()
 
     def spawn(self) -> None:
-        context = multiprocessing.get_context("fork")
-        parent, child = context.Pipe(duplex=True)
-        self.process = context.Process(target=_work_process, args=(self.worker.redis_url, child), daemon=True,
-                                       name=f"orch-work-{self.number}")
-        self.process.start()
-        child.close()
-        self.conn = parent
-
-    def kill(self) -> None:
-        if self.process is None:
-            return
-        kill_group(self.process.pid)
-        self.process.kill()
-        self.process.join()
-        if self.conn is not None:
-            self.conn.close()
-        self.process = self.conn = None
-
-    def loop(self) -> None:
+        """Fork a new work process (from the main thread: it dies with the thread that forked it)."""
         w = self.worker
-        done: Optional[tuple[bytes, Optional[Outcome]]] = None  # ran, not yet reported
-        while not w.stopping.is_set():
-            try:
-                taken = w.finish_and_take(done)
-                done = None
-                reported = taken is not None
-                if taken is None:
-                    taken = w.take_job()
-            except redis.RedisError as exc:
-                log.warning("slot %s: Redis error (%s); retrying", self.number, exc)
-                time.sleep(1.0)
-                continue
-            if taken is None:
-                if w.burst:
-                    break  # --burst: the queues are empty, this slot is done
-                continue
-            self.current = taken
-            try:
-                done = self.run(*taken, reported=reported)
-            finally:
-                self.current = None
-        if done is not None:
-            w.finish_and_take(done, take=False)
-        self.kill()
+        self.record.set(State.IDLE)
+        self.record.claim(0)
+        config = SlotConfig(w.redis_url, w.name, self.number, tuple(w.queue_keys), w.burst, os.getpid())
+        process = multiprocessing.get_context("fork").Process(
+            target=serve, args=(config, self.record, w.halt), daemon=True, name=f"orch-work-{self.number}")
+        process.start()
+        self.process = process
 
-    def run(self, queue_key: str, raw: bytes, reported: bool) -> tuple[bytes, Optional[Outcome]]:
-        """Run one job; return it with its outcome (``None``: unreadable, dropped) for reporting."""
-        w = self.worker
-        try:
-            job = parse_job_message(raw)
-        except MalformedJob as exc:
-            if exc.attempt_key is None:
-                log.error("dropped an unreadable job from %s: %s", queue_key, exc)
-                return raw, None
-            run_id, task, attempt = exc.attempt_key
-            log.error("job of task %r attempt %s in run %s is malformed: %s", task, attempt, run_id, exc)
-            return raw, Outcome(run_id=run_id, task=task, attempt=attempt, status=FAILED, at=time.time(),
-                                error=f"SerializationError: malformed job: {exc}", worker=w.name)
-        run_id, task, attempt, ref, payload, timeout, max_result_bytes = job.args()
-        started = time.time()
-        if not reported:
-            w.publish(Outcome(run_id=run_id, task=task, attempt=attempt, status=STARTED, at=started,
-                              worker=w.name))
-        if self.process is None or not self.process.is_alive():
-            self.spawn()
-        assert self.conn is not None and self.process is not None
-        self.conn.send((run_id, task, attempt, ref, payload, timeout, max_result_bytes, w.name))
-        w.running[(run_id, task, attempt)] = self
-        try:
-            return raw, self._await(run_id, task, attempt, timeout, started)
-        finally:
-            w.running.pop((run_id, task, attempt), None)
-
-    def _await(self, run_id: str, task: str, attempt: int, timeout: Optional[float], started: float) -> Outcome:
-        assert self.conn is not None and self.process is not None
-        deadline = None if timeout is None else started + timeout
-        common = dict(run_id=run_id, task=task, attempt=attempt, status=FAILED, worker=self.worker.name,
-                      started_at=started)
-        while True:
-            wait = 0.5 if deadline is None else max(0.0, min(0.5, deadline - time.time()))
-            ready = multiprocessing.connection.wait([self.conn, self.process.sentinel], wait)
-            if self.conn in ready:
-                try:
-                    return pickle.loads(self.conn.recv_bytes())
-                except (EOFError, OSError):
-                    pass
-            if not self.process.is_alive() or (ready and self.conn not in ready):
-                self.process.join(timeout=1.0)
-                code = self.process.exitcode
-                self.kill()
-                if self._stopped_attempt == (run_id, task, attempt):
-                    return Outcome(at=time.time(), error="Cancelled: attempt stopped on request",
-                                   kind=FailureKind.CANCELLED, **common)
-                return Outcome(at=time.time(), error=death_error(code),
-                               kind=FailureKind.CRASHED, **common)
-            if deadline is not None and time.time() >= deadline:
-                self.kill()
-                return Outcome(at=time.time(), error=timeout_error(timeout), kind=FailureKind.TIMEOUT, **common)
-
-    def stop_attempt(self, key: tuple[str, str, int]) -> None:
-        self._stopped_attempt = key
-        if self.process is not None:
+    def kill(self, reason: Optional[Reason] = None) -> None:
+        """SIGKILL the work process and everything its task started (any thread may call this)."""
+        with self._lock:
+            if self.process is None:
+                return
+            if self._reason is None:
+                self._reason = reason
             kill_group(self.process.pid)
+            self.process.kill()
+
+    def stop_if_holding(self, attempt: int, kind: FailureKind) -> None:
+        snapshot = self.record.read()
+        if snapshot is not None and snapshot.holds(attempt):
+            self.kill(Reason(kind, attempt))
+
+    def reap(self) -> None:
+        """Collect a dead work process: what it held is settled next (:attr:`death`)."""
+        with self._lock:
+            process, self.process = self.process, None
+            reason, self._reason = self._reason, None
+        if process is None:
+            return
+        process.join()
+        kill_group(process.pid)  # whatever its task started and left behind
+        self.death = Death(process.exitcode, reason, self.record.read(), self.record.claimed())
 
 
 class LeanWorker:
-    """``concurrency`` slots serving the lean queues of ``queues``."""
+    """``concurrency`` work processes serving the lean queues of ``queues``, supervised."""
 
     def __init__(self, redis_url: str, queues: list[str], concurrency: int = 1, name: Optional[str] = None,
                  settings: Optional[Settings] = None, burst: bool = False) -> None:
@@ -225,69 +150,49 @@ class LeanWorker:
         self.queue_keys = [keys.lean_queue(q) for q in queues]
         self.name = name or f"{socket.gethostname()}.{os.getpid()}.{uuid.uuid4().hex[:6]}"
         self.settings = settings or Settings()
-        self.inflight_key = keys.inflight(self.name)
-        self.stopping = threading.Event()
-        self.running: dict[tuple[str, str, int], _Slot] = {}
+        self.halt = multiprocessing.sharedctypes.RawValue(ctypes.c_int, 0)
+        """Set on the first signal: work processes take no new job."""
+        self.finished = threading.Event()
         self.slots = [_Slot(self, n) for n in range(concurrency)]
-        self._next_queue = 0
-        self._finish_and_take = self.connection.register_script(_FINISH_AND_TAKE)
         self.info = WorkerInfo(self.name, LEAN, tuple(queues), concurrency)
+        self._signals = 0
+        self.settler = Settler(self.connection, self.queue_keys, self.name)
+        self._forget_empty = self.connection.register_script(_FORGET_EMPTY)
 
-    def take_job(self) -> Optional[tuple[str, bytes]]:
-        """Move one job from a queue to this worker's in-flight list, waiting up to a second."""
-        keys_in_turn = self._queues_in_turn()
-        for key in keys_in_turn[:-1]:
-            raw = self.connection.lmove(key, self.inflight_key, "LEFT", "RIGHT")
-            if raw is not None:
-                return key, raw
-        raw = self.connection.blmove(keys_in_turn[-1], self.inflight_key, BLOCK_SECONDS, "LEFT", "RIGHT")
-        return None if raw is None else (keys_in_turn[-1], raw)
-
-    def publish(self, outcome: Outcome) -> None:
-        self.connection.xadd(keys.events(outcome.run_id), outcome.to_fields())
-
-    def finish_and_take(self, done: Optional[tuple[bytes, Optional[Outcome]]],
-                        take: bool = True) -> Optional[tuple[str, bytes]]:
-        """One round trip: report ``done`` (a job and its outcome) and take the next waiting job,
-        reported started, if there is one (a job taken blocking is reported by the caller)."""
-        if done is None and not take:
-            return None
-        raw, outcome = done if done is not None else (b"", None)
-        fields = outcome.to_fields() if outcome is not None else {}
-        events_key = keys.events(outcome.run_id) if outcome is not None else ""
-        queue_keys = self._queues_in_turn() if take else []
-        prefix, suffix = keys.events("\0").split("\0")
-        reply = self._finish_and_take(
-            keys=[self.inflight_key, *queue_keys],
-            args=[raw, events_key, self.name, repr(time.time()), prefix, suffix,
-                  *[item for pair in fields.items() for item in pair]])
-        if not reply:
-            return None
-        key, job = reply
-        return (key.decode() if isinstance(key, bytes) else key), job
-
-    def _queues_in_turn(self) -> list[str]:
-        turn = self.queue_keys[self._next_queue:] + self.queue_keys[:self._next_queue]
-        self._next_queue = (self._next_queue + 1) % len(self.queue_keys)
-        return turn
-
+    # ------------------------------------------------------------------ registry
     def _beat(self) -> None:
+        """The heartbeat, and this worker's slots in ``orch:lean-workers`` (re-added each time, like
+        ``orch:workers``: a coordinator that thought the worker dead may have forgotten them)."""
         pipe = self.connection.pipeline(transaction=False)
         beat(pipe, self.info, self.settings.heartbeat_ttl)
+        pipe.sadd(keys.LEAN_WORKERS, *(slot.name for slot in self.slots))
         pipe.execute()
 
     def _heartbeat(self) -> None:
-        while not self.stopping.is_set():
+        while not self.finished.wait(1.0):
             try:
                 self._beat()
             except redis.RedisError as exc:
                 log.warning("heartbeat failed: %s", exc)
-            self.stopping.wait(1.0)
 
+    def _retire(self, cold: bool) -> None:
+        """Leave the registry; a slot whose in-flight list still holds work stays for the LossWatch.
+
+        After a cold shutdown the heartbeat is left to lapse: the attempts handed back were reported
+        started here, and the coordinator follows each to whichever worker takes it next; until then
+        (at most a heartbeat TTL) this worker's heartbeat stands for them."""
+        pipe = self.connection.pipeline(transaction=True)
+        if not cold:
+            retire(pipe, self.name)
+        self._forget_empty(keys=[keys.LEAN_WORKERS, *(slot.inflight for slot in self.slots)],
+                           args=[slot.name for slot in self.slots], client=pipe)
+        pipe.execute()
+
+    # ----------------------------------------------------------------- stop requests
     def _listen_for_stops(self) -> None:
         pubsub = self.connection.pubsub(ignore_subscribe_messages=True)
         pubsub.subscribe(keys.STOP_CHANNEL)
-        while not self.stopping.is_set():
+        while not self.finished.is_set():
             try:
                 message = pubsub.get_message(timeout=1.0)
             except redis.RedisError:
@@ -297,53 +202,124 @@ class LeanWorker:
                 continue
             try:
                 run_id, task, attempt = json.loads(message["data"])
-                key = (run_id, task, int(attempt))
+                target = attempt_id(run_id, task, int(attempt))
             except (ValueError, TypeError):
                 continue
-            slot = self.running.get(key)
-            if slot is not None:
-                slot.stop_attempt(key)
+            for slot in self.slots:
+                slot.stop_if_holding(target, FailureKind.CANCELLED)
 
-    def _hand_back(self) -> None:
-        """Put the jobs still in hand back at the front of their queues (second signal)."""
+    # ------------------------------------------------------------------ supervision
+    def _supervise(self) -> bool:
+        """Until every slot is done: reap deaths, settle them, respawn, time attempts out. Returns
+        ``True`` after a cold shutdown (a second signal)."""
+        while True:
+            if self._signals >= 2:
+                self._cold_shutdown()
+                return True
+            live = [slot for slot in self.slots if slot.process is not None]
+            if not live and not any(slot.death for slot in self.slots):
+                return False
+            wait = self._watch_records()
+            ready = multiprocessing.connection.wait([slot.process.sentinel for slot in live], wait)
+            for slot in live:
+                if slot.process is not None and slot.process.sentinel in ready:
+                    slot.reap()
+            for slot in self.slots:
+                if slot.death is not None and time.monotonic() >= slot.retry_at:
+                    self._settle_and_respawn(slot)
+
+    def _watch_records(self) -> float:
+        """Kill the work processes whose attempt ran past its timeout, report the starts of attempts
+        running longer than :data:`START_REPORT_DELAY` unreported; return how long the supervisor
+        may sleep before the next of these is due."""
+        now, wall = time.monotonic(), time.time()
+        wait = POLL_SECONDS
         for slot in self.slots:
-            taken = slot.current
-            if taken is not None:
-                queue_key, raw = taken
-                pipe = self.connection.pipeline(transaction=True)
-                pipe.lrem(self.inflight_key, 1, raw)
-                pipe.lpush(queue_key, raw)
-                pipe.execute()
-            slot.kill()
+            snapshot = slot.record.read() if slot.process is not None else None
+            if snapshot is None or snapshot.state is not State.RUNNING:
+                continue
+            if snapshot.deadline <= now:
+                slot.kill(Reason(FailureKind.TIMEOUT, snapshot.attempt))
+                continue
+            wait = min(wait, snapshot.deadline - now)
+            if not snapshot.unreported or slot.record.claimed() == snapshot.attempt or now < slot.retry_at:
+                continue
+            due = snapshot.started + START_REPORT_DELAY
+            if due > wall:
+                wait = min(wait, due - wall)
+                continue
+            try:
+                self.settler.report_start(slot.inflight, snapshot)
+                slot.record.claim(snapshot.attempt)
+            except redis.RedisError as exc:
+                log.warning("%s: cannot report a start (%s); retrying", slot.name, exc)
+                slot.retry_at = now + RETRY_SECONDS
+        return max(0.0, wait)
+
+    def _settle_and_respawn(self, slot: _Slot) -> None:
+        death = slot.death
+        assert death is not None
+        try:
+            self.settler.settle(slot.inflight, death)
+        except redis.RedisError as exc:
+            log.warning("%s: cannot settle its in-flight list yet (%s); retrying", slot.name, exc)
+            slot.retry_at = time.monotonic() + RETRY_SECONDS
+            return
+        slot.death = None
+        done = death.snapshot is not None and death.snapshot.state is State.DONE
+        if not (self.halt.value or done):
+            if death.reason is None:
+                log.warning("%s: work process died (%s); starting another", slot.name, death_error(death.exitcode))
+            slot.spawn()
+
+    def _cold_shutdown(self) -> None:
+        """Kill every work process and hand the jobs in hand back to the front of their queues."""
+        self.halt.value = 1
+        for slot in self.slots:
+            deadline = time.monotonic() + TAKING_WAIT_SECONDS
+            while slot.process is not None and time.monotonic() < deadline:
+                snapshot = slot.record.read()
+                if snapshot is None or snapshot.state is not State.TAKING:
+                    break
+                time.sleep(0.001)  # a take in flight: once its reply is in, the job's queue is known
+            slot.kill(COLD)
+            slot.reap()
+        for slot in self.slots:
+            if slot.death is not None:
+                try:
+                    self.settler.settle(slot.inflight, slot.death)
+                except redis.RedisError as exc:
+                    log.error("%s: could not hand its job back (%s); the coordinator will fail it as lost",
+                              slot.name, exc)
+
+    # ------------------------------------------------------------------------ main
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        self._signals += 1
+        self.halt.value = 1
+        if self._signals == 1:
+            log.info("warm shut down: finishing the jobs in hand (signal again to stop at once)")
+        else:
+            log.info("cold shut down: handing the jobs in hand back to their queues")
 
     def work(self) -> None:
-        """Serve until SIGTERM/SIGINT (first: finish jobs in hand; second: hand them back and exit)."""
-        signals = {"count": 0}
-
-        def on_signal(signum: int, frame: Any) -> None:
-            signals["count"] += 1
-            self.stopping.set()
-            if signals["count"] == 1:
-                log.info("warm shut down: finishing the jobs in hand (signal again to stop at once)")
-            else:
-                log.info("cold shut down: handing the jobs in hand back to their queues")
-                self._hand_back()
-                os._exit(1)
-
-        signal.signal(signal.SIGTERM, on_signal)
-        signal.signal(signal.SIGINT, on_signal)
-        self._beat()
-        self.connection.sadd(keys.LEAN_WORKERS, self.name)
-        threading.Thread(target=self._heartbeat, name="heartbeat", daemon=True).start()
+        """Serve until SIGTERM/SIGINT (first: finish jobs in hand; second: hand them back and exit
+        with status 1) or, with ``burst``, until the queues are empty."""
+        signal.signal(signal.SIGTERM, self._on_signal)
+        signal.signal(signal.SIGINT, self._on_signal)
+        self._beat()  # registered before any work process can take a job into its list
+        heartbeat = threading.Thread(target=self._heartbeat, name="heartbeat", daemon=True)
+        heartbeat.start()
         threading.Thread(target=self._listen_for_stops, name="stops", daemon=True).start()
-        for slot in self.slots:
-            slot.spawn()
-            slot.thread.start()
-        while any(slot.thread.is_alive() for slot in self.slots):
+        try:
             for slot in self.slots:
-                slot.thread.join(timeout=0.5)
-        pipe = self.connection.pipeline(transaction=True)
-        retire(pipe, self.name)
-        pipe.delete(self.inflight_key)
-        pipe.srem(keys.LEAN_WORKERS, self.name)
-        pipe.execute()
+                slot.spawn()
+            cold = self._supervise()
+        finally:
+            self.finished.set()
+            heartbeat.join()  # no beat may land after the retirement
+        try:
+            self._retire(cold)
+        except redis.RedisError as exc:
+            log.warning("could not leave the registry (%s): the heartbeat will lapse", exc)
+        if cold:
+            raise SystemExit(1)

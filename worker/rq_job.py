@@ -18,7 +18,7 @@ import redis
 from rq import get_current_job
 
 from shared import codec, keys
-from shared.config import Settings
+from shared.config import max_result_bytes
 from shared.context import TaskContext, running
 from shared.errors import WorkflowError
 from shared.messages import FAILED, STARTED, Outcome
@@ -93,7 +93,7 @@ def attempt_outcome(connection: redis.Redis, run_id: str, task: str, attempt: in
 def result_limit(requested: Any) -> int:
     """The largest result this attempt may return: the smaller of the coordinator's limit (sent
     with the job) and this worker's own ``ORCH_MAX_RESULT_BYTES``."""
-    own = Settings().max_result_bytes
+    own = max_result_bytes()
     try:
         return own if requested is None else min(own, int(requested))
     except (TypeError, ValueError):

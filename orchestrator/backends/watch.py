@@ -8,8 +8,11 @@ Three ways an attempt can be stranded, and how each is seen:
    start: RQ parks a job it is taking in the queue's *intermediate* list and
    removes it once the work horse starts it, milliseconds later. A job of ours
    still there after ``heartbeat_ttl`` belongs to a worker that died in between.
-3. A lean worker took it and died: the job sits in the dead worker's in-flight
-   list (``BLMOVE`` put it there atomically), and the worker's heartbeat lapsed.
+3. A lean worker took it and died: the job sits in the in-flight list of the
+   work process that took it (``LMOVE``/``BLMOVE`` put it there atomically; one
+   list per slot, each named in ``orch:lean-workers``), and the worker's
+   heartbeat lapsed. (A work process that dies while its worker lives is
+   settled by the worker itself.)
 
 Each becomes a ``TaskFailed(kind=LOST)`` event; the scheduler retries it like
 any failure, and ignores it if the attempt had finished after all.
@@ -129,15 +132,24 @@ class LossWatch:
         return lost
 
     def _stranded_lean(self) -> list[Event]:
-        """Attempts of this run in the in-flight list of a lean worker whose heartbeat lapsed."""
-        workers = sorted(w.decode() if isinstance(w, bytes) else w
-                         for w in self.connection.smembers(keys.LEAN_WORKERS))
+        """Attempts of this run in an in-flight list of a lean worker whose heartbeat lapsed.
+
+        ``orch:lean-workers`` holds slot names (``{worker}#{n}``, one in-flight list each); a
+        worker's slots are all inspected once its heartbeat is gone, and each empty one is
+        forgotten."""
+        slots = sorted(s.decode() if isinstance(s, bytes) else s
+                       for s in self.connection.smembers(keys.LEAN_WORKERS))
+        workers = sorted({keys.slot_worker(slot) for slot in slots})
+        alive = dict(zip(workers, self._alive(workers)))
+        dead = [slot for slot in slots if not alive[keys.slot_worker(slot)]]
+        if not dead:
+            return []
+        pipe = self.connection.pipeline(transaction=False)
+        for slot in dead:
+            pipe.lrange(keys.inflight(slot), 0, -1)
         lost: list[Event] = []
-        for worker, alive in zip(workers, self._alive(workers)):
-            if alive:
-                continue
-            key = keys.inflight(worker)
-            entries = self.connection.lrange(key, 0, -1)
+        for slot, entries in zip(dead, pipe.execute()):
+            worker, key = keys.slot_worker(slot), keys.inflight(slot)
             for raw in entries:
                 try:
                     run_id, task, attempt = json.loads(raw)[:3]
@@ -150,15 +162,16 @@ class LossWatch:
                 self.running.pop(task, None)
                 lost.append(self._lost(task, attempt, f"worker {worker} died holding this attempt"))
             if not entries:
-                self._forget_if_empty(worker, key)
+                self._forget_if_empty(slot, key)
         return lost
 
-    def _forget_if_empty(self, worker: str, key: str) -> None:
-        """A dead lean worker with nothing in flight leaves the set (atomically: it may still hold work)."""
+    def _forget_if_empty(self, slot: str, key: str) -> None:
+        """A dead lean worker's slot with nothing in flight leaves the set (atomically: it may still
+        hold work)."""
         def forget(pipe: redis.client.Pipeline) -> None:
             if pipe.llen(key) == 0:
                 pipe.multi()
-                pipe.srem(keys.LEAN_WORKERS, worker)
+                pipe.srem(keys.LEAN_WORKERS, slot)
 
         try:
             self.connection.transaction(forget, key)

@@ -1,0 +1,263 @@
+"""The loop of one lean work process: take a job, run it, report it, with its own Redis connection.
+
+While jobs are waiting, a work process spends one round trip per task: one
+script reports the outcome of the attempt it just ran (``XADD`` on the run's
+stream, ``LREM`` from its slot's in-flight list), moves the next job from a
+queue into that list (``LMOVE``) and reports it started (``XADD``). When the
+queues are empty it waits on ``BLMOVE`` (at most :data:`BLOCK_SECONDS`, so a
+shutdown is seen). The start of a job taken that way is reported with its
+outcome, in the same script, unless the parent reported it first (it does for
+an attempt still running after ``START_REPORT_DELAY``): a short task then costs
+the coordinator one wake-up, not two.
+
+Nothing goes through the parent: the work process only keeps its
+:class:`~worker.slot_record.SlotRecord` current, from which the parent times
+attempts out, finds the attempt a stop request names and learns, after a
+death, what the work process held. Each slot has an in-flight list of its own
+(``orch:inflight:{worker}#{n}``), so a work process that dies right after a
+take strands that job only in a list its parent, or the coordinator's
+``LossWatch``, inspects.
+"""
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import signal
+import time
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import redis
+
+from shared import keys
+from shared.connection import connect
+from shared.jobs import MalformedJob, parse_job_message
+from shared.messages import FAILED, STARTED, Outcome
+from worker.rq_job import attempt_outcome
+from worker.slot_record import SlotRecord, State, attempt_id
+from worker.wire import Wire
+
+log = logging.getLogger("orch.worker")
+
+BLOCK_SECONDS = 1.0
+"""Longest wait for a job in one call, so shutdown requests are seen within a second."""
+REDIS_RETRY_SECONDS = 1.0
+"""Pause after a Redis error before the loop tries again."""
+
+FINISH_AND_TAKE = """
+-- KEYS[1]: this slot's in-flight list; KEYS[2..]: queues, in the order to try.
+-- ARGV: finished job ('' for none), its run's event stream, worker name, now,
+-- event stream key prefix and suffix, the number n of the finished job's start fields
+-- (0: its start was reported), those n fields, then its outcome fields.
+if ARGV[1] ~= '' then
+  local n = tonumber(ARGV[7])
+  if n > 0 then
+    redis.call('XADD', ARGV[2], '*', unpack(ARGV, 8, 7 + n))
+  end
+  if #ARGV > 7 + n then
+    redis.call('XADD', ARGV[2], '*', unpack(ARGV, 8 + n))
+  end
+  redis.call('LREM', KEYS[1], 1, ARGV[1])
+end
+for i = 2, #KEYS do
+  local job = redis.call('LMOVE', KEYS[i], KEYS[1], 'LEFT', 'RIGHT')
+  if job then
+    local ok, decoded = pcall(cjson.decode, job)
+    if ok and type(decoded) == 'table' and type(decoded[1]) == 'string' and type(decoded[2]) == 'string'
+        and type(decoded[3]) == 'number' and decoded[3] >= 1 and decoded[3] < 1e9
+        and decoded[3] == math.floor(decoded[3]) then
+      redis.call('XADD', ARGV[5] .. decoded[1] .. ARGV[6], '*', 'run', decoded[1], 'task', decoded[2],
+                 'attempt', string.format('%d', decoded[3]), 'status', 'started', 'at', ARGV[4],
+                 'worker', ARGV[3])
+    end
+    return {i - 2, job}
+  end
+end
+return false
+"""
+
+Done = tuple[bytes, Optional[Outcome], Optional[Outcome]]
+"""A job that ran, its outcome (``None``: an unreadable entry, dropped without a report) and its
+start report if that is still to be made."""
+
+
+@dataclass(frozen=True)
+class SlotConfig:
+    """What a work process needs to know, fixed when its parent forks it."""
+
+    redis_url: str
+    worker: str
+    number: int
+    queue_keys: tuple[str, ...]
+    burst: bool
+    parent_pid: int
+
+    @property
+    def slot(self) -> str:
+        return keys.lean_slot(self.worker, self.number)
+
+
+def serve(config: SlotConfig, record: SlotRecord, halt: Any) -> None:
+    """The body of a forked work process: take, run and report jobs until ``halt.value`` is set
+    (a warm shutdown: the job in hand is finished and reported first) or, with ``burst``, until
+    the queues are empty. Returns (exit code 0) after writing :attr:`State.DONE`."""
+    _detach(config.parent_pid)
+    _Loop(config, record, halt).run()
+
+
+def _detach(parent_pid: int) -> None:
+    """A process group of its own (a timeout or a cancel kills the task's children too), no
+    reaction to the terminal's Ctrl-C (the parent decides), and death with the parent."""
+    os.setpgrp()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG: a SIGKILLed parent takes its work processes along
+    except (OSError, AttributeError):
+        pass  # not Linux: the loop checks its parent between jobs instead
+    if os.getppid() != parent_pid:
+        os._exit(0)
+
+
+def _flat(fields: dict[str, Any]) -> list[Any]:
+    return [item for pair in fields.items() for item in pair]
+
+
+class _Loop:
+    def __init__(self, config: SlotConfig, record: SlotRecord, halt: Any) -> None:
+        self.config = config
+        self.record = record
+        self.halt = halt
+        # The loop's own commands go on a bare connection that never re-sends a command behind its
+        # back (a take re-sent after a lost reply would leave the first job in the in-flight list
+        # unseen); tasks reading upstream results use a client that may.
+        self.task_connection = connect(config.redis_url, check=False)
+        self.wire = Wire(self.task_connection)
+        self.inflight = keys.inflight(config.slot)
+        self._finish_and_take = self.wire.script(FINISH_AND_TAKE)
+        self._next_queue = config.number % len(config.queue_keys)  # slots start on different queues
+        self._stream_affixes = tuple(keys.events("\0").split("\0"))
+        self._unsure = False
+        self._adopted: list[tuple[int, bytes]] = []
+
+    def _stopping(self) -> bool:
+        return bool(self.halt.value) or os.getppid() != self.config.parent_pid
+
+    def run(self) -> None:
+        done: Optional[Done] = None
+        while not self._stopping():
+            try:
+                if self._unsure:
+                    done = self._recover(done)
+                taken, reported = self._next(done)
+            except redis.RedisError as exc:
+                log.warning("%s: Redis error (%s); retrying", self.config.slot, exc)
+                self._unsure = True
+                self.record.set(State.IDLE)
+                time.sleep(REDIS_RETRY_SECONDS)
+                continue
+            done = None
+            if taken is None:
+                if self.config.burst:
+                    break  # --burst: the queues are empty, this slot is done
+                continue
+            done = self.run_job(*taken, reported=reported)
+        if done is not None:
+            try:
+                self.finish_and_take(done, take=False)
+            except redis.RedisError as exc:  # the parent reports it from the in-flight list
+                log.warning("%s: could not report the last attempt (%s)", self.config.slot, exc)
+                return
+        self.record.set(State.DONE)
+
+    def _next(self, done: Optional[Done]) -> tuple[Optional[tuple[int, bytes]], bool]:
+        """Report ``done`` and take the next job: (queue number and entry, or ``None``; whether
+        its start was reported)."""
+        if self._adopted:
+            self.finish_and_take(done, take=False)
+            return self._adopted.pop(0), False
+        taken = self.finish_and_take(done, take=True)
+        if taken is not None:
+            return taken, True
+        return self.take_blocking(), False
+
+    def _recover(self, done: Optional[Done]) -> Optional[Done]:
+        """After a Redis error it is unknown whether the failed call reported ``done`` or took a
+        job: the in-flight list says. Entries other than ``done`` are jobs taken whose reply was
+        lost; they are run next (queue unknown: -1). Returns ``done`` if it is still to report."""
+        entries = self.wire.call("LRANGE", self.inflight, 0, -1)
+        if done is not None and done[0] not in entries:
+            done = None  # the script that reported it ran
+        self._adopted = [(-1, raw) for raw in entries if done is None or raw != done[0]]
+        self._unsure = False
+        return done
+
+    def _queues_in_turn(self) -> list[int]:
+        """Queue numbers in the order to try: round robin, one step per call."""
+        n = len(self.config.queue_keys)
+        first = self._next_queue
+        self._next_queue = (first + 1) % n
+        return [(first + i) % n for i in range(n)]
+
+    def finish_and_take(self, done: Optional[Done], take: bool) -> Optional[tuple[int, bytes]]:
+        """One round trip: report ``done`` (after its start, unless that was reported) and, if
+        ``take``, move the next waiting job into this slot's in-flight list, reported started.
+        Returns (queue number, entry) or ``None``."""
+        if done is None and not take:
+            return None
+        raw, outcome, start = done if done is not None else (b"", None, None)
+        if start is not None and self.record.claimed() == attempt_id(start.run_id, start.task, start.attempt):
+            start = None  # the parent reported it
+        started = _flat(start.to_fields()) if start is not None and outcome is not None else []
+        order = self._queues_in_turn() if take else []
+        self.record.set(State.TAKING)
+        reply = self._finish_and_take(
+            keys=[self.inflight, *(self.config.queue_keys[i] for i in order)],
+            args=[raw, keys.events(outcome.run_id) if outcome is not None else "", self.config.worker,
+                  repr(time.time()), *self._stream_affixes, len(started), *started,
+                  *(_flat(outcome.to_fields()) if outcome is not None else [])])
+        if not reply:
+            return None
+        position, job = reply
+        return order[int(position)], job
+
+    def take_blocking(self) -> Optional[tuple[int, bytes]]:
+        """Wait up to :data:`BLOCK_SECONDS` for a job on the next queue in turn (its start is not
+        reported here: it goes with its outcome, see :meth:`run_job`)."""
+        number = self._queues_in_turn()[-1]
+        self.record.set(State.BLOCKING, queue=number)
+        raw = self.wire.call("BLMOVE", self.config.queue_keys[number], self.inflight, "LEFT", "RIGHT", BLOCK_SECONDS)
+        if raw is None:
+            self.record.set(State.IDLE)
+            return None
+        return number, raw
+
+    def _queue_name(self, number: int) -> str:
+        return self.config.queue_keys[number] if number >= 0 else "an unknown queue"
+
+    def run_job(self, queue: int, raw: bytes, reported: bool) -> Done:
+        """Run one job taken from queue number ``queue``; return it with its outcome for reporting,
+        and its start too unless ``reported`` (the parent reports that one instead if the attempt
+        runs longer than ``worker.settle.START_REPORT_DELAY``: the record says it is unreported)."""
+        worker = self.config.worker
+        try:
+            job = parse_job_message(raw)
+        except MalformedJob as exc:
+            if exc.attempt_key is None:
+                log.error("dropped an unreadable job from %s: %s", self._queue_name(queue), exc)
+                return raw, None, None
+            run_id, task, attempt = exc.attempt_key
+            log.error("job of task %r attempt %s in run %s is malformed: %s", task, attempt, run_id, exc)
+            return raw, Outcome(run_id=run_id, task=task, attempt=attempt, status=FAILED, at=time.time(),
+                                error=f"SerializationError: malformed job: {exc}", worker=worker), None
+        started = time.time()
+        deadline = float("inf") if job.timeout is None else time.monotonic() + job.timeout
+        self.record.set(State.RUNNING, queue=queue, attempt=attempt_id(job.run_id, job.task, job.attempt),
+                        started=started, deadline=deadline, timeout=job.timeout or 0.0, unreported=not reported)
+        start = None if reported else Outcome(run_id=job.run_id, task=job.task, attempt=job.attempt, status=STARTED,
+                                              at=started, worker=worker)
+        outcome = attempt_outcome(self.task_connection, job.run_id, job.task, job.attempt, job.ref, job.payload,
+                                  None, job.max_result_bytes, worker)
+        return raw, outcome, start
