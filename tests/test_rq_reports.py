@@ -123,3 +123,29 @@ def _wait(predicate: Callable[[], bool], what: str, timeout: float = 30.0) -> No
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout:g}s waiting for {what}")
         time.sleep(0.05)
+
+
+def test_between_jobs_rq_shows_the_worker_as_it_would_without_the_left_out_writes(
+        redis_server: Any, orch_workers: Callable) -> None:
+    """``worker.rq_bookkeeping`` leaves out repeated writes: RQ still sees an idle worker on its
+    queue, counting its jobs, whose key lives RQ's worker TTL (not the shorter one set during a job)."""
+    import subprocess
+    import sys
+
+    client = redis_server.client()
+    _enqueue(client, {f"t{i}": ("dist_tasks:add", (i, 1)) for i in range(5)})
+    orch_workers(1, queues=[QUEUE])
+    (rq_worker,) = Worker.all(connection=client)
+
+    def settled() -> bool:
+        rq_worker.refresh()
+        return rq_worker.successful_job_count == 5 and rq_worker.get_state() == "idle"
+
+    _wait(settled, "the worker to run the 5 jobs and go idle")
+    assert client.ttl(rq_worker.key) > 61 + 5
+    shown = subprocess.run([sys.executable, "-m", "rq.cli", "info", "--url", redis_server.url],
+                           capture_output=True, text=True, timeout=30)
+    assert shown.returncode == 0, shown.stderr
+    assert f"{QUEUE}      | 0, 0 executing, 5 finished, 0 failed" in shown.stdout, shown.stdout
+    assert f"): idle {QUEUE}. jobs: 5 finished, 0 failed" in shown.stdout, shown.stdout
+    assert rq_worker.name in shown.stdout, shown.stdout

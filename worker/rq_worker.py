@@ -44,6 +44,7 @@ from shared.messages import FAILED, STARTED, Outcome
 from shared.states import FailureKind
 from shared.workers import RQ, WorkerInfo, beat, retire
 from worker.execute import death_error, timeout_error
+from worker.rq_bookkeeping import QuietBookkeeping
 from worker.rq_job import holding_outcomes, publish
 
 MONITORING_INTERVAL = 1
@@ -75,8 +76,9 @@ def attempt_of(job: Job) -> Optional[tuple[str, str, int, Optional[float]]]:
     return run_id, task, attempt, timeout
 
 
-class OrchWorker(Worker):
-    """A forking RQ worker for orch jobs (plain RQ jobs on the same queues still work)."""
+class OrchWorker(QuietBookkeeping, Worker):
+    """A forking RQ worker for orch jobs (plain RQ jobs on the same queues still work), without
+    RQ's repeated writes of its own state between jobs (:mod:`worker.rq_bookkeeping`)."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         kwargs.setdefault("serializer", JSONSerializer)
