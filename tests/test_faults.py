@@ -29,7 +29,7 @@ import pytest
 import redis
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from rq import Queue
+from rq import Queue, Worker
 from rq.serializers import JSONSerializer
 
 TESTS_DIR = Path(__file__).resolve().parent
@@ -245,7 +245,7 @@ def _lease_holder(client: redis.Redis, run_id: str) -> Any:
 
 
 def test_resume_after_the_coordinator_was_killed_runs_nothing_twice(procs: Processes) -> None:
-    procs.workers(2)
+    workers = procs.workers(2)
     url = procs.redis_url
     client = client_of(url)
     submit = procs.start("submit", ["submit", "tests/fault_tasks.py:resumable", "--redis-url", url, "-q"])
@@ -262,16 +262,25 @@ def test_resume_after_the_coordinator_was_killed_runs_nothing_twice(procs: Proce
     submit.wait(5)
     killed_records = task_records(client, run_id)
     running_then = sorted(name for name, r in killed_records.items() if r["state"] == "running")
-    # the workers finish what they hold meanwhile (their outcomes wait in the stream), go idle,
-    # and their heartbeat keys lapse (2 s): the outcomes must win over the lapsed heartbeats
-    wait_for(lambda: not client.keys("orch:alive:*"), 15, "the idle workers' heartbeat keys to lapse")
+    # the workers finish what they hold meanwhile (their outcomes wait in the stream) and go idle;
+    # then they die (an idle worker heartbeats too) and their heartbeat keys lapse (2 s): the
+    # outcomes must win over the lapsed heartbeats
+    def idle() -> bool:
+        states = [w.get_state() for w in Worker.all(connection=client)]
+        return client.llen("rq:queue:default") == 0 and len(states) == 2 and set(states) == {"idle"}
+
+    wait_for(idle, 15, "the workers to finish what they hold")
+    for worker in workers:
+        worker.kill_all()
+    wait_for(lambda: not client.keys("orch:alive:*"), 15, "the dead workers' heartbeat keys to lapse")
     assert run_meta(client, run_id)["state"] == "running"
     waiting = client.xlen(keys.events(run_id))
     assert waiting > 0, "no outcome waited in the stream"
     assert task_records(client, run_id) == killed_records  # nobody drove the run meanwhile
 
-    # the dead coordinator's lease lapses (2 s), then `orch resume` takes over
+    # the dead coordinator's lease lapses (2 s), then `orch resume` takes over, with new workers
     wait_for(lambda: _lease_holder(client, run_id) is None, 5, "the dead coordinator's lease to lapse")
+    procs.workers(2)
     resumed = procs.orch(["resume", run_id, "-q"], timeout=60)
     assert resumed.returncode == 0, resumed.stderr + resumed.stdout
     status = procs.orch(["status", run_id])
