@@ -15,6 +15,7 @@ A password never appears in a message: :func:`redacted` shows it as ``***``.
 """
 from __future__ import annotations
 
+import functools
 import os
 from typing import Any, Mapping, Optional
 from urllib.parse import parse_qsl, urlencode, urlparse, urlunparse
@@ -95,6 +96,7 @@ def connect(url: str, *, check: bool = True, socket_timeout: float | None = None
             socket_timeout=socket_timeout,
             socket_connect_timeout=5,
             **tls,
+            **_driver_info(),
         )
     except (ValueError, TypeError) as exc:
         raise InvalidRedisUrlError(redacted(url), str(exc)) from None
@@ -121,3 +123,19 @@ def _probe(url: str, clean: str, tls: dict[str, Any]) -> None:
 
 def _first_line(exc: BaseException) -> str:
     return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
+
+@functools.cache
+def _driver_info() -> dict[str, Any]:
+    """redis-py's description of itself, made once per process and given to every connection.
+
+    Recent redis-py (8 here) otherwise makes it anew for each connection it opens, reading its own package
+    metadata from disk: a few milliseconds and hundreds of page faults, paid by every RQ work
+    horse (a forked process opens a connection of its own) and by nothing else it does per job.
+    Older redis-py reads it once, at import, and has no such argument (nor this cost).
+    """
+    try:
+        from redis.driver_info import DriverInfo
+    except ImportError:
+        return {}
+    return {"driver_info": DriverInfo()}

@@ -29,7 +29,7 @@ import pytest
 import redis
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from rq import Queue
+from rq import Queue, Worker
 from rq.serializers import JSONSerializer
 
 TESTS_DIR = Path(__file__).resolve().parent

@@ -5,14 +5,21 @@ number arguments (RQ stores them with its JSON serializer, so no worker ever
 unpickles data from Redis). The attempt's outcome goes to the run's event
 stream, where the coordinator reads it; RQ's own bookkeeping (registries,
 ``rq info``) follows from whether this function returns or raises.
+
+Under any RQ worker this function reports the attempt's start and outcome
+itself. In the work horse of an :class:`~worker.rq_worker.OrchWorker` it does
+neither: that worker's parent reports the start before forking, and the
+outcome is handed over (:func:`holding_outcomes`) for the worker to send inside
+RQ's own transaction that finishes the job, so an attempt costs no round trip
+that RQ does not already make.
 """
 from __future__ import annotations
 
-import os
+import contextlib
 import signal
 import threading
 import time
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import redis
 from rq import get_current_job
@@ -26,9 +33,9 @@ from shared.refs import import_reference
 from worker.execute import describe_exception, run_attempt
 
 
-START_REPORTED_BY_WORKER = "ORCH_START_REPORTED_BY_WORKER"
-"""Set in an ``OrchWorker`` process: the worker reports each start before forking, so the
-job function does not (plain RQ workers, e.g. ``SimpleWorker`` in tests, leave it to the job)."""
+_held: Optional[list[Outcome]] = None
+"""Where :func:`run_task` leaves its outcome instead of sending it; ``None`` outside
+:func:`holding_outcomes`."""
 
 
 class TaskTimeout(Exception):
@@ -39,9 +46,23 @@ class TaskFailedOnWorker(WorkflowError):
     """Raised after reporting a failed attempt, so that RQ files the job as failed too."""
 
 
-def publish(connection: redis.Redis, outcome: Outcome) -> None:
-    """Append ``outcome`` to its run's event stream (one XADD)."""
+def publish(connection: Any, outcome: Outcome) -> None:
+    """Append ``outcome`` to its run's event stream: one XADD, sent now (a client) or queued
+    (a pipeline)."""
     connection.xadd(keys.events(outcome.run_id), outcome.to_fields())
+
+
+@contextlib.contextmanager
+def holding_outcomes() -> Iterator[list[Outcome]]:
+    """While in this block, :func:`run_task` in this process neither reports the start (the
+    caller's worker did, before forking) nor sends the outcome: it appends the outcome to the
+    list yielded, and the caller must send every outcome it finds there."""
+    global _held
+    _held = held = []
+    try:
+        yield held
+    finally:
+        _held = None
 
 
 def run_task(
@@ -53,15 +74,20 @@ def run_task(
     timeout: Optional[float] = None,
     max_result_bytes: Optional[int] = None,
 ) -> None:
-    """Run attempt ``attempt`` of ``task`` (function ``ref``, arguments in ``payload``) and report it."""
+    """Run attempt ``attempt`` of ``task`` (function ``ref``, arguments in ``payload``) and report it
+    (or, within :func:`holding_outcomes`, hold its outcome for the worker to send)."""
     job = get_current_job()
     connection = job.connection
     worker = job.worker_name
-    if not os.environ.get(START_REPORTED_BY_WORKER):
+    held = _held
+    if held is None:
         publish(connection, Outcome(run_id=run_id, task=task, attempt=attempt, status=STARTED, at=time.time(),
                                     worker=worker))
     outcome = attempt_outcome(connection, run_id, task, attempt, ref, payload, timeout, max_result_bytes, worker)
-    publish(connection, outcome)
+    if held is None:
+        publish(connection, outcome)
+    else:
+        held.append(outcome)
     if outcome.status == FAILED:
         raise TaskFailedOnWorker(f"task {task!r} attempt {attempt}: {outcome.error}")
 

@@ -15,6 +15,14 @@ not do, and this class adds:
   lives 60 s and more), so the coordinator can tell within seconds that a
   worker died or was cut off, and which queues have a live worker
   (:mod:`shared.workers`).
+
+It reports an attempt's start and outcome without a round trip of its own:
+the start goes in the transaction in which RQ's parent process registers the
+execution, before it forks; the outcome, which the job function hands over
+(:func:`worker.rq_job.holding_outcomes`), in the transaction in which the work
+horse files the job as finished or failed. So the coordinator learns of an
+outcome exactly when RQ's registries show the job done, and a job costs the
+worker the round trips it costs a plain RQ worker.
 """
 from __future__ import annotations
 
@@ -27,15 +35,17 @@ from typing import Any, Optional
 from rq import Worker
 from rq.job import Job
 from rq.serializers import JSONSerializer
+from rq.worker import WorkerStatus
 
 from shared import keys
 from shared.config import Settings
 from shared.jobs import JOB_FUNCTION
 from shared.messages import FAILED, STARTED, Outcome
 from shared.states import FailureKind
-from worker.execute import death_error, timeout_error
 from shared.workers import RQ, WorkerInfo, beat, retire
-from worker.rq_job import START_REPORTED_BY_WORKER, publish
+from worker.execute import death_error, timeout_error
+from worker.rq_bookkeeping import QuietBookkeeping
+from worker.rq_job import holding_outcomes, publish
 
 MONITORING_INTERVAL = 1
 """Seconds between the parent's checks on a running horse (RQ's default is 30)."""
@@ -66,19 +76,22 @@ def attempt_of(job: Job) -> Optional[tuple[str, str, int, Optional[float]]]:
     return run_id, task, attempt, timeout
 
 
-class OrchWorker(Worker):
-    """A forking RQ worker for orch jobs (plain RQ jobs on the same queues still work)."""
+class OrchWorker(QuietBookkeeping, Worker):
+    """A forking RQ worker for orch jobs (plain RQ jobs on the same queues still work), without
+    RQ's repeated writes of its own state between jobs (:mod:`worker.rq_bookkeeping`)."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         kwargs.setdefault("serializer", JSONSerializer)
         kwargs.setdefault("job_monitoring_interval", MONITORING_INTERVAL)
         super().__init__(*args, **kwargs)
-        os.environ[START_REPORTED_BY_WORKER] = "1"
         settings = Settings()
         self.kill_grace = settings.kill_grace
         self.heartbeat_ttl = settings.heartbeat_ttl
         self._timed_out_job: Optional[str] = None
         self._beating = threading.Event()
+        self._start: Optional[Outcome] = None
+        self._held: list[Outcome] = []
+        self._on_pipeline = 0
 
     def register_birth(self) -> None:
         super().register_birth()
@@ -112,7 +125,7 @@ class OrchWorker(Worker):
             super().register_death()
 
     def prepare_execution(self, job: Job) -> Any:
-        """Before the fork: report the attempt started.
+        """Before the fork: report the attempt started, in RQ's own transaction (see :meth:`set_state`).
 
         Reporting from here, not from the work horse, narrows the window in
         which a dying worker could hold an attempt nobody knows it started.
@@ -120,10 +133,53 @@ class OrchWorker(Worker):
         found = attempt_of(job)
         if found is not None:
             run_id, task, attempt, _ = found
-            self.connection.xadd(keys.events(run_id), Outcome(run_id=run_id, task=task, attempt=attempt,
-                                                              status=STARTED, at=time.time(),
-                                                              worker=self.name).to_fields())
-        return super().prepare_execution(job)
+            self._start = Outcome(run_id=run_id, task=task, attempt=attempt, status=STARTED, at=time.time(),
+                                  worker=self.name)
+        try:
+            execution = super().prepare_execution(job)
+            if self._start is not None:  # RQ's transaction did not carry it: send it on its own
+                publish(self.connection, self._start)
+        finally:
+            self._start = None
+        return execution
+
+    def set_state(self, state: str, pipeline: Any = None) -> None:
+        """RQ's ``prepare_execution`` marks the worker busy on the pipeline that registers the
+        execution: the start report of :meth:`prepare_execution` joins it."""
+        super().set_state(state, pipeline=pipeline)
+        if self._start is not None and pipeline is not None and state == WorkerStatus.BUSY:
+            publish(pipeline, self._start)
+            self._start = None
+
+    def perform_job(self, job: Job, queue: Any) -> bool:
+        """In the work horse: run the job, its outcome sent with RQ's finishing transaction.
+
+        Whatever outcome no finishing transaction carried (RQ took another path) is sent
+        on its own before the horse exits, so none is lost.
+        """
+        with holding_outcomes() as self._held:
+            try:
+                return super().perform_job(job, queue)
+            finally:
+                while self._held:
+                    publish(self.connection, self._held.pop(0))
+
+    def cleanup_execution(self, job: Job, pipeline: Any) -> None:
+        """RQ calls this on the pipeline that files the job finished or failed: the held outcomes join it."""
+        super().cleanup_execution(job, pipeline)
+        for outcome in self._held:
+            publish(pipeline, outcome)
+        self._on_pipeline = len(self._held)
+
+    def handle_job_success(self, job: Job, queue: Any, started_job_registry: Any) -> None:
+        self._on_pipeline = 0
+        super().handle_job_success(job, queue, started_job_registry)
+        del self._held[:self._on_pipeline]  # sent: RQ returns only once its transaction went through
+
+    def handle_job_failure(self, job: Job, queue: Any, started_job_registry: Any = None, exc_string: str = "") -> None:
+        self._on_pipeline = 0
+        super().handle_job_failure(job, queue, started_job_registry=started_job_registry, exc_string=exc_string)
+        del self._held[:self._on_pipeline]  # sent with RQ's transaction, which it gives up only when Redis is gone
 
     def maintain_heartbeats(self, job: Job) -> None:
         super().maintain_heartbeats(job)
