@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
 import signal
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, NoReturn, Optional, TypeVar, cast
@@ -41,6 +42,7 @@ from orchestrator import report
 from orchestrator.coordinator import RunInterrupted
 from orchestrator.loading import load_workflow
 from orchestrator.workflow import Workflow
+from shared.allow import Allowlist
 from shared.errors import InvalidTransition, WorkflowError
 from shared.states import TaskState
 
@@ -196,9 +198,13 @@ def _announce(run_id: str) -> None:
 @click.option("--max-workers", "-j", type=click.IntRange(min=1), default=None, metavar="N",
               help="Local runs: attempts running at once (default: the number of CPUs, at least 4).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress display on stderr; the results table is still printed.")
+@click.option("--allow", "allow", multiple=True, metavar="PREFIX",
+              help="Distributed runs: refuse, before writing anything, a workflow with a task function outside "
+                   "these modules (repeatable; also ORCH_ALLOW).")
 @pass_options
 @handle_errors
-def submit(options: CliOptions, target: str, detach: bool, max_workers: Optional[int], quiet: bool) -> None:
+def submit(options: CliOptions, target: str, detach: bool, max_workers: Optional[int], quiet: bool,
+           allow: tuple[str, ...]) -> None:
     """Run the workflow TARGET and print a table of its results.
 
     With a Redis URL the run goes to the workers and its id is printed first.
@@ -207,6 +213,11 @@ def submit(options: CliOptions, target: str, detach: bool, max_workers: Optional
     """
     if options.redis_url and max_workers is not None:
         raise click.UsageError("--max-workers is for local runs; with --redis-url each worker sets its own")
+    if allow:
+        try:
+            os.environ["ORCH_ALLOW"] = ",".join(Allowlist.from_settings(allow).prefixes)
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), param_hint="--allow") from None
     workflow = load_workflow(target)
     if detach:
         from orchestrator.distributed import run_distributed

@@ -24,6 +24,7 @@ from orchestrator.run_store import load_tasks
 from orchestrator.run_views import find_runs, run_summary, status_document, wait_until_final
 from orchestrator.workflow import Workflow
 from shared import keys
+from shared.allow import Allowlist, worker_allowlist
 from shared.config import Settings
 from shared.connection import connect
 from shared.states import RunState
@@ -31,6 +32,18 @@ from shared.states import RunState
 
 def _redis(options: CliOptions, command: str):  # -> redis.Redis
     return connect(options.require_redis_url(command))
+
+
+def _allowlist(given: tuple[str, ...]) -> Allowlist:
+    """The allowlist from ``--allow`` (else ``ORCH_ALLOW``), put in ``ORCH_ALLOW`` for the processes
+    this one starts (work processes, work horses, pool workers): it never comes from Redis."""
+    try:
+        allowlist = Allowlist.from_settings(given)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--allow") from None
+    os.environ["ORCH_ALLOW"] = ",".join(allowlist.prefixes)
+    worker_allowlist.cache_clear()
+    return allowlist
 
 
 def _when(epoch: Optional[float]) -> str:
@@ -50,17 +63,21 @@ def _when(epoch: Optional[float]) -> str:
               envvar="ORCH_WORKER_MODE", show_envvar=True,
               help="'lean': persistent work processes (fast). 'rq': the RQ-compatible worker, a forked work "
                    "horse per task, seen by 'rq info' and RQ's tools. Submissions follow either on their own.")
+@click.option("--allow", "allow", multiple=True, metavar="PREFIX",
+              help="Import task functions only from this module or package (repeatable; also ORCH_ALLOW, "
+                   "comma-separated). Without it, standard-library and orch modules are refused.")
 @click.option("--log-level", default="INFO", show_default=True, type=click.Choice(["DEBUG", "INFO", "WARNING"]))
 @redis_url_option
 @pass_options
 @handle_errors
 def worker(options: CliOptions, queues: str, concurrency: int, burst: bool, paths: tuple[str, ...],
-           name: Optional[str], mode: str, log_level: str) -> None:
+           name: Optional[str], mode: str, allow: tuple[str, ...], log_level: str) -> None:
     """Run tasks from QUEUES until stopped.
 
     SIGTERM or Ctrl-C once: finish the task in hand, then stop. Twice: stop at once.
     """
     url = options.require_redis_url("worker")
+    allowlist = _allowlist(allow)
     for path in reversed(paths):
         sys.path.insert(0, os.path.abspath(path))
     os.environ["PYTHONPATH"] = os.pathsep.join([os.path.abspath(p) for p in paths] +
@@ -74,6 +91,10 @@ def worker(options: CliOptions, queues: str, concurrency: int, burst: bool, path
     click.echo(f"orch worker ({mode}) on {socket.gethostname()} connected to Redis at {where}; "
                f"queues: {', '.join(queue_names)}; concurrency: {concurrency}", err=True)
     logging.basicConfig(level=log_level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    if allowlist.startup_warning():
+        click.echo(f"warning: {allowlist.startup_warning()}", err=True)
+    else:
+        click.echo(f"allowed task modules: {allowlist.describe()}", err=True)
     if mode == "lean":
         from worker.lean import LeanWorker
 

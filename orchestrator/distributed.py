@@ -34,6 +34,7 @@ from orchestrator.run_store import create_run, load_tasks, new_run_id, request_c
 from orchestrator.scheduler import Scheduler
 from orchestrator.task import Task
 from shared import codec, keys
+from shared.allow import Allowlist, refused
 from shared.config import Settings
 from shared.connection import connect
 from shared.errors import UnimportableTasksError, WorkflowError
@@ -127,13 +128,26 @@ def _submit(workflow: Any, connection: redis.Redis, lease: Optional[Lease], sett
             transport: str) -> Submission:
     tasks: dict[str, Task] = workflow.tasks
     graph = workflow.validate()
-    specs = RunSpec.build(list(tasks.values()), graph, task_references(tasks), encode_arguments)
+    refs = task_references(tasks)
+    _check_allowed(tasks, refs, Allowlist.from_settings())
+    specs = RunSpec.build(list(tasks.values()), graph, refs, encode_arguments)
     run_id = new_run_id(workflow.name)
     if lease is not None:
         lease.run_id, lease.key, lease.held = run_id, keys.lease(run_id), True
     create_run(connection, run_id, workflow.name, specs,
                lease_token=lease.token if lease else None, lease_ttl=settings.lease_ttl, transport=transport)
     return Submission(run_id, specs)
+
+
+def _check_allowed(tasks: dict[str, Task], refs: list[str], allowlist: Allowlist) -> None:
+    """With an allowlist of its own (``orch submit --allow`` / ``ORCH_ALLOW``), a coordinator refuses,
+    before writing anything, a workflow naming a function outside it (its workers would refuse it)."""
+    if not allowlist.prefixes:
+        return
+    outside = refused(zip(tasks, refs), allowlist)
+    if outside:
+        raise UnimportableTasksError((task, f"its function {ref!r} is outside the allowlist "
+                                            f"({allowlist.describe()})") for task, ref in outside)
 
 
 def run_distributed(

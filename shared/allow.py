@@ -20,6 +20,7 @@ failure; the worker keeps serving.
 """
 from __future__ import annotations
 
+import functools
 import os
 import re
 import sys
@@ -89,3 +90,15 @@ class Allowlist:
 
     def describe(self) -> str:
         return ", ".join(self.prefixes) if self.prefixes else "any module outside the standard library"
+
+
+@functools.cache
+def worker_allowlist() -> Allowlist:
+    """This process's allowlist, from ``ORCH_ALLOW`` (``orch worker --allow`` sets it before any
+    work process or work horse starts, so they all read the same one). Read once."""
+    return Allowlist.from_settings()
+
+
+def refused(refs: Iterable[tuple[str, str]], allowlist: Allowlist) -> list[tuple[str, str]]:
+    """The ``(task, reference)`` pairs ``allowlist`` refuses (the submit-side check)."""
+    return [(task, ref) for task, ref in refs if not allowlist.allows(ref)]

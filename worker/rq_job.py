@@ -29,6 +29,7 @@ from shared.config import max_result_bytes
 from shared.context import TaskContext, running
 from shared.errors import WorkflowError
 from shared.messages import FAILED, STARTED, Outcome
+from shared.allow import worker_allowlist
 from shared.refs import import_reference
 from worker.execute import describe_exception, run_attempt
 
@@ -98,6 +99,7 @@ def attempt_outcome(connection: redis.Redis, run_id: str, task: str, attempt: in
     and return the outcome. Shared by the RQ job function and the lean worker's work processes."""
     started = time.time()
     try:
+        worker_allowlist().check(ref, worker or "?")  # before anything is imported
         func = import_reference(ref)
         args, kwargs = codec.decode(payload)
     except (WorkflowError, ValueError, TypeError) as exc:

@@ -43,6 +43,7 @@ from shared.jobs import JOB_FUNCTION
 from shared.messages import FAILED, STARTED, Outcome
 from shared.states import FailureKind
 from shared.workers import RQ, WorkerInfo, beat, retire
+from worker.rq_allow import CheckedJob
 from worker.execute import death_error, timeout_error
 from worker.rq_bookkeeping import QuietBookkeeping
 from worker.rq_job import holding_outcomes, publish
@@ -83,6 +84,7 @@ class OrchWorker(QuietBookkeeping, Worker):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         kwargs.setdefault("serializer", JSONSerializer)
         kwargs.setdefault("job_monitoring_interval", MONITORING_INTERVAL)
+        kwargs.setdefault("job_class", CheckedJob)  # nothing imported that the allowlist refuses
         super().__init__(*args, **kwargs)
         settings = Settings()
         self.kill_grace = settings.kill_grace
