@@ -6,7 +6,6 @@ import json
 import os
 import signal
 import subprocess
-import threading
 import time
 from pathlib import Path
 
@@ -112,19 +111,24 @@ def test_runs_table_fits_80_columns_without_splitting_words() -> None:
         assert whole in text, f"{whole!r} was split or cut:\n{text}"
 
 
-def test_resume_right_after_the_coordinator_died_waits_for_its_lease(redis_server, orch_workers, tmp_path) -> None:
-    orch_workers(1)
-    url = redis_server.url
-    env = {**os.environ, "ORCH_LEASE_TTL": "3", "PYTHONPATH": str(TESTS)}
-    submit = subprocess.Popen([*orch_command(), "submit", str(TESTS / "dist_tasks.py:make_busy_three"), "-q",
-                               "--redis-url", url], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env,
-                              start_new_session=True, text=True)
-    client = redis_server.client()
+def foreground_submit(url: str, target: str, env: dict, client) -> tuple[subprocess.Popen, str]:
+    """``orch submit TARGET`` in its own session (so it can be killed whole); returns it and its run id."""
+    process = subprocess.Popen([*orch_command(), "submit", str(TESTS / target), "-q", "--redis-url", url],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env, start_new_session=True,
+                               text=True)
     deadline = time.monotonic() + 30
     while not client.zcard(keys.RUNS):
         assert time.monotonic() < deadline, "the run was never written"
         time.sleep(0.05)
-    run_id = client.zrange(keys.RUNS, 0, 0)[0].decode()
+    return process, client.zrange(keys.RUNS, 0, 0)[0].decode()
+
+
+def test_resume_right_after_the_coordinator_died_waits_for_its_lease(redis_server, orch_workers, tmp_path) -> None:
+    orch_workers(1)
+    url = redis_server.url
+    env = {**os.environ, "ORCH_LEASE_TTL": "3", "PYTHONPATH": str(TESTS)}
+    submit, run_id = foreground_submit(url, "dist_tasks.py:make_busy_three", env, redis_server.client())
+    client = redis_server.client()
     while not client.exists(keys.lease(run_id)):
         time.sleep(0.05)
     time.sleep(0.5)
@@ -141,17 +145,9 @@ def test_resume_right_after_the_coordinator_died_waits_for_its_lease(redis_serve
 def test_resume_refuses_a_run_a_live_coordinator_drives(redis_server, orch_workers) -> None:
     orch_workers(1)
     url = redis_server.url
-    env = {**os.environ, "ORCH_LEASE_TTL": "1", "PYTHONPATH": str(TESTS)}
-    driving = subprocess.Popen([*orch_command(), "submit", str(TESTS / "dist_tasks.py:make_slow_chain"), "-q",
-                                "--redis-url", url], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env,
-                               start_new_session=True, text=True)
+    env = {**os.environ, "ORCH_LEASE_TTL": "2", "PYTHONPATH": str(TESTS)}
+    driving, run_id = foreground_submit(url, "dist_tasks.py:make_slow_chain", env, redis_server.client())
     try:
-        client = redis_server.client()
-        deadline = time.monotonic() + 30
-        while not client.zcard(keys.RUNS):
-            assert time.monotonic() < deadline, "the run was never written"
-            time.sleep(0.05)
-        run_id = client.zrange(keys.RUNS, 0, 0)[0].decode()
         refused = subprocess.run([*orch_command(), "resume", run_id, "-q", "--redis-url", url],
                                  capture_output=True, text=True, timeout=60, env=env)
         assert refused.returncode == 2

@@ -24,6 +24,15 @@ def _check(name: Optional[str], job: Job) -> None:
         worker_allowlist().check(name, job.worker_name or "this worker")
 
 
+def _checked(name_attribute: str, callback: property) -> property:
+    """``callback`` (a property of :class:`Job`) with its function name checked first."""
+    def get(job: Job) -> Any:
+        _check(getattr(job, name_attribute), job)
+        return callback.fget(job)  # type: ignore[misc]
+
+    return property(get)
+
+
 class CheckedJob(Job):
     """A :class:`rq.job.Job` that imports nothing its worker does not allow."""
 
@@ -33,17 +42,6 @@ class CheckedJob(Job):
             _check(self.func_name, self)
         return super().func
 
-    @property
-    def success_callback(self) -> Any:
-        _check(self._success_callback_name, self)
-        return super().success_callback
-
-    @property
-    def failure_callback(self) -> Any:
-        _check(self._failure_callback_name, self)
-        return super().failure_callback
-
-    @property
-    def stopped_callback(self) -> Any:
-        _check(self._stopped_callback_name, self)
-        return super().stopped_callback
+    success_callback = _checked("_success_callback_name", Job.success_callback)
+    failure_callback = _checked("_failure_callback_name", Job.failure_callback)
+    stopped_callback = _checked("_stopped_callback_name", Job.stopped_callback)

@@ -64,7 +64,8 @@ RQ_RESULT_TTL = 60
 """Seconds RQ keeps a finished orch job (its result is in the run's own keys). Not 0: RQ
 deletes a job with no result TTL down a path that costs its work horse ~11 round trips."""
 HOUSEKEEPING_INTERVAL = 1.0
-"""Seconds between lease renewals and worker heartbeat checks."""
+"""Most seconds between lease renewals and worker heartbeat checks (a third of the lease's
+TTL when that is shorter, so that a live coordinator's lease never lapses between two)."""
 DEFER_STARTS = 0.2
 """Longest a step that only marks tasks running waits to be written with the next one."""
 
@@ -120,6 +121,7 @@ class RQBackend:
         self._deferred: set[str] = set()
         self._deferred_since = 0.0
         self._housekeeping_at = 0.0
+        self._housekeeping_every = min(HOUSEKEEPING_INTERVAL, self.settings.lease_ttl / 3)
 
     def _queue(self, name: str) -> Queue:
         if name not in self._queues:
@@ -331,7 +333,7 @@ class RQBackend:
         if not lost:
             if self._deferred:  # wake in time to write the deferred "running" records
                 timeout = min(timeout, max(0.0, self._deferred_since + DEFER_STARTS - time.monotonic()))
-            return self._reconnecting(self._read, min(timeout, HOUSEKEEPING_INTERVAL))
+            return self._reconnecting(self._read, min(timeout, self._housekeeping_every))
         # An attempt whose worker's heartbeat lapsed may have reported before it did (a worker
         # cut off for a while; a resumed run finds outcomes that waited in the stream for
         # longer than the TTL): read everything already in the stream first, so that those
@@ -349,7 +351,7 @@ class RQBackend:
         now = time.monotonic()
         if now < self._housekeeping_at:
             return []
-        self._housekeeping_at = now + HOUSEKEEPING_INTERVAL
+        self._housekeeping_at = now + self._housekeeping_every
         if self.lease is not None and not self.lease.acquire():
             raise LeaseLost(self.run_id)
         self.routes.refresh()
