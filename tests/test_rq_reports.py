@@ -9,6 +9,9 @@ report lost when RQ finishes a job down a path that carries none.
 """
 from __future__ import annotations
 
+import subprocess
+import sys
+import time
 from typing import Any, Callable
 
 import pytest
@@ -116,8 +119,6 @@ def test_no_report_is_lost_whichever_path_rq_takes(redis_server: Any, monkeypatc
 
 
 def _wait(predicate: Callable[[], bool], what: str, timeout: float = 30.0) -> None:
-    import time
-
     deadline = time.monotonic() + timeout
     while not predicate():
         if time.monotonic() > deadline:
@@ -129,9 +130,6 @@ def test_between_jobs_rq_shows_the_worker_as_it_would_without_the_left_out_write
         redis_server: Any, orch_workers: Callable) -> None:
     """``worker.rq_bookkeeping`` leaves out repeated writes: RQ still sees an idle worker on its
     queue, counting its jobs, whose key lives RQ's worker TTL (not the shorter one set during a job)."""
-    import subprocess
-    import sys
-
     client = redis_server.client()
     _enqueue(client, {f"t{i}": ("dist_tasks:add", (i, 1)) for i in range(5)})
     orch_workers(1, queues=[QUEUE])

@@ -22,7 +22,8 @@ execution, before it forks; the outcome, which the job function hands over
 (:func:`worker.rq_job.holding_outcomes`), in the transaction in which the work
 horse files the job as finished or failed. So the coordinator learns of an
 outcome exactly when RQ's registries show the job done, and a job costs the
-worker the round trips it costs a plain RQ worker.
+worker no round trip that it does not cost a plain RQ worker (fewer, in fact:
+:mod:`worker.rq_bookkeeping`).
 """
 from __future__ import annotations
 
@@ -37,7 +38,6 @@ from rq.job import Job
 from rq.serializers import JSONSerializer
 from rq.worker import WorkerStatus
 
-from shared import keys
 from shared.config import Settings
 from shared.jobs import JOB_FUNCTION
 from shared.messages import FAILED, STARTED, Outcome
