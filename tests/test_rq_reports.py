@@ -60,7 +60,7 @@ def test_each_attempt_reports_its_start_then_its_outcome_once(redis_server: Any,
     client = redis_server.client()
     _enqueue(client, {"adds": ("dist_tasks:add", (2, 3)), "fails": ("dist_tasks:always_fail", ("bad row 7",)),
                       "dies": ("dist_tasks:kill_self", ())})
-    (worker,) = orch_workers(1, queues=[QUEUE])
+    (worker,) = orch_workers(1, mode="rq", queues=[QUEUE])
     name = Worker.all(connection=client)[0].name
 
     def finished() -> bool:
@@ -84,7 +84,7 @@ def test_an_outcome_is_seen_only_once_rq_filed_the_job(redis_server: Any, orch_w
     """The outcome is in RQ's finishing transaction: whoever reads it finds RQ's records final."""
     client = redis_server.client()
     queue = _enqueue(client, {"adds": ("dist_tasks:add", (2, 3)), "fails": ("dist_tasks:always_fail", ())})
-    orch_workers(1, queues=[QUEUE])
+    orch_workers(1, mode="rq", queues=[QUEUE])
     last = "0-0"
     seen: dict[str, tuple[str, Any]] = {}
     while len(seen) < 2:
@@ -132,7 +132,7 @@ def test_between_jobs_rq_shows_the_worker_as_it_would_without_the_left_out_write
     queue, counting its jobs, whose key lives RQ's worker TTL (not the shorter one set during a job)."""
     client = redis_server.client()
     _enqueue(client, {f"t{i}": ("dist_tasks:add", (i, 1)) for i in range(5)})
-    orch_workers(1, queues=[QUEUE])
+    orch_workers(1, mode="rq", queues=[QUEUE])
     (rq_worker,) = Worker.all(connection=client)
 
     def settled() -> bool:
