@@ -161,12 +161,15 @@ def _dependents(distinct: Sequence[int], indegree: array, start: array) -> array
 def _kahn(indegree: array, dependents: array, start: array) -> tuple[array, list[int]]:
     """A topological order (as far as one exists) and each task's count of unordered dependencies."""
     waiting = indegree.tolist()
+    bounds = start.tolist()
     order = [i for i, count in enumerate(waiting) if count == 0]
+    ready = order.append
     for i in order:  # the list grows while we walk it
-        for dependent in dependents[start[i]:start[i + 1]]:
-            waiting[dependent] -= 1
-            if waiting[dependent] == 0:
-                order.append(dependent)
+        for dependent in dependents[bounds[i]:bounds[i + 1]]:
+            left = waiting[dependent] - 1
+            waiting[dependent] = left
+            if not left:
+                ready(dependent)
     return array("i", order), waiting
 
 
