@@ -28,11 +28,11 @@ from orchestrator.backends.rq import TRANSPORTS, RQBackend
 from orchestrator.coordinator import Coordinator, ProgressCallback
 from orchestrator.dag import Graph
 from orchestrator.lease import Lease, LeaseLost
-from orchestrator.run_spec import NO_ARGUMENTS, RunSpec
+from orchestrator.run_spec import RunSpec
 from orchestrator.run_store import create_run, load_tasks, new_run_id, request_cancel
 from orchestrator.scheduler import Scheduler
 from orchestrator.task import Task
-from shared import codec, keys
+from shared import keys
 from shared.config import Settings
 from shared.connection import connect
 from shared.errors import UnimportableTasksError, WorkflowError
@@ -77,12 +77,6 @@ def task_references(tasks: dict[str, Task]) -> list[str]:
     return list(map(refs.__getitem__, ids))
 
 
-def encode_arguments(task: Task) -> str:
-    if not task.args and not task.kwargs:
-        return NO_ARGUMENTS
-    return codec.encode([list(task.args), task.kwargs], f"arguments of task {task.name!r}").decode("utf-8")
-
-
 @dataclass(frozen=True)
 class Submission:
     run_id: str
@@ -125,7 +119,7 @@ def _submit(workflow: Any, connection: redis.Redis, lease: Optional[Lease], sett
             transport: str) -> Submission:
     tasks: dict[str, Task] = workflow.tasks
     graph = workflow.validate()
-    specs = RunSpec.build(list(tasks.values()), graph, task_references(tasks), encode_arguments)
+    specs = RunSpec.build(list(tasks.values()), graph, task_references(tasks))
     run_id = new_run_id(workflow.name)
     if lease is not None:
         lease.run_id, lease.key, lease.held = run_id, keys.lease(run_id), True
