@@ -431,6 +431,7 @@ from bench.workloads import layered
 from orchestrator import Task, Workflow
 from orchestrator import distributed as d
 from orchestrator.backends.rq import RQBackend
+from orchestrator.run_spec import encode_arguments
 from orchestrator.scheduler import Scheduler
 from shared import codec
 from shared.refs import reference_of
@@ -463,7 +464,6 @@ def first_step(self, step):
 RQBackend.carry_out = first_step
 timed(Workflow, "validate", "validate (DAG checks, graph)")
 timed(d, "task_references", "task_references (reference_of per task)")
-timed(d, "encode_arguments", "encode_arguments per task")
 timed(d.RunSpec, "build", "RunSpec.build (the compact spec)")
 timed(d, "create_run", "create_run (RunSpec.to_json + one MULTI)")
 timed(d, "connect", "connect + PING")
@@ -489,7 +489,7 @@ out = {"tasks": len(dag), "build Workflow s (user code, not counted)": round(bui
 alt = {}
 EMPTY = codec.encode([[], {}], "x").decode()
 t = time.perf_counter()
-{n: EMPTY if not task.args and not task.kwargs else d.encode_arguments(task) for n, task in wf.tasks.items()}
+{n: EMPTY if not task.args and not task.kwargs else encode_arguments(task) for n, task in wf.tasks.items()}
 alt["encode_arguments, a constant for tasks without arguments"] = round(time.perf_counter() - t, 4)
 t = time.perf_counter()
 cache = {}

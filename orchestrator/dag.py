@@ -14,7 +14,7 @@ from __future__ import annotations
 from array import array
 from collections import Counter
 from dataclasses import dataclass
-from itertools import accumulate, chain, islice, repeat
+from itertools import accumulate, chain, repeat
 from operator import attrgetter
 from typing import Mapping, Optional, Protocol, Sequence
 
@@ -41,9 +41,13 @@ class Graph:
     - ``deps[deps_start[i]:deps_start[i + 1]]``: task ``i``'s dependencies as given
       (their order and any repeats kept, so a stored spec gives them back as written);
     - ``dependents[dependents_start[i]:dependents_start[i + 1]]``: the tasks that depend
-      on ``i``, each once;
-    - ``indegree[i]``: its number of distinct dependencies; ``topological``: the numbers
+      on ``i``, in task order, one entry per time they name it;
+    - ``indegree[i]``: its number of dependencies, as given; ``topological``: the numbers
       in a topological order (``order`` gives the names).
+
+    A dependency named twice is two edges, in ``indegree`` and in ``dependents`` alike:
+    counting down unmet dependencies then reaches zero exactly when every distinct one
+    is met, with no pass to take the repeats out.
 
     The scheduler starts from these instead of recomputing them, so validating and
     scheduling a DAG walks it once. Read only: the arrays are shared.
@@ -105,14 +109,10 @@ def from_numbers(names: list[str], deps: Sequence[int], counts: Sequence[int],
     n = len(names)
     if index is None:
         index = dict(zip(names, range(n)))
-    if _repeats_a_dependency(deps, counts):
-        distinct, indegree, outdegree = _distinct(deps, counts, n)
-    else:  # the usual case, counted without a Python loop per edge
-        distinct, indegree = deps, array("i", counts)
-        times = Counter(deps)
-        outdegree = list(map(times.get, range(n), repeat(0)))
-    dependents_start = array("i", accumulate(outdegree, initial=0))
-    dependents = _dependents(distinct, indegree, dependents_start)
+    indegree = array("i", counts)
+    times = Counter(deps)
+    dependents_start = array("i", accumulate(map(times.get, range(n), repeat(0)), initial=0))
+    dependents = _dependents(deps, indegree, dependents_start)
     topological, waiting = _kahn(indegree, dependents, dependents_start)
     graph = Graph(names, index, array("i", deps), array("i", accumulate(counts, initial=0)), dependents,
                   dependents_start, indegree, topological)
@@ -121,38 +121,12 @@ def from_numbers(names: list[str], deps: Sequence[int], counts: Sequence[int],
     return graph
 
 
-def _repeats_a_dependency(deps: Sequence[int], counts: Sequence[int]) -> bool:
-    """Whether some task names a dependency twice (each task's run of ``deps`` made a set)."""
-    runs = map(islice, repeat(iter(deps)), counts)
-    return sum(map(len, map(set, runs))) != len(deps)
-
-
-def _distinct(deps: Sequence[int], counts: Sequence[int], n: int) -> tuple[list[int], array, list[int]]:
-    """Each task's distinct dependencies (flat, in task order), their number per task, and
-    each task's number of distinct dependents. A dependency named twice counts once."""
-    distinct: list[int] = []
-    indegree = array("i", counts)
-    outdegree = [0] * n
-    mark = [-1] * n  # mark[j] == i: j already seen among task i's dependencies
-    k = 0
-    for i, count in enumerate(counts):
-        for j in deps[k:k + count]:
-            if mark[j] == i:
-                indegree[i] -= 1
-                continue
-            mark[j] = i
-            distinct.append(j)
-            outdegree[j] += 1
-        k += count
-    return distinct, indegree, outdegree
-
-
-def _dependents(distinct: Sequence[int], indegree: array, start: array) -> array:
+def _dependents(deps: Sequence[int], indegree: array, start: array) -> array:
     """The flat dependents array: for each task, the tasks depending on it, in task order."""
-    dependents = array("i", [0]) * len(distinct)
+    dependents = array("i", [0]) * len(deps)
     fill = start.tolist()
     owners = chain.from_iterable(map(repeat, range(len(indegree)), indegree))
-    for i, j in zip(owners, distinct):
+    for i, j in zip(owners, deps):
         dependents[fill[j]] = i
         fill[j] += 1
     return dependents
@@ -161,12 +135,15 @@ def _dependents(distinct: Sequence[int], indegree: array, start: array) -> array
 def _kahn(indegree: array, dependents: array, start: array) -> tuple[array, list[int]]:
     """A topological order (as far as one exists) and each task's count of unordered dependencies."""
     waiting = indegree.tolist()
+    bounds = start.tolist()
     order = [i for i, count in enumerate(waiting) if count == 0]
+    ready = order.append
     for i in order:  # the list grows while we walk it
-        for dependent in dependents[start[i]:start[i + 1]]:
-            waiting[dependent] -= 1
-            if waiting[dependent] == 0:
-                order.append(dependent)
+        for dependent in dependents[bounds[i]:bounds[i + 1]]:
+            left = waiting[dependent] - 1
+            waiting[dependent] = left
+            if not left:
+                ready(dependent)
     return array("i", order), waiting
 
 

@@ -29,11 +29,11 @@ from orchestrator.backends.rq import RQBackend
 from orchestrator.coordinator import Coordinator, ProgressCallback
 from orchestrator.dag import Graph
 from orchestrator.lease import Lease, LeaseLost
-from orchestrator.run_spec import NO_ARGUMENTS, RunSpec
+from orchestrator.run_spec import RunSpec
 from orchestrator.run_store import create_run, load_tasks, new_run_id, request_cancel
 from orchestrator.scheduler import Scheduler
 from orchestrator.task import Task
-from shared import codec, keys
+from shared import keys
 from shared.allow import Allowlist, refused
 from shared.config import Settings
 from shared.connection import connect
@@ -80,12 +80,6 @@ def task_references(tasks: dict[str, Task]) -> list[str]:
     return list(map(refs.__getitem__, ids))
 
 
-def encode_arguments(task: Task) -> str:
-    if not task.args and not task.kwargs:
-        return NO_ARGUMENTS
-    return codec.encode([list(task.args), task.kwargs], f"arguments of task {task.name!r}").decode("utf-8")
-
-
 @dataclass(frozen=True)
 class Submission:
     run_id: str
@@ -130,7 +124,7 @@ def _submit(workflow: Any, connection: redis.Redis, lease: Optional[Lease], sett
     graph = workflow.validate()
     refs = task_references(tasks)
     _check_allowed(tasks, refs, Allowlist.from_settings())
-    specs = RunSpec.build(list(tasks.values()), graph, refs, encode_arguments)
+    specs = RunSpec.build(list(tasks.values()), graph, refs)
     run_id = new_run_id(workflow.name)
     if lease is not None:
         lease.run_id, lease.key, lease.held = run_id, keys.lease(run_id), True

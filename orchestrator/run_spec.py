@@ -33,7 +33,7 @@ import json
 from array import array
 from itertools import islice
 from operator import attrgetter, sub
-from typing import Any, Callable, Iterator, Mapping, NamedTuple, Optional, Sequence
+from typing import Any, Iterator, Mapping, NamedTuple, Optional, Sequence
 
 from orchestrator import dag
 from orchestrator.task import Task
@@ -43,6 +43,13 @@ from shared.errors import InvalidTaskError
 FORMAT = 2
 NO_ARGUMENTS = "[[],{}]"
 """The payload of a task without arguments (what :func:`codec.encode` makes of ``[[], {}]``)."""
+
+
+def encode_arguments(task: Task) -> str:
+    """A task's payload: its ``[args, kwargs]``, encoded by :mod:`shared.codec`."""
+    if not task.args and not task.kwargs:
+        return NO_ARGUMENTS
+    return codec.encode([list(task.args), task.kwargs], f"arguments of task {task.name!r}").decode("utf-8")
 
 
 class SpecError(ValueError):
@@ -79,17 +86,21 @@ class RunSpec(Mapping[str, Mapping[str, Any]]):
         self.payload_of = payload_of
 
     @classmethod
-    def build(cls, tasks: Sequence[Task], graph: dag.Graph, refs: Sequence[str],
-              encode: Callable[[Task], str]) -> "RunSpec":
-        """The spec of ``tasks`` (in ``graph``'s order), ``refs[i]`` being task i's reference
-        and ``encode(task)`` its payload."""
+    def build(cls, tasks: Sequence[Task], graph: dag.Graph, refs: Sequence[str]) -> "RunSpec":
+        """The spec of ``tasks`` (in ``graph``'s order), ``refs[i]`` being task i's reference.
+        Raises :class:`~shared.errors.SerializationError` for arguments the codec cannot encode."""
         settings = map(attrgetter("queue", "timeout", "max_retries", "retry_delay", "retry_backoff"), tasks)
         profile_code: dict[tuple, int] = {}
         profile_of = array("i", [profile_code.setdefault((ref, *rest), len(profile_code))
                                  for ref, rest in zip(refs, settings)])
-        payload_code: dict[str, int] = {}
-        payload_of = array("i", [payload_code.setdefault(payload, len(payload_code)) for payload in map(encode, tasks)])
-        return cls(graph, [Profile(*key) for key in profile_code], profile_of, list(payload_code), payload_of)
+        if not any(map(attrgetter("args"), tasks)) and not any(map(attrgetter("kwargs"), tasks)):
+            payloads, payload_of = [NO_ARGUMENTS], array("i", [0]) * len(tasks)  # the usual case, at C speed
+        else:
+            payload_code: dict[str, int] = {}
+            payload_of = array("i", [payload_code.setdefault(payload, len(payload_code))
+                                     for payload in map(encode_arguments, tasks)])
+            payloads = list(payload_code)
+        return cls(graph, [Profile(*key) for key in profile_code], profile_of, payloads, payload_of)
 
     # ------------------------------------------------------------ the mapping
     @property

@@ -347,8 +347,7 @@ class Scheduler:
         for i, spec in enumerate(self._specs):
             name, state = self._names[i], self._state[i]
             assert spec.name == name, f"task {i} is {spec.name!r} in the specs, {name!r} in the graph"
-            deps = {self._index[d] for d in spec.dependencies}
-            not_done = sum(1 for d in deps if self._state[d] is not S)
+            not_done = sum(1 for d in spec.dependencies if self._state[self._index[d]] is not S)  # repeats too
             assert not_done == self._waiting_on[i], f"{name}: waiting_on {self._waiting_on[i]} != {not_done}"
             if state in (Q, R, W, S):
                 assert not_done == 0, f"{name} is {state} before all its dependencies succeeded"

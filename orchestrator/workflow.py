@@ -56,7 +56,8 @@ class Workflow:
     def validate(self) -> dag.Graph:
         """Raise :class:`CycleError` or :class:`MissingDependencyError` if the DAG is not runnable.
 
-        Returns the validated graph (its order and dependents), which a run reuses.
+        Returns the validated :class:`~orchestrator.dag.Graph` (the tasks numbered, their
+        edges as arrays, a topological ``order``), which a run reuses.
         """
         return dag.validate(self.tasks)
 

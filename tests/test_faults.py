@@ -395,7 +395,7 @@ def test_a_lapsed_lease_is_not_taken_back_after_another_coordinator_held_it(redi
     from orchestrator.run_store import create_run
 
     client = redis_server.client()
-    no_tasks = RunSpec.build([], dag.analyse({}), [], str)
+    no_tasks = RunSpec.build([], dag.analyse({}), [])
 
     def new_run(run_id: str, holder: Lease) -> None:
         holder.held = True
@@ -860,7 +860,7 @@ def test_the_coordinator_reads_any_stream_entry_without_raising(fields: dict) ->
     from shared.events import RunCancelled, TaskFailed, TaskStarted, TaskSucceeded
 
     tasks = {"a": Task("a", fault_tasks.echo)}
-    spec = RunSpec.build(list(tasks.values()), dag.analyse(tasks), ["fault_tasks:echo"], lambda task: "[[],{}]")
+    spec = RunSpec.build(list(tasks.values()), dag.analyse(tasks), ["fault_tasks:echo"])
     backend = RQBackend(None, "run-1", tasks, spec)  # type: ignore[arg-type]
     event = backend._event_of(fields)
     assert event is None or isinstance(event, (RunCancelled, TaskStarted, TaskSucceeded, TaskFailed))

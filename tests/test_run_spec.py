@@ -15,9 +15,9 @@ import dist_tasks
 import orchestrator.distributed as distributed
 from orchestrator import Task, Workflow
 from orchestrator.backends.rq import RQBackend
-from orchestrator.distributed import encode_arguments, restore_coordinator, submit_run
+from orchestrator.distributed import restore_coordinator, submit_run
 from orchestrator.lease import Lease
-from orchestrator.run_spec import NO_ARGUMENTS, RunSpec
+from orchestrator.run_spec import NO_ARGUMENTS, RunSpec, encode_arguments
 from orchestrator.run_store import load_tasks, read_run
 from shared import keys
 from shared.errors import CorruptRunError
@@ -50,7 +50,7 @@ def reference(task: Task) -> str:
 
 def spec_of(wf: Workflow) -> RunSpec:
     tasks = list(wf.tasks.values())
-    return RunSpec.build(tasks, wf.validate(), [reference(t) for t in tasks], encode_arguments)
+    return RunSpec.build(tasks, wf.validate(), [reference(t) for t in tasks])
 
 
 def assert_same_tasks(loaded: dict[str, Task], original: dict[str, Task]) -> None:
