@@ -240,10 +240,10 @@ def make_failing() -> Workflow:
 
 
 def make_slow_chain() -> Workflow:
-    """Five 1 s steps, one after the other."""
+    """Twenty 1 s steps, one after the other: still running long after a test is done with it."""
     wf = Workflow("slow-chain")
     previous: list[str] = []
-    for k in range(5):
+    for k in range(20):
         wf.add_task(Task(f"s{k}", sleep_for, dependencies=previous, args=(1.0,)))
         previous = [f"s{k}"]
     return wf
