@@ -277,8 +277,8 @@ class LeanWorker:
     def _cold_shutdown(self) -> None:
         """Kill every work process and hand the jobs in hand back to the front of their queues."""
         self.parent.halt = True
+        deadline = time.monotonic() + TAKING_WAIT_SECONDS
         for slot in self.slots:
-            deadline = time.monotonic() + TAKING_WAIT_SECONDS
             while slot.process is not None and time.monotonic() < deadline:
                 snapshot = slot.record.read()
                 if snapshot is None or snapshot.state is not State.TAKING:
