@@ -368,3 +368,26 @@ def test_starts_are_reported_while_an_attempt_runs_and_with_the_outcome_of_a_sho
     running, success = run.progress.first("long", "running"), run.progress.first("long", "success")
     assert success[0] - running[0] > 1.0, success[0] - running[0]
     assert wf.tasks["long"].worker == wf.tasks["short"].worker == worker.worker_name
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(90)
+def test_work_processes_take_no_job_while_their_parent_cannot_heartbeat(procs: Processes) -> None:
+    (worker,) = procs.workers(1, mode="lean", concurrency=2)
+    client = redis.Redis.from_url(procs.redis_url)
+    work_processes(worker, 2)
+    os.kill(worker.pid, signal.SIGSTOP)  # the parent only: its work processes run on
+    try:
+        wait_for(lambda: not client.exists(keys.alive(worker.worker_name)), 5 * TTL, "the heartbeat to lapse")
+        # the coordinator now counts this worker lost: a job it took would be failed and run twice
+        client.rpush(keys.lean_queue("default"), job_message("stalled", "t", 1, "fault_tasks:echo", "[[5],{}]",
+                                                             None, None))
+        time.sleep(1.5)
+        assert client.llen(keys.lean_queue("default")) == 1
+        assert all(client.llen(inflight(worker, n)) == 0 for n in range(2))
+    finally:
+        os.kill(worker.pid, signal.SIGCONT)
+    # beating again: the job is taken and run
+    wait_for(lambda: client.xlen(keys.events("stalled")) >= 2, 10, "the job to run")
+    statuses = [fields[b"status"] for _, fields in client.xrange(keys.events("stalled"))]
+    assert statuses == [b"started", b"succeeded"], statuses

@@ -11,7 +11,8 @@ this process.
 This module is the parent, which only supervises:
 
 - it registers the worker (heartbeat descriptor, ``orch:workers``, its slots in
-  ``orch:lean-workers``) and beats every second;
+  ``orch:lean-workers``) and beats every second (its work processes take jobs
+  only while that heartbeat stands);
 - it listens for stop requests (cancellation) and kills the work process that
   holds the attempt named, which is reported ``Cancelled``;
 - it kills a work process whose attempt runs past its timeout (``TaskTimeout``);
@@ -36,12 +37,10 @@ and hands their jobs back to the front of their queues.
 """
 from __future__ import annotations
 
-import ctypes
 import json
 import logging
 import multiprocessing
 import multiprocessing.connection
-import multiprocessing.sharedctypes
 import os
 import signal
 import socket
@@ -59,7 +58,7 @@ from shared.states import FailureKind
 from shared.workers import LEAN, WorkerInfo, beat, retire
 from worker.execute import death_error, kill_group
 from worker.settle import COLD, START_REPORT_DELAY, Death, Reason, Settler
-from worker.slot_record import SlotRecord, State, attempt_id
+from worker.slot_record import ParentWords, SlotRecord, State, attempt_id
 from worker.work_process import BLOCK_SECONDS, SlotConfig, serve
 
 __all__ = ["LeanWorker", "BLOCK_SECONDS"]
@@ -106,9 +105,10 @@ class _Slot:
         w = self.worker
         self.record.set(State.IDLE)
         self.record.claim(0)
-        config = SlotConfig(w.redis_url, w.name, self.number, tuple(w.queue_keys), w.burst, os.getpid())
+        config = SlotConfig(w.redis_url, w.name, self.number, tuple(w.queue_keys), w.burst, os.getpid(),
+                            w.settings.heartbeat_ttl)
         process = multiprocessing.get_context("fork").Process(
-            target=serve, args=(config, self.record, w.halt), daemon=True, name=f"orch-work-{self.number}")
+            target=serve, args=(config, self.record, w.parent), daemon=True, name=f"orch-work-{self.number}")
         process.start()
         self.process = process
 
@@ -150,8 +150,8 @@ class LeanWorker:
         self.queue_keys = [keys.lean_queue(q) for q in queues]
         self.name = name or f"{socket.gethostname()}.{os.getpid()}.{uuid.uuid4().hex[:6]}"
         self.settings = settings or Settings()
-        self.halt = multiprocessing.sharedctypes.RawValue(ctypes.c_int, 0)
-        """Set on the first signal: work processes take no new job."""
+        self.parent = ParentWords()
+        """Shared with the work processes: ``halt`` on the first signal, the last heartbeat's time."""
         self.finished = threading.Event()
         self.slots = [_Slot(self, n) for n in range(concurrency)]
         self.info = WorkerInfo(self.name, LEAN, tuple(queues), concurrency)
@@ -166,7 +166,9 @@ class LeanWorker:
         pipe = self.connection.pipeline(transaction=False)
         beat(pipe, self.info, self.settings.heartbeat_ttl)
         pipe.sadd(keys.LEAN_WORKERS, *(slot.name for slot in self.slots))
+        sent = time.monotonic()
         pipe.execute()
+        self.parent.beat_at = sent  # the key stands until at least sent + TTL
 
     def _heartbeat(self) -> None:
         while not self.finished.wait(1.0):
@@ -267,16 +269,16 @@ class LeanWorker:
             return
         slot.death = None
         done = death.snapshot is not None and death.snapshot.state is State.DONE
-        if not (self.halt.value or done):
+        if not (self.parent.halt or done):
             if death.reason is None:
                 log.warning("%s: work process died (%s); starting another", slot.name, death_error(death.exitcode))
             slot.spawn()
 
     def _cold_shutdown(self) -> None:
         """Kill every work process and hand the jobs in hand back to the front of their queues."""
-        self.halt.value = 1
+        self.parent.halt = True
+        deadline = time.monotonic() + TAKING_WAIT_SECONDS
         for slot in self.slots:
-            deadline = time.monotonic() + TAKING_WAIT_SECONDS
             while slot.process is not None and time.monotonic() < deadline:
                 snapshot = slot.record.read()
                 if snapshot is None or snapshot.state is not State.TAKING:
@@ -295,7 +297,7 @@ class LeanWorker:
     # ------------------------------------------------------------------------ main
     def _on_signal(self, signum: int, frame: Any) -> None:
         self._signals += 1
-        self.halt.value = 1
+        self.parent.halt = True
         if self._signals == 1:
             log.info("warm shut down: finishing the jobs in hand (signal again to stop at once)")
         else:

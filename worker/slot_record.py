@@ -118,3 +118,34 @@ class SlotRecord:
             if f.version == before:
                 return snapshot
         return None
+
+
+class _ParentFields(ctypes.Structure):
+    _fields_ = [("halt", ctypes.c_int32), ("beat_at", ctypes.c_double)]
+
+
+class ParentWords:
+    """What the parent tells all its work processes, in shared memory: ``halt`` (a shutdown: take
+    no new job) and ``beat_at`` (``time.monotonic()`` of its last heartbeat that reached Redis).
+    A work process takes jobs only while that heartbeat stands: if the parent is stopped or cannot
+    beat, the coordinator will soon count the worker lost and fail what it holds, so taking more
+    would only make work to be done twice."""
+
+    def __init__(self) -> None:
+        self._fields = multiprocessing.sharedctypes.RawValue(_ParentFields)
+
+    @property
+    def halt(self) -> bool:
+        return bool(self._fields.halt)
+
+    @halt.setter
+    def halt(self, value: bool) -> None:
+        self._fields.halt = int(value)
+
+    @property
+    def beat_at(self) -> float:
+        return self._fields.beat_at
+
+    @beat_at.setter
+    def beat_at(self, value: float) -> None:
+        self._fields.beat_at = value

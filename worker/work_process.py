@@ -13,7 +13,11 @@ the coordinator one wake-up, not two.
 Nothing goes through the parent: the work process only keeps its
 :class:`~worker.slot_record.SlotRecord` current, from which the parent times
 attempts out, finds the attempt a stop request names and learns, after a
-death, what the work process held. Each slot has an in-flight list of its own
+death, what the work process held. It reads two words its parent writes
+(:class:`~worker.slot_record.ParentWords`): a shutdown, and when the parent's
+heartbeat last reached Redis. It takes jobs only while that heartbeat stands
+(a stopped or cut-off parent means the coordinator will count the worker lost),
+and dies with its parent (``PR_SET_PDEATHSIG``). Each slot has an in-flight list of its own
 (``orch:inflight:{worker}#{n}``), so a work process that dies right after a
 take strands that job only in a list its parent, or the coordinator's
 ``LossWatch``, inspects.
@@ -35,7 +39,7 @@ from shared.connection import connect
 from shared.jobs import MalformedJob, parse_job_message
 from shared.messages import FAILED, STARTED, Outcome
 from worker.rq_job import attempt_outcome
-from worker.slot_record import SlotRecord, State, attempt_id
+from worker.slot_record import ParentWords, SlotRecord, State, attempt_id
 from worker.wire import Wire
 
 log = logging.getLogger("orch.worker")
@@ -44,6 +48,10 @@ BLOCK_SECONDS = 1.0
 """Longest wait for a job in one call, so shutdown requests are seen within a second."""
 REDIS_RETRY_SECONDS = 1.0
 """Pause after a Redis error before the loop tries again."""
+MIN_BLOCK_SECONDS = 0.01
+"""The shortest wait a blocking take asks for (Redis counts its timeouts in hundredths)."""
+PARENT_WAIT_SECONDS = 0.1
+"""Pause between two looks at the parent's heartbeat while it does not stand."""
 
 FINISH_AND_TAKE = """
 -- KEYS[1]: this slot's in-flight list; KEYS[2..]: queues, in the order to try.
@@ -92,18 +100,20 @@ class SlotConfig:
     queue_keys: tuple[str, ...]
     burst: bool
     parent_pid: int
+    heartbeat_ttl: float
 
     @property
     def slot(self) -> str:
         return keys.lean_slot(self.worker, self.number)
 
 
-def serve(config: SlotConfig, record: SlotRecord, halt: Any) -> None:
-    """The body of a forked work process: take, run and report jobs until ``halt.value`` is set
+def serve(config: SlotConfig, record: SlotRecord, parent: ParentWords) -> None:
+    """The body of a forked work process: take, run and report jobs until ``parent.halt`` is set
     (a warm shutdown: the job in hand is finished and reported first) or, with ``burst``, until
-    the queues are empty. Returns (exit code 0) after writing :attr:`State.DONE`."""
+    the queues are empty; take none while the parent's heartbeat does not stand. Returns (exit
+    code 0) after writing :attr:`State.DONE`."""
     _detach(config.parent_pid)
-    _Loop(config, record, halt).run()
+    _Loop(config, record, parent).run()
 
 
 def _detach(parent_pid: int) -> None:
@@ -126,10 +136,10 @@ def _flat(fields: dict[str, Any]) -> list[Any]:
 
 
 class _Loop:
-    def __init__(self, config: SlotConfig, record: SlotRecord, halt: Any) -> None:
+    def __init__(self, config: SlotConfig, record: SlotRecord, parent: ParentWords) -> None:
         self.config = config
         self.record = record
-        self.halt = halt
+        self.parent = parent
         # The loop's own commands go on a bare connection that never re-sends a command behind its
         # back (a take re-sent after a lost reply would leave the first job in the in-flight list
         # unseen); tasks reading upstream results use a client that may.
@@ -143,7 +153,12 @@ class _Loop:
         self._adopted: list[tuple[int, bytes]] = []
 
     def _stopping(self) -> bool:
-        return bool(self.halt.value) or os.getppid() != self.config.parent_pid
+        return self.parent.halt or os.getppid() != self.config.parent_pid
+
+    def _heartbeat_left(self) -> float:
+        """Seconds the parent's last heartbeat still stands for (jobs are taken only while > 0)."""
+        left = self.parent.beat_at + self.config.heartbeat_ttl - time.monotonic()
+        return left if left >= MIN_BLOCK_SECONDS else 0.0
 
     def run(self) -> None:
         done: Optional[Done] = None
@@ -151,6 +166,12 @@ class _Loop:
             try:
                 if self._unsure:
                     done = self._recover(done)
+                if not self._heartbeat_left():
+                    self.finish_and_take(done, take=False)
+                    done = None
+                    self.record.set(State.IDLE)
+                    time.sleep(PARENT_WAIT_SECONDS)
+                    continue
                 taken, reported = self._next(done)
             except redis.RedisError as exc:
                 log.warning("%s: Redis error (%s); retrying", self.config.slot, exc)
@@ -160,7 +181,7 @@ class _Loop:
                 continue
             done = None
             if taken is None:
-                if self.config.burst:
+                if self.config.burst and self._heartbeat_left():
                     break  # --burst: the queues are empty, this slot is done
                 continue
             done = self.run_job(*taken, reported=reported)
@@ -224,11 +245,17 @@ class _Loop:
         return order[int(position)], job
 
     def take_blocking(self) -> Optional[tuple[int, bytes]]:
-        """Wait up to :data:`BLOCK_SECONDS` for a job on the next queue in turn (its start is not
-        reported here: it goes with its outcome, see :meth:`run_job`)."""
+        """Wait up to :data:`BLOCK_SECONDS`, and no longer than the parent's heartbeat stands, for a
+        job on the next queue in turn (its start is not reported here: it goes with its outcome,
+        see :meth:`run_job`)."""
+        # never past the parent's heartbeat: a job taken after it lapsed would be counted lost
+        wait = min(BLOCK_SECONDS, self._heartbeat_left())
+        if not wait:
+            return None
         number = self._queues_in_turn()[-1]
         self.record.set(State.BLOCKING, queue=number)
-        raw = self.wire.call("BLMOVE", self.config.queue_keys[number], self.inflight, "LEFT", "RIGHT", BLOCK_SECONDS)
+        raw = self.wire.call("BLMOVE", self.config.queue_keys[number], self.inflight, "LEFT", "RIGHT",
+                             round(wait, 2))
         if raw is None:
             self.record.set(State.IDLE)
             return None
