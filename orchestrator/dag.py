@@ -13,9 +13,9 @@ from __future__ import annotations
 
 from array import array
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from itertools import accumulate, chain, repeat
-from operator import attrgetter
+from operator import attrgetter, ge
 from typing import Mapping, Optional, Protocol, Sequence
 
 from shared.errors import CycleError, MissingDependencyError
@@ -42,8 +42,11 @@ class Graph:
       (their order and any repeats kept, so a stored spec gives them back as written);
     - ``dependents[dependents_start[i]:dependents_start[i + 1]]``: the tasks that depend
       on ``i``, in task order, one entry per time they name it;
-    - ``indegree[i]``: its number of dependencies, as given; ``topological``: the numbers
-      in a topological order (``order`` gives the names).
+    - ``indegree[i]``: its number of dependencies, as given;
+    - ``topological``: the numbers in a topological order (``order`` gives the names).
+      When every task comes after its dependencies (as when tasks are added in that
+      order), the numbering itself shows there is no cycle, and this order is only
+      worked out if asked for: submitting a run does not need it.
 
     A dependency named twice is two edges, in ``indegree`` and in ``dependents`` alike:
     counting down unmet dependencies then reaches zero exactly when every distinct one
@@ -60,10 +63,16 @@ class Graph:
     dependents: array
     dependents_start: array
     indegree: array
-    topological: array
+    known_order: Optional[array] = field(default=None, repr=False, compare=False)
 
     def __len__(self) -> int:
         return len(self.names)
+
+    @property
+    def topological(self) -> array:
+        if self.known_order is None:
+            object.__setattr__(self, "known_order", _kahn(self.indegree, self.dependents, self.dependents_start)[0])
+        return self.known_order
 
     @property
     def order(self) -> list[str]:
@@ -113,12 +122,20 @@ def from_numbers(names: list[str], deps: Sequence[int], counts: Sequence[int],
     times = Counter(deps)
     dependents_start = array("i", accumulate(map(times.get, range(n), repeat(0)), initial=0))
     dependents = _dependents(deps, indegree, dependents_start)
-    topological, waiting = _kahn(indegree, dependents, dependents_start)
-    graph = Graph(names, index, array("i", deps), array("i", accumulate(counts, initial=0)), dependents,
-                  dependents_start, indegree, topological)
-    if len(topological) < n:
-        raise CycleError(_find_cycle(graph, waiting))
-    return graph
+    parts = (names, index, array("i", deps), array("i", accumulate(counts, initial=0)), dependents,
+             dependents_start, indegree)
+    order = None
+    if not _each_after_its_dependencies(deps, counts):
+        order, waiting = _kahn(indegree, dependents, dependents_start)
+        if len(order) < n:
+            raise CycleError(_find_cycle(Graph(*parts), waiting))
+    return Graph(*parts, known_order=order)
+
+
+def _each_after_its_dependencies(deps: Sequence[int], counts: Sequence[int]) -> bool:
+    """Whether every dependency has a smaller number than its task (then there is no cycle)."""
+    owners = chain.from_iterable(map(repeat, range(len(counts)), counts))
+    return not any(map(ge, deps, owners))
 
 
 def _dependents(deps: Sequence[int], indegree: array, start: array) -> array:

@@ -189,6 +189,16 @@ def test_execution_order_without_dependencies_is_insertion_order():
     assert w.execution_order() == names
 
 
+def test_execution_order_of_tasks_added_after_their_dependencies_is_the_same_walk():
+    """Added in dependency order, the graph is known acyclic without the walk; the order it gives
+    when asked is still Kahn's (roots first, in insertion order), not the insertion order."""
+    w = wf(("a", []), ("b", ["a", "a"]), ("c", []), ("d", ["b", "c"]), ("e", ["a"]))
+    graph = w.validate()
+    assert graph.order == w.execution_order() == ["a", "c", "b", "e", "d"]
+    assert list(graph.indegree) == [0, 2, 0, 2, 1]  # a repeated dependency counts as often as it is named
+    assert list(graph.dependents_of(0)) == [1, 1, 4]
+
+
 def test_execution_order_of_a_chain_added_backwards():
     w = wf(("c", ["b"]), ("b", ["a"]), ("a", []))
     assert w.execution_order() == ["a", "b", "c"]
