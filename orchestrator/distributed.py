@@ -248,10 +248,15 @@ def resume_run(
 
 
 def _acquire_within(lease: Lease, patience: float, on_wait: Optional[Callable[[float], None]]) -> bool:
+    """Take the lease once it lapses, within ``patience`` seconds; give up at once when it is seen
+    renewed (its time to live went up): a live coordinator holds it, not a dead one."""
     deadline = time.monotonic() + patience
+    last_ttl: Optional[int] = None
     while not lease.acquire():
-        if time.monotonic() >= deadline:
+        ttl = lease.connection.pttl(lease.key)
+        if time.monotonic() >= deadline or (last_ttl is not None and ttl > last_ttl):
             return False
+        last_ttl = ttl
         if on_wait is not None:
             on_wait(patience)
             on_wait = None
