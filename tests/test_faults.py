@@ -1,8 +1,8 @@
 """Fault injection with real processes and a real ``redis-server``: the README's "Reliability" section.
 
-Every test starts real ``orch worker`` processes (RQ mode, and where it applies
-lean mode too: ``orch worker --mode lean`` with runs submitted with
-``transport="lean"``), real ``orch submit`` / ``orch coordinator`` / ``orch
+Every test starts real ``orch worker`` processes (the default lean worker and,
+where it applies, ``orch worker --mode rq`` too; submissions pick each queue's
+job form by themselves), real ``orch submit`` / ``orch coordinator`` / ``orch
 resume`` / ``orch cancel`` processes or an in-process coordinator, and then
 kills, stops or starves them. Executions are counted with Redis ``INCR`` by the
 tasks themselves (``tests/fault_tasks.py``), so "not run again" and "committed

@@ -1,4 +1,4 @@
-"""``orch worker --mode lean``: persistent work processes that take and report their own jobs.
+"""``orch worker`` (the default, lean mode): persistent work processes that take and report their own jobs.
 
 RQ's worker forks a work horse for every job and spends about sixty Redis
 commands on each job's lifecycle; for short tasks that is most of the cost.
