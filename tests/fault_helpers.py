@@ -10,6 +10,7 @@ first.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -18,11 +19,13 @@ import subprocess
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterable, Optional
+from typing import Any, Callable, Iterable, Iterator, Optional
 
+import pytest
 import redis
 from bench.procs import alive as pid_alive, descendants, free_port, orch_command, send_signal  # noqa: F401
 from redis_server import RedisServer
+from shared import keys
 
 TESTS_DIR = Path(__file__).resolve().parent
 REPO_DIR = TESTS_DIR.parent
@@ -197,8 +200,6 @@ class Processes:
 
 def worker_ready(client: redis.Redis, name: str, mode: str) -> bool:
     if mode == "lean":
-        from shared import keys
-
         slots = {keys.slot_worker(m.decode()) for m in client.smembers(keys.LEAN_WORKERS)}
         return name in slots and bool(client.exists(keys.alive(name)))
     # registered with RQ, and in orch's registry (which submissions route by)
@@ -325,3 +326,44 @@ class Background:
             raise self.error
         assert self.results is not None
         return self.results
+
+
+# ------------------------------------------------------------------ the fixture
+@contextlib.contextmanager
+def fast_processes(url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                   before_stop: Callable[[], Any] = lambda: None) -> Iterator["Processes"]:
+    """orch processes on the Redis at ``url``, all stopped at the end; short TTLs everywhere
+    (:data:`FAST_ENV`, also for an in-process coordinator of the test). ``before_stop`` runs first
+    at the end (e.g. to bring back a Redis the test stopped)."""
+    for name, value in FAST_ENV.items():
+        monkeypatch.setenv(name, value)
+    for name in ("ORCH_REDIS_URL", "ORCH_KILL_GRACE", "ORCH_MAX_RESULT_BYTES"):
+        monkeypatch.delenv(name, raising=False)
+    started = Processes(tmp_path, url)
+    try:
+        yield started
+    finally:
+        before_stop()
+        stop_background_runs(url)
+        started.stop_all()
+        print(started.report())
+
+
+@pytest.fixture
+def procs(redis_server: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator["Processes"]:
+    """:func:`fast_processes` on the shared redis-server. Import it into a test module
+    (``from fault_helpers import procs``) to use it."""
+    with fast_processes(redis_server.url, tmp_path, monkeypatch) as started:
+        yield started
+
+
+def stop_background_runs(url: str) -> None:
+    """Cancel whatever run an in-process coordinator thread may still drive (after a failed test)."""
+    client = redis.Redis.from_url(url)
+    try:
+        for run_id in client.smembers(keys.ACTIVE):
+            client.xadd(keys.events(run_id.decode()), {"status": "cancel", "by": "test teardown"})
+    except redis.RedisError:
+        pass
+    finally:
+        client.close()

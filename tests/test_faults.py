@@ -38,7 +38,8 @@ if str(TESTS_DIR) not in sys.path:  # workers import fault_tasks by that name; s
 
 import fault_tasks  # noqa: E402
 from fault_helpers import (FAST_ENV, AofRedis, Background, Processes, closed_port, counters,  # noqa: E402
-                           pid_alive, results_hash, run_id_from, run_meta, task_records, wait_for)
+                           fast_processes, pid_alive, results_hash, run_id_from, run_meta, task_records, wait_for)
+from fault_helpers import procs  # noqa: E402,F401  (a fixture)
 from orchestrator import Task, Workflow  # noqa: E402
 from orchestrator.distributed import RunBusyError, resume_run  # noqa: E402
 from shared import keys  # noqa: E402
@@ -63,37 +64,6 @@ def _print_figures() -> Iterator[None]:
         print("\nfault-tolerance figures measured by tests/test_faults.py:")
         for name, seconds in FIGURES.items():
             print(f"  {name}: {seconds:.2f} s")
-
-
-@pytest.fixture
-def procs(redis_server: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Processes]:
-    """Start orch processes on the shared redis-server; all of them are stopped after the test.
-
-    The in-process coordinator of a test gets the same short TTLs as the processes.
-    """
-    for name, value in FAST_ENV.items():
-        monkeypatch.setenv(name, value)
-    for name in ("ORCH_REDIS_URL", "ORCH_KILL_GRACE", "ORCH_MAX_RESULT_BYTES"):
-        monkeypatch.delenv(name, raising=False)
-    started = Processes(tmp_path, redis_server.url)
-    try:
-        yield started
-    finally:
-        _stop_background_runs(redis_server.url)
-        started.stop_all()
-        print(started.report())
-
-
-def _stop_background_runs(url: str) -> None:
-    """Cancel whatever run an in-process coordinator thread may still drive (after a failed test)."""
-    client = redis.Redis.from_url(url)
-    try:
-        for run_id in client.smembers(keys.ACTIVE):
-            client.xadd(keys.events(run_id.decode()), {"status": "cancel", "by": "test teardown"})
-    except redis.RedisError:
-        pass
-    finally:
-        client.close()
 
 
 def client_of(url: str) -> redis.Redis:
@@ -448,17 +418,9 @@ def aof_redis(tmp_path: Path) -> Iterator[AofRedis]:
 
 @pytest.fixture
 def aof_procs(aof_redis: AofRedis, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Processes]:
-    for name, value in FAST_ENV.items():
-        monkeypatch.setenv(name, value)
-    started = Processes(tmp_path, aof_redis.url)
-    try:
+    with fast_processes(aof_redis.url, tmp_path, monkeypatch,
+                        before_stop=lambda: aof_redis.process or aof_redis.start()) as started:
         yield started
-    finally:
-        if not aof_redis.process:
-            aof_redis.start()
-        _stop_background_runs(aof_redis.url)
-        started.stop_all()
-        print(started.report())
 
 
 @pytest.mark.parametrize("mode", MODES)

@@ -40,6 +40,7 @@ if str(TESTS_DIR) not in sys.path:  # workers import fault_tasks by that name; s
 import fault_tasks  # noqa: E402
 from fault_helpers import (FAST_ENV, Background, Processes, counters, descendants, pid_alive,  # noqa: E402
                            wait_for)
+from fault_helpers import procs  # noqa: E402,F401  (a fixture)
 from orchestrator import Task, Workflow  # noqa: E402
 from shared import keys  # noqa: E402
 from shared.jobs import job_message  # noqa: E402
@@ -129,25 +130,6 @@ def test_the_slot_record_reads_back_what_was_written_and_none_when_a_write_was_c
 
 
 # ============================================================ real processes
-@pytest.fixture
-def procs(redis_server: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Processes]:
-    """orch processes on the shared redis-server, all stopped after the test; short TTLs everywhere."""
-    for name, value in FAST_ENV.items():
-        monkeypatch.setenv(name, value)
-    for name in ("ORCH_REDIS_URL", "ORCH_KILL_GRACE", "ORCH_MAX_RESULT_BYTES"):
-        monkeypatch.delenv(name, raising=False)
-    started = Processes(tmp_path, redis_server.url)
-    try:
-        yield started
-    finally:
-        client = redis.Redis.from_url(redis_server.url)
-        for run_id in client.smembers(keys.ACTIVE):  # a failed test's run: let its coordinator thread end
-            client.xadd(keys.events(run_id.decode()), {"status": "cancel", "by": "test teardown"})
-        client.close()
-        started.stop_all()
-        print(started.report())
-
-
 def inflight(worker: Any, slot: int) -> str:
     return keys.inflight(keys.lean_slot(worker.worker_name, slot))
 
