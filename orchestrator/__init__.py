@@ -1,9 +1,11 @@
-"""orch: a small, dependable DAG runner. ``from orchestrator import Task, Workflow, TaskState``."""
+"""orch: a small, dependable DAG runner. ``from orchestrator import Task, Workflow, TaskState, task, flow``."""
+from orchestrator.flow import Flow, TaskFunction, TaskHandle, flow, task
 from orchestrator.task import Task
 from orchestrator.workflow import Workflow
 from shared.errors import (
     CycleError,
     DuplicateTaskError,
+    FlowError,
     MissingDependencyError,
     UnknownTaskError,
     WorkflowError,
@@ -15,6 +17,12 @@ from shared.states import RunState, TaskState
 __all__ = [
     "Task",
     "Workflow",
+    "task",
+    "flow",
+    "Flow",
+    "TaskFunction",
+    "TaskHandle",
+    "FlowError",
     "TaskState",
     "RunState",
     "WorkflowError",

@@ -1,7 +1,8 @@
 """Find the workflow that ``orch submit TARGET`` (and friends) name.
 
 A TARGET is ``path/to/file.py[:attr]`` or ``package.module[:attr]``; ``attr``
-(default ``workflow``, dotted paths allowed) is a :class:`Workflow` or a
+(default ``workflow``, dotted paths allowed) is a :class:`Workflow`, a ``@flow``
+(built with its default parameters) or a
 zero-argument callable that returns one.
 
 A file is imported as a module named after its stem: ``pipelines/etl.py``
@@ -35,8 +36,9 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any, Optional
 
+from orchestrator.flow import Flow
 from orchestrator.workflow import Workflow
-from shared.errors import TargetError
+from shared.errors import TargetError, WorkflowError
 
 DEFAULT_ATTRIBUTE = "workflow"
 
@@ -141,6 +143,13 @@ def _workflow_from(module: ModuleType, attr: str, target: str) -> Workflow:
                               f"{_found_hint(module)}") from None
     if isinstance(obj, Workflow):
         return obj
+    if isinstance(obj, Flow):
+        try:
+            return obj.build()
+        except WorkflowError as exc:
+            raise TargetError(f"cannot load {target!r}: {exc}") from None
+        except (Exception, SystemExit) as exc:
+            raise TargetError(f"cannot load {target!r}: building flow {obj.name!r} raised {_describe(exc)}") from None
     if not callable(obj):
         raise TargetError(f"cannot load {target!r}: {attr} is a {type(obj).__name__}, "
                           "not a Workflow or a function returning one")

@@ -7,8 +7,9 @@ what Airflow XCom and Prefect results default to.
 
 Supported values: ``None``, ``bool``, ``int``, ``float``, ``str``, ``list``,
 ``dict``, and, through a ``{"__orch__": TAG, "v": ...}`` wrapper, ``tuple``,
-``set``, ``frozenset``, ``bytes``, ``datetime``, ``date``, ``Decimal`` and
-dicts with non-string keys. Anything else raises :class:`SerializationError`
+``set``, ``frozenset``, ``bytes``, ``datetime``, ``date``, ``Decimal``,
+dicts with non-string keys and :class:`~shared.upstream.Upstream` (an upstream task's
+result, filled in when the attempt runs). Anything else raises :class:`SerializationError`
 naming the type and where it sits in the value (``result[2]['when']``).
 """
 from __future__ import annotations
@@ -20,6 +21,7 @@ import json
 from typing import Any
 
 from shared.errors import SerializationError
+from shared.upstream import Upstream
 
 TAG = "__orch__"
 
@@ -56,6 +58,8 @@ def _encode(value: Any, where: str) -> Any:
         return {TAG: "date", "v": value.isoformat()}
     if isinstance(value, decimal.Decimal):
         return {TAG: "decimal", "v": str(value)}
+    if isinstance(value, Upstream):
+        return {TAG: "upstream", "v": value.task}
     raise SerializationError(
         f"{where} is a {type(value).__module__}.{type(value).__qualname__}, which the orch codec cannot "
         "serialize (use JSON types, tuple, set, bytes, datetime, date or Decimal)"
@@ -71,7 +75,12 @@ _DECODERS = {
     "datetime": _dt.datetime.fromisoformat,
     "date": _dt.date.fromisoformat,
     "decimal": decimal.Decimal,
+    "upstream": lambda v: Upstream(v) if isinstance(v, str) else _malformed("an upstream task name must be a string"),
 }
+
+
+def _malformed(reason: str) -> Any:
+    raise ValueError(reason)
 
 
 def _decode(value: Any) -> Any:

@@ -48,6 +48,10 @@ class CycleError(DefinitionError):
         )
 
 
+class FlowError(DefinitionError):
+    """A ``@flow`` could not be built: a handle used where it cannot be, a parameter the flow lacks."""
+
+
 class UnknownTaskError(WorkflowError, KeyError):
     def __init__(self, task: str) -> None:
         self.task = task

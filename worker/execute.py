@@ -16,7 +16,7 @@ import time
 import traceback
 from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
 
-from shared import codec
+from shared import codec, upstream
 from shared.errors import SerializationError
 from shared.messages import FAILED, SUCCEEDED, Outcome
 from shared.states import FailureKind
@@ -102,15 +102,20 @@ def run_attempt(
     capture_output: bool = False,
     max_result_bytes: Optional[int] = None,
     timeout_errors: tuple[type[BaseException], ...] = (),
+    upstream_result: Optional[Callable[[str], Any]] = None,
 ) -> Outcome:
     """Call ``func(*args, **kwargs)`` and return its :class:`Outcome`; never raises an ``Exception``.
 
-    An exception of a type in ``timeout_errors`` is reported as a timeout.
+    An exception of a type in ``timeout_errors`` is reported as a timeout. With ``upstream_result``,
+    every :class:`~shared.upstream.Upstream` in the arguments is first replaced by
+    ``upstream_result(task)`` (a failure to read it fails the attempt like any exception).
     """
     started = time.time()
     common = dict(run_id=run_id, task=task, attempt=attempt, worker=worker, started_at=started)
     with _captured_output(capture_output) as output:
         try:
+            if upstream_result is not None:
+                args, kwargs = upstream.resolve((args, kwargs), upstream_result)
             value = func(*args, **kwargs)
             blob = codec.encode(value, f"result of task {task!r}")
             if max_result_bytes is not None and len(blob) > max_result_bytes:

@@ -24,7 +24,7 @@ from typing import Any, Iterator, Optional
 import redis
 from rq import get_current_job
 
-from shared import codec, keys
+from shared import codec, keys, upstream
 from shared.config import max_result_bytes
 from shared.context import TaskContext, running
 from shared.errors import WorkflowError
@@ -114,7 +114,8 @@ def attempt_outcome(connection: redis.Redis, run_id: str, task: str, attempt: in
     with running(context), _time_limit(timeout):
         outcome = run_attempt(func, args, kwargs, run_id=run_id, task=task, attempt=attempt, worker=worker,
                               capture_output=True, max_result_bytes=result_limit(max_result_bytes),
-                              timeout_errors=(TaskTimeout,))
+                              timeout_errors=(TaskTimeout,),
+                              upstream_result=fetch_result if upstream.MARK in payload else None)
     return outcome
 
 

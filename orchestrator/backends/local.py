@@ -56,7 +56,8 @@ def _child(tasks: Mapping[str, Task], name: str, attempt: int, run_id: str, conn
             return tasks[other].result if other in tasks else None
 
         with running(TaskContext(run_id, name, attempt, upstream_result)):
-            outcome = run_attempt(func, task.args, task.kwargs, run_id=run_id, task=name, attempt=attempt)
+            outcome = run_attempt(func, task.args, task.kwargs, run_id=run_id, task=name, attempt=attempt,
+                                  upstream_result=upstream_result)
     conn.send_bytes(pickle.dumps(outcome))
     conn.close()
 

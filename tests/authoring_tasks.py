@@ -1,0 +1,68 @@
+"""``@task`` / ``@flow`` workflows for tests/test_authoring.py (importable by workers: ``--path tests``)."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from orchestrator import flow, task
+
+
+@task(max_retries=3, retry_delay=0.01, timeout=30)
+def extract(day: str) -> list[dict]:
+    return [{"day": day, "n": i} for i in range(3)]
+
+
+@task
+def rates(day: str) -> dict:
+    return {"day": day, "eur": 1.1}
+
+
+@task(queue="default")
+def load(rows: list[dict], rates: dict) -> int:
+    assert all(row["day"] == rates["day"] for row in rows), (rows, rates)
+    return len(rows) * 2 + 2
+
+
+@flow(name="etl")
+def etl(day: str = "2026-12-01"):
+    rows = extract(day)
+    load(rows, rates(day))
+
+
+@task
+def add(x: int, y: int = 0) -> int:
+    return x + y
+
+
+@task
+def collect(values: list, named: dict, pair: tuple) -> dict:
+    """Handles inside containers arrive as results, in place."""
+    return {"values": values, "named": named, "pair": list(pair)}
+
+
+@task
+def flaky_once(marker_dir: str, value: int) -> int:
+    """Fails its first attempt (marker file), then returns ``value``."""
+    marker = Path(marker_dir) / "flaky_once"
+    if not marker.exists():
+        marker.write_text("failed once")
+        raise RuntimeError("first attempt fails")
+    return value
+
+
+@flow
+def nested(base: int = 1, marker_dir: str = ""):
+    one = add(base)
+    two = add(base, y=1)
+    three = add.with_options(name="three", max_retries=2)(one, y=two)
+    again = flaky_once.with_options(max_retries=1)(marker_dir, 5) if marker_dir else add(5)
+    collect([one, two, 7], {"three": three, "k": "v"}, (again, "x"))
+
+
+@flow
+def needs_day(day: str):
+    rates(day)
+
+
+def pid() -> int:
+    return os.getpid()
