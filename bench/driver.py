@@ -27,7 +27,7 @@ import redis
 
 from bench import tasks as bench_tasks
 from bench.procs import tree_cpu_seconds
-from bench.workloads import Dag, chain, fanout, layered, sleeps
+from bench.workloads import Dag, StreamedDag, chain, fanout, layered, sleeps, streamed_layered
 
 QUEUE = "bench"
 RESULT_TIMEOUT = 600
@@ -108,7 +108,9 @@ class CommandCounter:
 
 
 # ------------------------------------------------------------------ workloads
-def make_dag(spec: dict[str, Any]) -> Dag:
+def make_dag(spec: dict[str, Any], streamed: bool = False) -> Dag | StreamedDag:
+    """The workload ``spec`` names; ``streamed``: a large layered DAG as a :class:`StreamedDag` (for drivers
+    that only read ``entries()``)."""
     kind = spec["kind"]
     if kind == "fanout":
         return fanout(spec.get("n", 500))
@@ -116,6 +118,8 @@ def make_dag(spec: dict[str, Any]) -> Dag:
         return chain(spec.get("n", 200))
     if kind == "sleep":
         return sleeps(spec.get("n", 32), spec.get("seconds", 0.1))
+    if kind == "layered" and streamed:
+        return streamed_layered(spec.get("layers", 100), spec.get("width", 100), name=spec.get("name", "dag"))
     if kind == "layered":
         return layered(spec.get("layers", 100), spec.get("width", 100), name=spec.get("name", "dag"))
     raise ValueError(f"unknown workload kind {kind!r}")
@@ -126,6 +130,8 @@ class Driver:
     """Runs a :class:`Dag` on one system; ``run`` returns once every task finished."""
 
     needs_redis = True
+    reads_entries_only = False
+    """True for a driver that reads a workload only through ``entries()`` (it may get a :class:`StreamedDag`)."""
 
     def __init__(self, url: str, workers: int, system: str) -> None:
         self.url = url
@@ -146,6 +152,8 @@ class OrchDriver(Driver):
     """``run_distributed`` with its defaults (each queue's jobs in the form its live workers run:
     ``orch-lean`` starts default ``orch worker`` processes, ``orch-rq`` ``orch worker --mode rq``);
     also times submit and first dispatch."""
+
+    reads_entries_only = True
 
     def __init__(self, url: str, workers: int, system: str) -> None:
         super().__init__(url, workers, system)
@@ -194,9 +202,8 @@ class OrchDriver(Driver):
         from orchestrator import Task, Workflow
 
         wf = Workflow(f"bench-{dag.name}")
-        for name in dag.order:
-            wf.add_task(Task(name, getattr(bench_tasks, dag.func[name]), dag.deps[name], args=dag.args[name],
-                             queue=QUEUE))
+        for name, deps, func, args in dag.entries():
+            wf.add_task(Task(name, getattr(bench_tasks, func), deps, args=args, queue=QUEUE))
         return wf
 
     def run(self, dag: Dag, tag: str) -> dict[str, Any]:
@@ -217,7 +224,7 @@ class OrchDriver(Driver):
 
         self.trace.clear()
         self.tracing = bool(os.environ.get("BENCH_TRACE"))
-        extra["rss_before_run_mb"] = current_rss_mb()  # what the caller holds: interpreter, DAG, Task objects
+        extra["rss_before_run_mb"] = current_rss_mb()  # what the caller holds: interpreter, Task objects
         marks["start_epoch"] = time.time()
         start, start_cpu = time.perf_counter(), cpu_seconds()
         run_id, state = run_distributed(wf, self.url, on_submitted=submitted)
@@ -404,7 +411,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     try:
         for i in range(args.warmup):
             driver.run(fanout(max(4, 4 * args.workers)), f"warm{i}-{pid}")
-        dag = make_dag(spec)
+        dag = make_dag(spec, streamed=driver.reads_entries_only)
         for i in range(args.repeats):
             pids = [int(p) for p in args.worker_pids.split(",") if p] or driver.worker_pids()
             row = measured(driver, dag, f"r{i}-{pid}", counter, pids)

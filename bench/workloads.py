@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable, Iterator
+
+Entry = tuple[str, list[str], str, tuple[Any, ...]]
+"""One task of a workload: name, dependencies, function (a name in :mod:`bench.tasks`), arguments."""
 
 
 @dataclass
@@ -29,6 +32,10 @@ class Dag:
 
     def __len__(self) -> int:
         return len(self.order)
+
+    def entries(self) -> Iterator[Entry]:
+        for name in self.order:
+            yield name, self.deps[name], self.func[name], self.args[name]
 
     def layers(self) -> list[list[str]]:
         """Tasks grouped by depth (longest path from a root), in order."""
@@ -69,13 +76,42 @@ def sleeps(n: int = 32, seconds: float = 0.1) -> Dag:
     return dag
 
 
-def layered(layers: int = 100, width: int = 100, seed: int = 7, name: str = "dag") -> Dag:
+@dataclass
+class StreamedDag:
+    """A workload made task by task each time it is read, never held whole: what a driver whose
+    system builds its own graph from the calls (orch's ``Workflow``) reads, so that the process's
+    memory is the system's, not this harness's description of the workload (about 40 MB for
+    100,000 tasks)."""
+
+    name: str
+    length: int
+    make: Callable[[], Iterator[Entry]]
+
+    def __len__(self) -> int:
+        return self.length
+
+    def entries(self) -> Iterator[Entry]:
+        return self.make()
+
+
+def layered_entries(layers: int, width: int, seed: int = 7) -> Iterator[Entry]:
     """``layers`` x ``width`` no-op tasks; each task past the first layer depends on 2 or 3
     distinct tasks of the layer before it, chosen at random (fixed seed: the same DAG every time)."""
     rng = random.Random(seed)
-    dag = Dag(name)
     for layer in range(layers):
         for i in range(width):
             deps = [] if layer == 0 else [f"t{layer - 1}_{j}" for j in rng.sample(range(width), min(width, rng.choice((2, 3))))]
-            dag.add(f"t{layer}_{i}", deps)
+            yield f"t{layer}_{i}", deps, "noop", ()
+
+
+def layered(layers: int = 100, width: int = 100, seed: int = 7, name: str = "dag") -> Dag:
+    """:func:`layered_entries` as a :class:`Dag`."""
+    dag = Dag(name)
+    for task, deps, func, args in layered_entries(layers, width, seed):
+        dag.add(task, deps, func, args)
     return dag
+
+
+def streamed_layered(layers: int = 100, width: int = 100, seed: int = 7, name: str = "dag") -> StreamedDag:
+    """The same DAG as :func:`layered`, as a :class:`StreamedDag`."""
+    return StreamedDag(name, layers * width, lambda: layered_entries(layers, width, seed))

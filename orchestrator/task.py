@@ -21,7 +21,14 @@ class Task:
     line with the exception type), ``traceback``, ``attempts`` (attempts
     started), ``started_at`` / ``finished_at`` (epoch seconds), ``duration``,
     ``worker`` (who ran the latest attempt) and ``retry_at`` (while retrying).
+
+    Slotted: a coordinator holds one per task of a run (100,000 in a large DAG), and a
+    per-instance ``__dict__`` would be most of their memory.
     """
+
+    __slots__ = ("name", "func", "dependencies", "max_retries", "retry_delay", "retry_backoff", "timeout",
+                 "args", "kwargs", "queue", "state", "result", "error", "traceback", "attempts", "started_at",
+                 "finished_at", "worker", "retry_at", "__weakref__")
 
     def __init__(
         self,
