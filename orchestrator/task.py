@@ -1,12 +1,38 @@
 """``Task``: one node of a workflow, its definition and what its run made of it."""
 from __future__ import annotations
 
+import json
 import math
+from dataclasses import asdict, dataclass
 from typing import Any, Callable, Iterable, Mapping, Optional, Union
 
 from shared.errors import InvalidTaskError
 from shared.refs import import_reference, is_reference
 from shared.states import TaskState
+
+
+@dataclass(frozen=True)
+class AttemptRecord:
+    """How one attempt of a task ended: ``state`` is ``success``, ``failure`` (retried or not) or
+    ``cancelled``; times are epoch seconds (``None`` when not known)."""
+
+    attempt: int
+    state: str
+    error: Optional[str] = None
+    worker: Optional[str] = None
+    started_at: Optional[float] = None
+    finished_at: Optional[float] = None
+
+    def to_json(self) -> str:
+        return json.dumps({k: v for k, v in asdict(self).items() if v is not None and k != "attempt"},
+                          separators=(",", ":"))
+
+    @classmethod
+    def from_json(cls, attempt: int, text: Union[str, bytes]) -> "AttemptRecord":
+        """Raises ``ValueError`` (or ``TypeError``) for a damaged record."""
+        fields = json.loads(text)
+        return cls(attempt, str(fields["state"]), fields.get("error"), fields.get("worker"),
+                   fields.get("started_at"), fields.get("finished_at"))
 
 
 class Task:
@@ -21,6 +47,10 @@ class Task:
     line with the exception type), ``traceback``, ``attempts`` (attempts
     started), ``started_at`` / ``finished_at`` (epoch seconds), ``duration``,
     ``worker`` (who ran the latest attempt) and ``retry_at`` (while retrying).
+    Across reruns from failure (``Workflow.retry``) attempt numbers keep growing:
+    ``attempt_base`` is the number of attempts made before the latest rerun of the
+    task, and ``history`` holds an :class:`AttemptRecord` for each earlier attempt
+    (each failed one, and a succeeded one that a rerun superseded).
     """
 
     def __init__(
@@ -78,6 +108,15 @@ class Task:
         self.finished_at: Optional[float] = None
         self.worker: Optional[str] = None
         self.retry_at: Optional[float] = None
+        self.attempt_base = 0
+        self.history: list[AttemptRecord] = []
+
+    def rerun(self, attempt_base: int) -> None:
+        """Back to pending for a rerun from failure: the outcome goes, the attempt count and history stay."""
+        self.state = TaskState.PENDING
+        self.result = self.error = self.traceback = None
+        self.started_at = self.finished_at = self.worker = self.retry_at = None
+        self.attempt_base = attempt_base
 
     @property
     def duration(self) -> Optional[float]:
