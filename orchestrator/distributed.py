@@ -290,17 +290,22 @@ def retry_run(
     and when there is nothing to rerun (``NothingToRerunError``).
     """
     settings = settings or Settings()
-    state = stored_run(connection, run_id)
+    if stored_run(connection, run_id) == RunState.RUNNING.value:
+        raise RunStillRunningError(run_id)
     lease = Lease(connection, run_id, settings.lease_ttl)
-    if state == RunState.RUNNING.value or not lease.acquire():
+    coordinator, loaded, _, meta = _restore(connection, run_id, lease, settings, on_progress, on_notice)
+    if meta.get("state") == RunState.RUNNING.value:
+        raise RunStillRunningError(run_id)
+    if not coordinator.scheduler.finished:
+        raise CorruptRunError(run_id, f"it is recorded as {meta.get('state')} but some of its tasks are not final")
+    rerun = coordinator.scheduler.rerun(tasks, time.time())  # refuses unknown names, nothing to rerun
+    if not lease.acquire():
         raise RunStillRunningError(run_id)
     try:
-        coordinator, loaded, _, meta = _restore(connection, run_id, lease, settings, on_progress, on_notice)
-        if meta.get("state") == RunState.RUNNING.value:
-            raise RunStillRunningError(run_id)
-        if not coordinator.scheduler.finished:
-            raise CorruptRunError(run_id, f"it is recorded as {meta.get('state')} but some of its tasks are not final")
-        coordinator.apply(coordinator.scheduler.rerun(tasks, time.time()))
+        finished_at = connection.hget(keys.run(run_id), "finished_at")
+        if finished_at is None or finished_at.decode() != meta.get("finished_at"):
+            raise RunStillRunningError(run_id)  # another retry reopened it meanwhile
+        coordinator.apply(rerun)
         if detach:
             lease.release()
             return RunState.RUNNING, loaded
