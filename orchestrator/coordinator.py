@@ -16,7 +16,7 @@ from typing import Any, Callable, Mapping, Optional, Protocol, Sequence
 from orchestrator.actions import Action, Dispatch, RunFinished, RunRerun, ScheduleRetry, StopTask, Transition
 from orchestrator.scheduler import Scheduler
 from orchestrator.task import AttemptRecord, Task
-from shared import codec, keys
+from shared import codec
 from shared.errors import SerializationError
 from shared.events import Event, RetryDue, RunCancelled, TaskFailed, TaskStarted, TaskSucceeded
 from shared.states import ACTIVE_STATES, TERMINAL_STATES, FailureKind, RunState, TaskState
@@ -41,9 +41,9 @@ class Step:
     cancelled_at: Optional[float] = None
     rerun: Optional[RunRerun] = None
     """Set when the step starts a finished run again (the run is reopened before anything else)."""
-    attempts: dict[str, str] = field(default_factory=dict)
-    """Records of attempts that ended in this step (failed or cancelled) or that a rerun superseded:
-    ``keys.attempt_field(task, attempt) -> AttemptRecord.to_json()``."""
+    attempts: list[tuple[str, AttemptRecord]] = field(default_factory=list)
+    """``(task, record)`` of the attempts that ended in this step (failed or cancelled), or that a rerun
+    superseded (succeeded): the task's history, which a backend that persists keeps."""
 
     def __bool__(self) -> bool:
         return bool(self.transitions or self.dispatches or self.stops or self.finished or self.rerun)
@@ -231,5 +231,5 @@ class Coordinator:
 
     def _keep_attempt(self, task: Task, record: AttemptRecord, step: Step) -> None:
         task.history.append(record)
-        step.attempts[keys.attempt_field(task.name, record.attempt)] = record.to_json()
+        step.attempts.append((task.name, record))
         self._attempt_started.pop(task.name, None)

@@ -185,7 +185,8 @@ class RQBackend:
         if changed:
             pipe.hset(keys.tasks(run_id), mapping={name: task_record(self.tasks[name]) for name in changed})
         if step.attempts:
-            pipe.hset(keys.attempts(run_id), mapping=step.attempts)
+            pipe.hset(keys.attempts(run_id), mapping={keys.attempt_field(task, record.attempt): record.to_json()
+                                                      for task, record in step.attempts})
         if step.results:
             pipe.hset(keys.results(run_id), mapping=step.results)
         if step.tracebacks:
