@@ -9,6 +9,8 @@ Every legal move of a task is in :data:`TRANSITIONS`, a table of
 Reports that do not fit the current attempt (a late result from a superseded
 attempt, a duplicate, a report for a finished task) are ignored and written to
 the task's story, never applied: only the current attempt can commit.
+A finished run can be started again from where it failed (:meth:`Scheduler.rerun`):
+the only moves out of a final state, back to pending.
 
 Cost: ``start`` and a whole run of events are O(V + E): each task is queued,
 finished and propagated through once per attempt, and readiness is a counter
@@ -252,7 +254,7 @@ class Scheduler:
         """
         if not self.finished:
             raise RuntimeError("Scheduler.rerun() before the run finished")
-        named = {self._number(task) for task in tasks}
+        named = {self._number(task) for task in ([tasks] if isinstance(tasks, str) else tasks)}
         rerun = self._downstream_closure(named | {i for i, state in enumerate(self._state) if state is not S})
         if not rerun:
             raise NothingToRerunError()

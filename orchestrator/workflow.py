@@ -134,7 +134,7 @@ class Workflow:
         Embedded runs are rerun in memory from the Task objects; distributed ones are the
         same run in Redis (:func:`orchestrator.distributed.retry_run`), driven to its end.
         """
-        names = list(tasks)
+        names = [tasks] if isinstance(tasks, str) else list(tasks)
         if self._last_run is None:
             raise WorkflowError("retry() reruns the last run of this workflow, and it has not run yet: call run()")
         redis_url = self._last_run.get("redis_url")
