@@ -21,7 +21,7 @@ from orchestrator import report
 from orchestrator.cli import (EXIT_FAILED, EXIT_OK, CliOptions, _exit, exit_code_of, handle_errors,
                               interrupting_signals, main, pass_options, redis_url_option, say_cancelled)
 from orchestrator.distributed import cancel_run, resume_run, retry_run, serve_coordinator, stored_run, who
-from orchestrator.run_store import load_history, load_tasks, run_params, run_retries
+from orchestrator.run_store import load_history, load_tasks, read_run, run_params, run_retries
 from orchestrator.run_views import find_runs, run_summary, status_document, wait_until_final
 from orchestrator.workflow import Workflow
 from shared import keys
@@ -274,19 +274,20 @@ def retry(options: CliOptions, run_id: str, tasks: tuple[str, ...], detach: bool
     """
     connection = _redis(options, "retry")
     stored_run(connection, run_id)  # an unknown or expired run: say which before anything else
-    meta, _, stored = load_tasks(connection, run_id, with_results=False)
+    snapshot = read_run(connection, run_id)
     if detach:
         retry_run(connection, run_id, tasks, detach=True)
         click.echo(run_id)
         return
     caught: list[int] = []
     interrupted: Optional[int] = None
-    with report.ProgressDisplay(len(stored), enabled=not quiet) as progress, interrupting_signals(caught):
+    with report.ProgressDisplay(sum(snapshot.counts.values()), enabled=not quiet) as progress, \
+            interrupting_signals(caught):
         try:
             _, stored = retry_run(connection, run_id, tasks, on_progress=progress, on_notice=progress.notice)
         except KeyboardInterrupt:
             interrupted = caught[0] if caught else signal.SIGINT
-    workflow = Workflow(meta.get("workflow") or "workflow")
+    workflow = Workflow(snapshot.workflow)
     if interrupted is not None:
         say_cancelled(interrupted)
         _, _, stored = load_tasks(connection, run_id, with_results=False)

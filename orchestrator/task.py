@@ -111,6 +111,12 @@ class Task:
         self.attempt_base = 0
         self.history: list[AttemptRecord] = []
 
+    def take_outcome(self, other: "Task") -> None:
+        """Take every field a run sets (those :meth:`reset` clears) from ``other``, the same task as
+        loaded from a stored run."""
+        for name in _OUTCOME_FIELDS:
+            setattr(self, name, getattr(other, name))
+
     def rerun(self, attempt_base: int) -> None:
         """Back to pending for a rerun from failure: the outcome goes, the attempt count and history stay."""
         self.state = TaskState.PENDING
@@ -131,6 +137,10 @@ class Task:
 
     def __repr__(self) -> str:
         return f"Task(name={self.name!r}, state={self.state.value!r}, attempts={self.attempts})"
+
+
+_OUTCOME_FIELDS = ("state", "result", "error", "traceback", "attempts", "started_at", "finished_at", "worker",
+                   "retry_at", "attempt_base", "history")
 
 
 def _non_negative(task: str, what: str, value: Any) -> float:

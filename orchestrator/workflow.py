@@ -174,13 +174,8 @@ class Workflow:
         finally:
             connection.close()
         for name, task in self.tasks.items():
-            task.__dict__.update({field: value for field, value in vars(stored[name]).items() if field in _OUTCOME})
+            task.take_outcome(stored[name])
         self.retries += 1
-
-
-_OUTCOME = frozenset({"state", "result", "error", "traceback", "attempts", "started_at", "finished_at", "worker",
-                      "retry_at", "attempt_base", "history"})
-"""The fields of a Task that a run sets (``Task.reset``), copied from the stored run after a distributed retry."""
 
 
 def _default_workers() -> int:
