@@ -2,7 +2,8 @@
 
 The scheduler returns these from every call; it never performs I/O itself.
 A driver carries out ``Dispatch``, ``ScheduleRetry`` and ``StopTask`` with its
-backend, persists each ``Transition``, and ends the run on ``RunFinished``.
+backend, persists each ``Transition``, ends the run on ``RunFinished`` and reopens it on
+``RunRerun``.
 """
 from __future__ import annotations
 
@@ -56,4 +57,12 @@ class RunFinished:
     at: float
 
 
-Action = Union[Transition, Dispatch, ScheduleRetry, StopTask, RunFinished]
+@dataclass(frozen=True, slots=True)
+class RunRerun:
+    """A finished run starts again from failure (``Scheduler.rerun``): the driver reopens it
+    (running again, not final, kept past its retention) before carrying out the moves that follow."""
+
+    at: float
+
+
+Action = Union[Transition, Dispatch, ScheduleRetry, StopTask, RunFinished, RunRerun]

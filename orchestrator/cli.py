@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
 import os
 import signal
 from dataclasses import dataclass
@@ -44,6 +45,7 @@ from orchestrator.loading import load_workflow
 from orchestrator.workflow import Workflow
 from shared.allow import Allowlist
 from shared.errors import InvalidTransition, WorkflowError
+from shared.params import encode_params
 from shared.states import TaskState
 
 EXIT_OK = 0
@@ -166,7 +168,7 @@ def interrupting_signals(caught: list[int]) -> Iterator[None]:
 
 
 def run_workflow(workflow: Workflow, options: CliOptions, *, max_workers: Optional[int] = None,
-                 quiet: bool = False) -> Optional[int]:
+                 quiet: bool = False, params: Optional[dict[str, Any]] = None) -> Optional[int]:
     """Run ``workflow`` with a progress display on stderr; return the signal that cancelled it
     (``SIGINT`` for Ctrl-C), or ``None`` if it ran to its end.
 
@@ -180,14 +182,37 @@ def run_workflow(workflow: Workflow, options: CliOptions, *, max_workers: Option
         if options.redis_url:
             run_options = {"redis_url": options.redis_url, "on_submitted": _announce, "on_notice": progress.notice}
         try:
-            workflow.run(on_progress=progress, **run_options)
+            workflow.run(on_progress=progress, params=params, **run_options)
         except KeyboardInterrupt:
             return caught[0] if caught else signal.SIGINT
     return None
 
 
+def say_cancelled(signum: int) -> None:
+    """``run cancelled (Ctrl-C)`` (or the signal's name) on stderr, after an interrupt cancelled a run."""
+    how = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
+    click.echo(f"run cancelled ({how})", err=True)
+
+
 def _announce(run_id: str) -> None:
     click.echo(f"run id: {run_id}", err=True)
+
+
+def parse_params(given: tuple[str, ...]) -> dict[str, Any]:
+    """``--param key=value`` pairs as a dict: each value is parsed as JSON when it parses
+    (``n=3``, ``tags=["a","b"]``, ``dry=true``), else kept as a string (``day=2024-05-01``). The
+    parameters are checked against the codec here, before anything is loaded or written."""
+    params: dict[str, Any] = {}
+    for item in given:
+        key, sep, text = item.partition("=")
+        if not sep or not key.strip():
+            raise click.BadParameter(f"{item!r} is not of the form key=value", param_hint="--param")
+        try:
+            params[key.strip()] = json.loads(text)
+        except ValueError:
+            params[key.strip()] = text
+    encode_params(params)
+    return params
 
 
 @main.command()
@@ -201,10 +226,13 @@ def _announce(run_id: str) -> None:
 @click.option("--allow", "allow", multiple=True, metavar="PREFIX",
               help="Distributed runs: refuse, before writing anything, a workflow with a task function outside "
                    "these modules (repeatable; also ORCH_ALLOW).")
+@click.option("--param", "param", multiple=True, metavar="KEY=VALUE",
+              help="A run parameter (repeatable): VALUE is parsed as JSON when it parses, else kept as a string. "
+                   "Tasks read them as current_task().params; a factory TARGET accepting 'params' receives them.")
 @pass_options
 @handle_errors
 def submit(options: CliOptions, target: str, detach: bool, max_workers: Optional[int], quiet: bool,
-           allow: tuple[str, ...]) -> None:
+           allow: tuple[str, ...], param: tuple[str, ...]) -> None:
     """Run the workflow TARGET and print a table of its results.
 
     With a Redis URL the run goes to the workers and its id is printed first.
@@ -218,17 +246,18 @@ def submit(options: CliOptions, target: str, detach: bool, max_workers: Optional
             os.environ["ORCH_ALLOW"] = ",".join(Allowlist.from_settings(allow).prefixes)
         except ValueError as exc:
             raise click.BadParameter(str(exc), param_hint="--allow") from None
-    workflow = load_workflow(target)
+    params = parse_params(param)
+    workflow = load_workflow(target, params)
     if detach:
         from orchestrator.distributed import run_distributed
 
-        run_id, _ = run_distributed(workflow, options.require_redis_url("submit --detach"), detach=True)
+        run_id, _ = run_distributed(workflow, options.require_redis_url("submit --detach"), detach=True,
+                                    params=params)
         click.echo(run_id)
         return
-    interrupted = run_workflow(workflow, options, max_workers=max_workers, quiet=quiet)
+    interrupted = run_workflow(workflow, options, max_workers=max_workers, quiet=quiet, params=params)
     if interrupted is not None:
-        how = "Ctrl-C" if interrupted == signal.SIGINT else signal.Signals(interrupted).name
-        click.echo(f"run cancelled ({how})", err=True)
+        say_cancelled(interrupted)
     report.print_results(workflow)
     _exit(exit_code_of(workflow) if interrupted is None else 128 + interrupted)
 

@@ -1,6 +1,6 @@
 """The ``orch`` commands that work on a cluster through Redis.
 
-``worker``, ``coordinator``, ``status``, ``runs``, ``cancel`` and ``resume``;
+``worker``, ``coordinator``, ``status``, ``runs``, ``cancel``, ``resume`` and ``retry``;
 registered on the root group of :mod:`orchestrator.cli` when it is imported.
 """
 from __future__ import annotations
@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import socket
 import sys
 import time
@@ -17,10 +18,10 @@ from typing import Optional
 import click
 
 from orchestrator import report
-from orchestrator.cli import (EXIT_FAILED, EXIT_OK, CliOptions, _exit, exit_code_of, handle_errors, main,
-                              pass_options, redis_url_option)
-from orchestrator.distributed import cancel_run, resume_run, serve_coordinator, who
-from orchestrator.run_store import load_tasks
+from orchestrator.cli import (EXIT_FAILED, EXIT_OK, CliOptions, _exit, exit_code_of, handle_errors,
+                              interrupting_signals, main, pass_options, redis_url_option, say_cancelled)
+from orchestrator.distributed import cancel_run, resume_run, retry_run, serve_coordinator, stored_run, who
+from orchestrator.run_store import load_history, load_tasks, read_run, run_params, run_retries
 from orchestrator.run_views import find_runs, run_summary, status_document, wait_until_final
 from orchestrator.workflow import Workflow
 from shared import keys
@@ -143,8 +144,9 @@ def status(options: CliOptions, run_id: str, wait: bool, as_json: bool) -> None:
     if wait:
         wait_until_final(connection, run_id)
     meta, _, tasks = load_tasks(connection, run_id, with_results=False)
+    load_history(connection, run_id, tasks)
     if as_json:
-        click.echo(json.dumps(status_document(run_id, meta, tasks)))
+        click.echo(json.dumps(status_document(run_id, meta, tasks, run_params(meta))))
     else:
         _print_status(run_id, meta, tasks)
     if wait and meta.get("state") != RunState.SUCCESS.value:
@@ -160,7 +162,27 @@ def _print_status(run_id: str, meta: dict, tasks: dict) -> None:
         click.echo(f"cancelled by {meta['cancelled_by']} at {_when(meta.get('cancelled_at'))}")
     if meta.get("warning") and meta.get("state") == RunState.RUNNING.value:
         click.echo(f"warning: {meta['warning']}")
+    params = run_params(meta)
+    if params:
+        click.echo("params: " + ", ".join(f"{name}={json.dumps(value, default=str)}" for name, value in params.items()))
+    retries = run_retries(meta)
+    if retries:
+        click.echo(f"retried {retries} time{'s' if retries != 1 else ''} (orch retry); earlier attempts below the table")
     report.print_results(workflow)
+    _print_earlier_attempts(workflow)
+
+
+def _print_earlier_attempts(workflow: Workflow, limit: int = 20) -> None:
+    """The earlier attempts of the run's tasks (failed ones, and succeeded ones a rerun superseded)."""
+    lines = [f"  {name} attempt {record.attempt}: {record.state}" + (f": {record.error}" if record.error else "")
+             for name in workflow.execution_order() for record in workflow.tasks[name].history]
+    if not lines:
+        return
+    click.echo("earlier attempts:")
+    for line in lines[:limit]:
+        click.echo(line)
+    if len(lines) > limit:
+        click.echo(f"  ... and {len(lines) - limit} more (orch status --json lists them all)")
 
 
 @main.command()
@@ -231,3 +253,44 @@ def resume(options: CliOptions, run_id: str, quiet: bool) -> None:
     workflow.tasks = tasks
     report.print_results(workflow)
     _exit(exit_code_of(workflow))
+
+
+@main.command()
+@click.argument("run_id")
+@click.option("--task", "tasks", multiple=True, metavar="NAME",
+              help="Also rerun NAME and everything downstream of it, even if it succeeded (repeatable).")
+@click.option("--detach", is_flag=True, help="Reopen the run and return at once; an 'orch coordinator' drives it.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress display on stderr.")
+@redis_url_option
+@pass_options
+@handle_errors
+def retry(options: CliOptions, run_id: str, tasks: tuple[str, ...], detach: bool, quiet: bool) -> None:
+    """Start the finished run RUN_ID again from where it failed.
+
+    Succeeded tasks keep their results and do not run again; failed, upstream-failed and
+    cancelled tasks (and what depends on them) run again with fresh attempt budgets. The
+    run keeps its id and its history. Exits like 'orch submit'; 2 if the run is still
+    running, unknown or expired, or a --task is not in it.
+    """
+    connection = _redis(options, "retry")
+    stored_run(connection, run_id)  # an unknown or expired run: say which before anything else
+    snapshot = read_run(connection, run_id)
+    if detach:
+        retry_run(connection, run_id, tasks, detach=True)
+        click.echo(run_id)
+        return
+    caught: list[int] = []
+    interrupted: Optional[int] = None
+    with report.ProgressDisplay(sum(snapshot.counts.values()), enabled=not quiet) as progress, \
+            interrupting_signals(caught):
+        try:
+            _, stored = retry_run(connection, run_id, tasks, on_progress=progress, on_notice=progress.notice)
+        except KeyboardInterrupt:
+            interrupted = caught[0] if caught else signal.SIGINT
+    workflow = Workflow(snapshot.workflow)
+    if interrupted is not None:
+        say_cancelled(interrupted)
+        _, _, stored = load_tasks(connection, run_id, with_results=False)
+    workflow.tasks = stored
+    report.print_results(workflow)
+    _exit(exit_code_of(workflow) if interrupted is None else 128 + interrupted)

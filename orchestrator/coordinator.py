@@ -13,13 +13,13 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Optional, Protocol, Sequence
 
-from orchestrator.actions import Action, Dispatch, RunFinished, ScheduleRetry, StopTask, Transition
+from orchestrator.actions import Action, Dispatch, RunFinished, RunRerun, ScheduleRetry, StopTask, Transition
 from orchestrator.scheduler import Scheduler
-from orchestrator.task import Task
+from orchestrator.task import AttemptRecord, Task
 from shared import codec
 from shared.errors import SerializationError
 from shared.events import Event, RetryDue, RunCancelled, TaskFailed, TaskStarted, TaskSucceeded
-from shared.states import TERMINAL_STATES, FailureKind, RunState, TaskState
+from shared.states import ACTIVE_STATES, TERMINAL_STATES, FailureKind, RunState, TaskState
 
 MAX_WAIT = 1.0
 """Longest single wait for events, so that timers and Ctrl-C are never starved."""
@@ -39,9 +39,14 @@ class Step:
     counts: dict[str, int] = field(default_factory=dict)
     cancelled_by: Optional[str] = None
     cancelled_at: Optional[float] = None
+    rerun: Optional[RunRerun] = None
+    """Set when the step starts a finished run again (the run is reopened before anything else)."""
+    attempts: list[tuple[str, AttemptRecord]] = field(default_factory=list)
+    """``(task, record)`` of the attempts that ended in this step (failed or cancelled), or that a rerun
+    superseded (succeeded): the task's history, which a backend that persists keeps."""
 
     def __bool__(self) -> bool:
-        return bool(self.transitions or self.dispatches or self.stops or self.finished)
+        return bool(self.transitions or self.dispatches or self.stops or self.finished or self.rerun)
 
 
 class Backend(Protocol):
@@ -91,6 +96,8 @@ class Coordinator:
         self.scheduler = scheduler or Scheduler(tasks.values())
         self._timers: list[tuple[float, str, int]] = []
         self._values: dict[tuple[str, int], Any] = {}
+        self._attempt_started: dict[str, float] = {}
+        """task -> when its current attempt started (as far as this coordinator saw)."""
         self.interrupted = False
 
     def run(self) -> RunState:
@@ -162,6 +169,8 @@ class Coordinator:
                 step.stops.append(action)
             elif isinstance(action, RunFinished):
                 step.finished = action
+            elif isinstance(action, RunRerun):
+                step.rerun = action
         if step:
             step.counts = {state.value: n for state, n in self.scheduler.counts().items()}
             step.cancelled_by = self.scheduler.cancelled_by
@@ -173,11 +182,24 @@ class Coordinator:
     def _record(self, move: Transition, event: Optional[Event], step: Step) -> None:
         """Keep the user's Task object in line with the scheduler."""
         task = self.tasks[move.task]
+        if move.finish is TaskState.PENDING:  # a rerun: the last attempt becomes history
+            if move.start is TaskState.SUCCESS and move.attempt > task.attempt_base:
+                first_of_its_go = move.attempt == task.attempt_base + 1  # else its own start is not kept
+                self._keep_attempt(task, AttemptRecord(move.attempt, TaskState.SUCCESS.value, None, task.worker,
+                                                       task.started_at if first_of_its_go else None,
+                                                       task.finished_at), step)
+            task.rerun(move.attempt)
+            return
+        if move.start in ACTIVE_STATES and move.finish is TaskState.SUCCESS:
+            self._attempt_started.pop(task.name, None)
+        elif move.start in ACTIVE_STATES and move.finish is not TaskState.RUNNING:
+            self._attempt_ended(task, move, event, step)
         task.state = move.finish
         task.attempts = move.attempt
         if move.finish is not TaskState.RETRYING:
             task.retry_at = None
         if move.finish is TaskState.RUNNING:
+            self._attempt_started[task.name] = move.at
             if isinstance(event, TaskStarted):
                 task.worker = event.worker
             if task.started_at is None:
@@ -199,3 +221,15 @@ class Coordinator:
                     task.started_at = event.started_at
         if move.finish in TERMINAL_STATES:
             task.finished_at = move.at
+
+    def _attempt_ended(self, task: Task, move: Transition, event: Optional[Event], step: Step) -> None:
+        """Keep the record of an attempt that failed (or was cancelled) in the task's history."""
+        started = getattr(event, "started_at", None) or self._attempt_started.get(task.name)
+        worker = task.worker if move.start is TaskState.RUNNING else None  # else not known, or a former one
+        state = TaskState.CANCELLED if move.finish is TaskState.CANCELLED else TaskState.FAILURE
+        self._keep_attempt(task, AttemptRecord(move.attempt, state.value, move.error, worker, started, move.at), step)
+
+    def _keep_attempt(self, task: Task, record: AttemptRecord, step: Step) -> None:
+        task.history += (record,)
+        step.attempts.append((task.name, record))
+        self._attempt_started.pop(task.name, None)

@@ -6,7 +6,8 @@ reachable) and writes the run in one MULTI. ``run_distributed`` then drives it
 to the end itself; ``orch submit --detach`` leaves that to an ``orch
 coordinator`` service (:func:`serve_coordinator`), which also adopts any run
 whose coordinator's lease lapsed. ``resume_run`` continues a run from what is
-in Redis alone; ``cancel_run`` cancels one, adopting it if nobody drives it.
+in Redis alone; ``retry_run`` starts a finished run again from where it failed;
+``cancel_run`` cancels one, adopting it if nobody drives it.
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ import socket
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Iterable, Iterator, Mapping, Optional
 
 import redis
 
@@ -29,14 +30,16 @@ from orchestrator.coordinator import Coordinator, ProgressCallback
 from orchestrator.dag import Graph
 from orchestrator.lease import Lease, LeaseLost
 from orchestrator.run_spec import RunSpec
-from orchestrator.run_store import create_run, load_tasks, new_run_id, request_cancel
+from orchestrator.run_store import create_run, load_tasks, new_run_id, request_cancel, run_retries
 from orchestrator.scheduler import Scheduler
 from orchestrator.task import Task
 from shared import keys
 from shared.allow import Allowlist, refused
 from shared.config import Settings
 from shared.connection import connect
-from shared.errors import UnimportableTasksError, WorkflowError
+from shared.errors import (CorruptRunError, RunExpiredError, RunNotFoundError, RunStillRunningError,
+                           UnimportableTasksError, WorkflowError)
+from shared.params import encode_params
 from shared.refs import reference_of
 from shared.states import RunState, TaskState
 
@@ -97,16 +100,19 @@ class Submission:
 
 
 def submit_run(workflow: Any, connection: redis.Redis, *, lease: Optional[Lease] = None,
-               settings: Optional[Settings] = None, transport: str = AUTO) -> Submission:
-    """Check and write a new run. Nothing is written on a bad input.
+               settings: Optional[Settings] = None, transport: str = AUTO,
+               params: Optional[Mapping[str, Any]] = None) -> Submission:
+    """Check and write a new run. Nothing is written on a bad input (parameters the codec
+    cannot encode included).
 
     Task records are written as tasks move; a task without one is pending.
     """
     settings = settings or Settings()
     if transport not in TRANSPORTS:
         raise WorkflowError(f"unknown transport {transport!r}; expected one of {', '.join(TRANSPORTS)}")
+    encoded = encode_params(params)
     with _no_cyclic_gc():
-        return _submit(workflow, connection, lease, settings, transport)
+        return _submit(workflow, connection, lease, settings, transport, encoded)
 
 
 @contextlib.contextmanager
@@ -123,7 +129,7 @@ def _no_cyclic_gc() -> Iterator[None]:
 
 
 def _submit(workflow: Any, connection: redis.Redis, lease: Optional[Lease], settings: Settings,
-            transport: str) -> Submission:
+            transport: str, params: Optional[bytes]) -> Submission:
     tasks: dict[str, Task] = workflow.tasks
     graph = workflow.validate()
     refs = task_references(tasks)
@@ -133,7 +139,8 @@ def _submit(workflow: Any, connection: redis.Redis, lease: Optional[Lease], sett
     if lease is not None:
         lease.run_id, lease.key, lease.held = run_id, keys.lease(run_id), True
     create_run(connection, run_id, workflow.name, specs,
-               lease_token=lease.token if lease else None, lease_ttl=settings.lease_ttl, transport=transport)
+               lease_token=lease.token if lease else None, lease_ttl=settings.lease_ttl, transport=transport,
+               params=params)
     return Submission(run_id, specs)
 
 
@@ -159,6 +166,7 @@ def run_distributed(
     detach: bool = False,
     transport: str = AUTO,
     on_notice: Optional[Callable[[Optional[str]], None]] = None,
+    params: Optional[Mapping[str, Any]] = None,
 ) -> tuple[str, RunState]:
     """Submit ``workflow`` as a new run and, unless ``detach``, coordinate it to the end.
 
@@ -166,6 +174,7 @@ def run_distributed(
     live workers run (:mod:`orchestrator.backends.routing`); ``"lean"`` or ``"rq"``
     pins one form for every queue. ``on_notice(text)`` is called when tasks start
     waiting on a queue no live worker serves, and with ``None`` when that clears.
+    ``params``: the run's parameters (tasks read them as ``current_task().params``).
 
     Returns ``(run_id, state)`` (``running`` when detached). ``on_submitted(run_id)``
     is called once the run is written. The caller's Task objects are kept current.
@@ -173,7 +182,7 @@ def run_distributed(
     settings = settings or Settings()
     conn = connection if connection is not None else connect(redis_url)
     lease = None if detach else Lease(conn, "", settings.lease_ttl)
-    submission = submit_run(workflow, conn, lease=lease, settings=settings, transport=transport)
+    submission = submit_run(workflow, conn, lease=lease, settings=settings, transport=transport, params=params)
     run_id = submission.run_id
     workflow.last_run_id = run_id
     if on_submitted is not None:
@@ -197,9 +206,18 @@ def restore_coordinator(
     on_notice: Optional[Callable[[Optional[str]], None]] = None,
 ) -> tuple[Coordinator, dict[str, Task]]:
     """Rebuild a run's coordinator from Redis alone, with its lease already held by ``lease``."""
+    coordinator, tasks, repairs, _ = _restore(connection, run_id, lease, settings, on_progress, on_notice)
+    coordinator.apply(repairs)
+    return coordinator, tasks
+
+
+def _restore(connection: redis.Redis, run_id: str, lease: Lease, settings: Optional[Settings],
+             on_progress: Optional[ProgressCallback], on_notice: Optional[Callable[[Optional[str]], None]],
+             ) -> tuple[Coordinator, dict[str, Task], list[Any], dict[str, Any]]:
+    """The coordinator, tasks, repairs still to apply and metadata of a stored run; writes nothing."""
     settings = settings or Settings()
     meta, specs, tasks = load_tasks(connection, run_id)
-    states = {name: (task.state, task.attempts, task.error) for name, task in tasks.items()
+    states = {name: (task.state, task.attempts, task.error, task.attempt_base) for name, task in tasks.items()
               if task.state is not TaskState.PENDING or task.attempts}
     now = time.time()
     scheduler, repairs = Scheduler.restore(tasks.values(), states, now, specs.graph)
@@ -209,13 +227,13 @@ def restore_coordinator(
     backend = RQBackend(connection, run_id, tasks, specs, settings, last_event=meta.get("last_event") or "0-0",
                         lease=lease, running=running, transport=meta.get("transport") or AUTO,
                         queued=[(name, task.attempts) for name, task in tasks.items()
-                                if task.state is TaskState.QUEUED], on_notice=on_notice)
+                                if task.state is TaskState.QUEUED], on_notice=on_notice,
+                        retries=run_retries(meta))
     coordinator = Coordinator(tasks, backend, on_progress=on_progress, scheduler=scheduler)
     for name, task in tasks.items():
         if task.state is TaskState.RETRYING:
             coordinator.arm_retry(name, task.attempts + 1, task.retry_at or now)
-    coordinator.apply(repairs)
-    return coordinator, tasks
+    return coordinator, tasks, repairs, meta
 
 
 def resume_run(
@@ -249,6 +267,68 @@ def resume_run(
         except redis.RedisError:
             pass
         raise
+
+
+def retry_run(
+    connection: redis.Redis,
+    run_id: str,
+    tasks: Iterable[str] = (),
+    *,
+    settings: Optional[Settings] = None,
+    on_progress: Optional[ProgressCallback] = None,
+    on_notice: Optional[Callable[[Optional[str]], None]] = None,
+    detach: bool = False,
+) -> tuple[RunState, dict[str, Task]]:
+    """Start the finished run ``run_id`` again from where it failed and drive it to its end.
+
+    Tasks that succeeded keep their results and do not run again; failed, upstream-failed
+    and cancelled tasks, the tasks named in ``tasks`` (even if they succeeded) and everything
+    downstream of those run again, each with a fresh budget of attempts; attempt numbers keep
+    growing and earlier attempts stay in the run's history. The run keeps its id, is active
+    again (its retention lifted until it finishes again) and counts one more retry. With
+    ``detach`` the run is reopened and left to an ``orch coordinator`` service.
+
+    Refused, with nothing written, for a run that is unknown (:class:`RunNotFoundError`),
+    whose retention expired (:class:`RunExpiredError`), that is still running
+    (:class:`RunStillRunningError`), for a task name not in the run (``UnknownTaskError``)
+    and when there is nothing to rerun (``NothingToRerunError``).
+    """
+    settings = settings or Settings()
+    if stored_run(connection, run_id) == RunState.RUNNING.value:
+        raise RunStillRunningError(run_id)
+    lease = Lease(connection, run_id, settings.lease_ttl)
+    coordinator, loaded, _, meta = _restore(connection, run_id, lease, settings, on_progress, on_notice)
+    if meta.get("state") == RunState.RUNNING.value:
+        raise RunStillRunningError(run_id)
+    if not coordinator.scheduler.finished:
+        raise CorruptRunError(run_id, f"it is recorded as {meta.get('state')} but some of its tasks are not final")
+    rerun = coordinator.scheduler.rerun(tasks, time.time())  # refuses unknown names, nothing to rerun
+    if not lease.acquire():
+        raise RunStillRunningError(run_id)
+    try:
+        finished_at = connection.hget(keys.run(run_id), "finished_at")
+        if finished_at is None or finished_at.decode() != meta.get("finished_at"):
+            raise RunStillRunningError(run_id)  # another retry reopened it meanwhile
+        coordinator.apply(rerun)
+        if detach:
+            lease.release()
+            return RunState.RUNNING, loaded
+        return coordinator.run(), loaded
+    except BaseException:
+        try:
+            lease.release()
+        except redis.RedisError:
+            pass
+        raise
+
+
+def stored_run(connection: redis.Redis, run_id: str) -> str:
+    """The recorded state of ``run_id``; raises :class:`RunExpiredError` for a run whose retention
+    ended (still listed in ``orch:runs``), :class:`RunNotFoundError` for one never seen here."""
+    state = connection.hget(keys.run(run_id), "state")
+    if state is None:
+        raise RunExpiredError(run_id) if connection.zscore(keys.RUNS, run_id) is not None else RunNotFoundError(run_id)
+    return state.decode() if isinstance(state, bytes) else state
 
 
 def _acquire_within(lease: Lease, patience: float, on_wait: Optional[Callable[[float], None]]) -> bool:

@@ -127,11 +127,12 @@ class Flow:
 
     def run(self, *, redis_url: Optional[str] = None, max_workers: Optional[int] = None,
             **params: Any) -> dict[str, Any]:
-        """Build with ``params`` and run: embedded, or on workers given ``redis_url``. Returns
+        """Build with ``params`` and run: embedded, or on workers given ``redis_url``. The parameters
+        are the run's too (recorded with it, ``current_task().params`` in every task). Returns
         ``{task: result}`` of the tasks that succeeded, as :meth:`Workflow.run` does."""
         workflow = self.build(**params)
         self.last_workflow = workflow
-        return workflow.run(max_workers, redis_url=redis_url)
+        return workflow.run(max_workers, redis_url=redis_url, params=params)
 
     def _bind(self, params: Mapping[str, Any]) -> inspect.BoundArguments:
         try:

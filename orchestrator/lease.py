@@ -93,7 +93,7 @@ return 1
 """
 MAX_ITEMS_PER_COMMAND = 2000
 """Variadic commands longer than this are split: Lua's ``unpack`` takes at most ~8000 values."""
-_VARIADIC = {"HSET": 2, "RPUSH": 1, "LPUSH": 1, "SADD": 1, "SREM": 1, "DEL": 1}
+_VARIADIC = {"HSET": 2, "HDEL": 1, "RPUSH": 1, "LPUSH": 1, "SADD": 1, "SREM": 1, "DEL": 1}
 
 
 def _split(args: tuple) -> list[tuple]:

@@ -2,8 +2,9 @@
 
 A TARGET is ``path/to/file.py[:attr]`` or ``package.module[:attr]``; ``attr``
 (default ``workflow``, dotted paths allowed) is a :class:`Workflow`, a ``@flow``
-(built with its default parameters) or a
-zero-argument callable that returns one.
+(built with the run's parameters, ``orch submit --param``, its defaults filling in the
+rest) or a callable that returns a Workflow: called with ``params=`` when it accepts a
+``params`` argument, else with none.
 
 A file is imported as a module named after its stem: ``pipelines/etl.py``
 becomes module ``etl``, with ``pipelines/`` put first on ``sys.path`` and the
@@ -28,13 +29,14 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import inspect
 import os
 import re
 import sys
 import traceback
 from pathlib import Path
 from types import ModuleType
-from typing import Any, Optional
+from typing import Any, Mapping, Optional
 
 from orchestrator.flow import Flow
 from orchestrator.workflow import Workflow
@@ -47,8 +49,9 @@ _LOADED_MARK = "__orch_target_file__"
 """Set on modules this loader executed from a file, so loading the file again may replace them."""
 
 
-def load_workflow(target: str) -> Workflow:
+def load_workflow(target: str, params: Optional[Mapping[str, Any]] = None) -> Workflow:
     """The :class:`Workflow` that ``target`` names; see the module docstring for the forms.
+    A factory that accepts ``params`` receives ``params`` (``{}`` when none are given).
 
     Raises :class:`TargetError` (one line, naming ``target``) if the file or
     module cannot be found or imported, the attribute does not exist, is not a
@@ -59,7 +62,7 @@ def load_workflow(target: str) -> Workflow:
         module = _load_file(Path(source), target)
     else:
         module = _import_module(source, target)
-    return _workflow_from(module, attr, target)
+    return _workflow_from(module, attr, target, dict(params or {}))
 
 
 def split_target(target: str) -> tuple[str, str]:
@@ -133,7 +136,7 @@ def _import_module(name: str, target: str) -> ModuleType:
         raise TargetError(f"cannot load {target!r}: error while importing {name}: {_describe(exc)}") from None
 
 
-def _workflow_from(module: ModuleType, attr: str, target: str) -> Workflow:
+def _workflow_from(module: ModuleType, attr: str, target: str, params: dict[str, Any]) -> Workflow:
     obj: Any = module
     for part in attr.split("."):
         try:
@@ -145,7 +148,7 @@ def _workflow_from(module: ModuleType, attr: str, target: str) -> Workflow:
         return obj
     if isinstance(obj, Flow):
         try:
-            return obj.build()
+            return obj.build(**params)
         except WorkflowError as exc:
             raise TargetError(f"cannot load {target!r}: {exc}") from None
         except (Exception, SystemExit) as exc:
@@ -154,12 +157,22 @@ def _workflow_from(module: ModuleType, attr: str, target: str) -> Workflow:
         raise TargetError(f"cannot load {target!r}: {attr} is a {type(obj).__name__}, "
                           "not a Workflow or a function returning one")
     try:
-        made = obj()
+        made = obj(params=params) if _takes_params(obj) else obj()
     except (Exception, SystemExit) as exc:
         raise TargetError(f"cannot load {target!r}: calling {attr}() raised {_describe(exc)}") from None
     if not isinstance(made, Workflow):
         raise TargetError(f"cannot load {target!r}: {attr}() returned a {type(made).__name__}, not a Workflow")
     return made
+
+
+def _takes_params(factory: Any) -> bool:
+    """Whether ``factory`` accepts a ``params`` keyword argument (by name, or through ``**kwargs``)."""
+    try:
+        parameters = inspect.signature(factory).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    return any(p.kind is p.VAR_KEYWORD or (p.name == "params" and p.kind is not p.POSITIONAL_ONLY
+                                           and p.kind is not p.VAR_POSITIONAL) for p in parameters)
 
 
 def _found_hint(module: ModuleType) -> str:

@@ -18,10 +18,11 @@ from typing import Any, Optional
 import redis
 
 from orchestrator.run_spec import RunSpec
-from orchestrator.task import Task
+from orchestrator.task import AttemptRecord, Task
 from shared import codec, keys
 from shared.errors import CorruptRunError, RunNotFoundError, WorkflowError
 from shared.messages import cancel_fields
+from shared.params import PARAMS_FIELD, decode_params
 from shared.states import RunState, TaskState
 
 
@@ -32,34 +33,35 @@ def new_run_id(workflow_name: str) -> str:
 
 
 def task_record(task: Task) -> str:
-    """The JSON a task's field in ``orch:run:{id}:tasks`` holds."""
-    return json.dumps(
-        {
-            "state": task.state.value,
-            "attempt": task.attempts,
-            "error": task.error,
-            "started_at": task.started_at,
-            "finished_at": task.finished_at,
-            "worker": task.worker,
-            "retry_at": task.retry_at,
-        },
-        separators=(",", ":"),
-    )
+    """The JSON a task's field in ``orch:run:{id}:tasks`` holds (``base`` only once the task was rerun)."""
+    record = {
+        "state": task.state.value,
+        "attempt": task.attempts,
+        "error": task.error,
+        "started_at": task.started_at,
+        "finished_at": task.finished_at,
+        "worker": task.worker,
+        "retry_at": task.retry_at,
+    }
+    if task.attempt_base:
+        record["base"] = task.attempt_base
+    return json.dumps(record, separators=(",", ":"))
 
 
 def create_run(connection: redis.Redis, run_id: str, workflow: str, spec: RunSpec,
                lease_token: Optional[str] = None, lease_ttl: float = 5.0,
-               transport: str = "auto") -> None:
+               transport: str = "auto", params: Optional[bytes] = None) -> None:
     """Write a new run in one MULTI, so a failure leaves nothing half-written.
 
     With ``lease_token`` the submitter holds the run's lease from the start;
     without it (``orch submit --detach``) the run waits for an ``orch coordinator``.
+    ``params``: the run's parameters, encoded by :func:`shared.params.encode_params`.
     """
     now = time.time()
     pipe = connection.pipeline(transaction=True)
     if lease_token is not None:
         pipe.set(keys.lease(run_id), lease_token, px=int(lease_ttl * 1000))
-    pipe.hset(keys.run(run_id), mapping={
+    meta: dict[str, Any] = {
         "workflow": workflow,
         "state": RunState.RUNNING.value,
         "created_at": repr(now),
@@ -67,7 +69,10 @@ def create_run(connection: redis.Redis, run_id: str, workflow: str, spec: RunSpe
         "spec": spec.to_json(),
         "last_event": "0-0",
         "transport": transport,
-    })
+    }
+    if params is not None:
+        meta[PARAMS_FIELD] = params
+    pipe.hset(keys.run(run_id), mapping=meta)
     pipe.zadd(keys.RUNS, {run_id: now})
     pipe.sadd(keys.ACTIVE, run_id)
     pipe.execute()
@@ -110,6 +115,7 @@ def load_tasks(connection: redis.Redis, run_id: str, with_results: bool = True
         task.state, task.attempts, task.error = state, attempts, record.get("error")
         task.started_at, task.finished_at = record.get("started_at"), record.get("finished_at")
         task.worker, task.retry_at = record.get("worker"), record.get("retry_at")
+        task.attempt_base = _count(record.get("base"), attempts)
     if with_results:
         for name, blob in connection.hgetall(keys.results(run_id)).items():
             task = tasks.get(_text(name))
@@ -119,6 +125,45 @@ def load_tasks(connection: redis.Redis, run_id: str, with_results: bool = True
                 except WorkflowError:
                     task.result = None
     return meta, spec, tasks
+
+
+def _count(value: Any, most: int) -> int:
+    """A recorded attempt count, within ``0..most`` (0 if damaged)."""
+    try:
+        return max(0, min(int(value or 0), most))
+    except (TypeError, ValueError):
+        return 0
+
+
+def load_history(connection: redis.Redis, run_id: str, tasks: dict[str, Task]) -> None:
+    """Fill each task's ``history`` with its earlier attempts (oldest first); damaged records are skipped."""
+    found: dict[str, list[AttemptRecord]] = {}
+    for raw_field, raw in connection.hgetall(keys.attempts(run_id)).items():
+        try:
+            name, attempt = keys.split_attempt_field(_text(raw_field) or "")
+            record = AttemptRecord.from_json(attempt, raw)
+        except (KeyError, TypeError, ValueError):
+            continue
+        if name in tasks:
+            found.setdefault(name, []).append(record)
+    for name, task in tasks.items():
+        task.history = tuple(sorted(found.get(name, ()), key=lambda record: record.attempt))
+
+
+def run_params(meta: dict[str, Any]) -> dict[str, Any]:
+    """The parameters a run was submitted with (``{}`` if none, or if the stored value is damaged)."""
+    blob = meta.get(PARAMS_FIELD)
+    if not blob:
+        return {}
+    try:
+        return decode_params(blob)
+    except WorkflowError:
+        return {}
+
+
+def run_retries(meta: dict[str, Any]) -> int:
+    """How many times the run was rerun from failure."""
+    return _count(meta.get("retries"), 1 << 30)
 
 
 @dataclass

@@ -7,13 +7,15 @@ to finish. Extra keys may be added to these shapes later; the ones here stay.
 """
 from __future__ import annotations
 
+import json
 import time
+from dataclasses import asdict
 from typing import Any, Iterator, Optional
 
 import redis
 
 from orchestrator import dag
-from orchestrator.run_store import RunSnapshot, read_run
+from orchestrator.run_store import RunSnapshot, read_run, run_retries
 from orchestrator.task import Task
 from shared import keys
 from shared.errors import RunNotFoundError
@@ -31,9 +33,16 @@ def _epoch(value: Any) -> Optional[float]:
 
 
 def task_document(task: Task) -> dict[str, Any]:
+    """One task of ``orch status --json``; ``history``: its earlier attempts (``Task.history``)."""
     return {"name": task.name, "state": task.state.value, "attempts": task.attempts, "worker": task.worker,
             "started_at": task.started_at, "finished_at": task.finished_at, "duration": task.duration,
-            "error": task.error}
+            "error": task.error, "history": [asdict(record) for record in task.history]}
+
+
+def _jsonable(value: Any) -> Any:
+    """``value`` in plain JSON types: what the codec adds (tuples, sets, bytes, dates, ...) as lists and strings."""
+    return json.loads(json.dumps(value, default=lambda other: sorted(other, key=repr)
+                                 if isinstance(other, (set, frozenset)) else str(other)))
 
 
 def status_document(run_id: str, meta: dict[str, Any], tasks: dict[str, Task],
@@ -47,7 +56,8 @@ def status_document(run_id: str, meta: dict[str, Any], tasks: dict[str, Task],
         "run_id": run_id,
         "workflow": meta.get("workflow"),
         "state": meta.get("state"),
-        "params": params or {},
+        "params": _jsonable(params or {}),
+        "retries": run_retries(meta),
         "created_at": _epoch(meta.get("created_at")),
         "finished_at": _epoch(meta.get("finished_at")),
         "tasks": [task_document(tasks[name]) for name in order],

@@ -9,6 +9,8 @@ Every legal move of a task is in :data:`TRANSITIONS`, a table of
 Reports that do not fit the current attempt (a late result from a superseded
 attempt, a duplicate, a report for a finished task) are ignored and written to
 the task's story, never applied: only the current attempt can commit.
+A finished run can be started again from where it failed (:meth:`Scheduler.rerun`):
+the only moves out of a final state, back to pending.
 
 Cost: ``start`` and a whole run of events are O(V + E): each task is queued,
 finished and propagated through once per attempt, and readiness is a counter
@@ -21,12 +23,12 @@ from __future__ import annotations
 from array import array
 from collections import Counter
 from operator import attrgetter
-from typing import Any, Callable, Iterable, Mapping, Optional, Protocol, Sequence
+from typing import Any, Callable, Iterable, Mapping, NamedTuple, Optional, Protocol, Sequence
 
-from orchestrator.actions import Action, Dispatch, RunFinished, ScheduleRetry, StopTask, Transition
+from orchestrator.actions import Action, Dispatch, RunFinished, RunRerun, ScheduleRetry, StopTask, Transition
 from orchestrator.dag import Graph, analyse
 from orchestrator.story import NUMBER, TASK, Stories
-from shared.errors import InvalidTransition, UnknownTaskError
+from shared.errors import InvalidTransition, NothingToRerunError, UnknownTaskError
 from shared.events import Event, RetryDue, RunCancelled, TaskFailed, TaskStarted, TaskSucceeded
 from shared.states import TERMINAL_STATES, FailureKind, RunState, TaskState
 
@@ -52,8 +54,19 @@ class TaskSpec(Protocol):
 
 
 def retry_delay(spec: TaskSpec, failed_attempt: int) -> float:
-    """Delay before the retry that follows ``failed_attempt`` (1-based): ``delay * backoff**(k-1)``."""
+    """Delay before the retry that follows ``failed_attempt`` (1-based, counted from the task's
+    latest rerun, if any): ``delay * backoff**(k-1)``."""
     return spec.retry_delay * spec.retry_backoff ** (failed_attempt - 1)
+
+
+class Restored(NamedTuple):
+    """A task as a persisted run left it (:meth:`Scheduler.restore`). ``base``: the attempts it had
+    made before the run's latest rerun (0 if never rerun); its budget counts from there."""
+
+    state: TaskState
+    attempt: int
+    error: Optional[str]
+    base: int = 0
 
 
 class Scheduler:
@@ -76,6 +89,9 @@ class Scheduler:
         self._specs: list[TaskSpec] = _in_graph_order(specs, graph)
         self._state: list[TaskState] = [P] * n
         self._attempt: list[int] = [0] * n
+        self._base: list[int] = [0] * n
+        """Attempts made before the task's latest rerun: numbers keep growing for the whole run,
+        each rerun gives a fresh budget of ``max_retries + 1`` attempts above this."""
         self._error: dict[int, str] = {}
         self._dependents, self._dependents_start = graph.dependents, graph.dependents_start  # read, never changed
         self._waiting_on = array("i", graph.indegree)
@@ -91,11 +107,12 @@ class Scheduler:
     def restore(
         cls,
         specs: Iterable[TaskSpec],
-        records: Mapping[str, tuple[TaskState, int, Optional[str]]],
+        records: Mapping[str, tuple],
         at: float,
         graph: Optional[Graph] = None,
     ) -> tuple["Scheduler", list[Action]]:
-        """A started scheduler in the state a persisted run left (``name -> (state, attempt, error)``).
+        """A started scheduler in the state a persisted run left (``name -> (state, attempt, error[, base])``,
+        see :class:`Restored`).
 
         Used to resume a run whose coordinator died. Tasks missing from
         ``records`` are pending. Returns the actions that bring a state which a
@@ -106,10 +123,10 @@ class Scheduler:
         """
         scheduler = cls(specs, graph)
         scheduler._started = True
-        for name, (state, attempt, error) in records.items():
+        for name, record in records.items():
             i = scheduler._index.get(name)
             if i is not None:
-                scheduler._restore_task(i, state, attempt, error, at)
+                scheduler._restore_task(i, Restored(*record), at)
         states, waiting = scheduler._state, scheduler._waiting_on
         for i, state in enumerate(states):
             if state is S:
@@ -125,13 +142,15 @@ class Scheduler:
         scheduler._check_finished(at, actions)
         return scheduler, actions
 
-    def _restore_task(self, i: int, state: TaskState, attempt: int, error: Optional[str], at: float) -> None:
+    def _restore_task(self, i: int, record: Restored, at: float) -> None:
+        state = record.state
         self._counts[P] -= 1
         self._counts[state] += 1
         self._state[i] = state
-        self._attempt[i] = attempt
-        if error:
-            self._error[i] = error
+        self._attempt[i] = record.attempt
+        self._base[i] = min(record.base, record.attempt)
+        if record.error:
+            self._error[i] = record.error
         if state in TERMINAL_STATES:
             self._unfinished -= 1
         self._stories.add(i, "restored", state, state, at)
@@ -147,8 +166,12 @@ class Scheduler:
         return self._state[self._number(task)]
 
     def attempts(self, task: str) -> int:
-        """Attempts dispatched so far (the current attempt's number)."""
+        """Attempts dispatched so far in the whole run (the current attempt's number)."""
         return self._attempt[self._number(task)]
+
+    def attempt_base(self, task: str) -> int:
+        """Attempts ``task`` had made before the run's latest rerun that reran it (0 if none)."""
+        return self._base[self._number(task)]
 
     def error(self, task: str) -> Optional[str]:
         i = self._index.get(task)
@@ -218,6 +241,45 @@ class Scheduler:
             actions.extend(self.handle(event))
         return actions
 
+    def rerun(self, tasks: Iterable[str] = (), at: float = 0.0) -> list[Action]:
+        """Start a finished run again from where it failed; return what must happen.
+
+        Reruns every task that did not succeed (failed, upstream-failed, cancelled), every
+        task named in ``tasks`` even if it succeeded, and everything downstream of those.
+        The other succeeded tasks keep their results and never run again. Each rerun task
+        goes back to pending with a fresh budget of ``max_retries + 1`` attempts; attempt
+        numbers keep growing. Raises :class:`UnknownTaskError` for a name not in the run,
+        :class:`NothingToRerunError` if that set is empty, ``RuntimeError`` if the run has
+        not finished; in every case nothing changed.
+        """
+        if not self.finished:
+            raise RuntimeError("Scheduler.rerun() before the run finished")
+        named = {self._number(task) for task in ([tasks] if isinstance(tasks, str) else tasks)}
+        rerun = self._downstream_closure(named | {i for i, state in enumerate(self._state) if state is not S})
+        if not rerun:
+            raise NothingToRerunError()
+        actions: list[Action] = [RunRerun(at)]
+        self._finish_reported = False
+        self.cancelled_by = self.cancelled_at = None
+        for i in rerun:
+            self._move(i, P, at, actions, "rerun")
+        for i in rerun:
+            if self._waiting_on[i] == 0:
+                self._move(i, Q, at, actions, "rerun with all dependencies done")
+        self._check_finished(at, actions)
+        return actions
+
+    def _downstream_closure(self, seeds: set[int]) -> list[int]:
+        """``seeds`` and all their transitive dependents, in task-number order."""
+        seen = set(seeds)
+        stack = list(seeds)
+        while stack:
+            for dependent in self._dependents_of(stack.pop()):
+                if dependent not in seen:
+                    seen.add(dependent)
+                    stack.append(dependent)
+        return sorted(seen)
+
     def _is_current(self, i: int, event: TaskStarted | TaskSucceeded | TaskFailed, allowed: frozenset) -> bool:
         if event.attempt == self._attempt[i] and self._state[i] in allowed:
             return True
@@ -241,7 +303,7 @@ class Scheduler:
         if not self._is_current(i, event, _ACTIVE):
             return
         self._error[i] = event.error
-        if self._attempt[i] <= self._specs[i].max_retries:
+        if self._attempt[i] - self._base[i] <= self._specs[i].max_retries:
             self._move(i, W, event.at, actions, "failed", kind=event.kind)
         else:
             self._move(i, F, event.at, actions, "failed", kind=event.kind)
@@ -283,7 +345,9 @@ class Scheduler:
         self._counts[finish] += 1
         if finish in TERMINAL_STATES:
             self._unfinished -= 1
-        if finish is S:
+        elif start in TERMINAL_STATES:
+            self._unfinished += 1
+        if finish is S or finish is P:
             self._error.pop(i, None)
         if because_of is None:
             self._stories.add(i, cause, start, finish, at)
@@ -309,7 +373,18 @@ class Scheduler:
 
     def _schedule_retry(self, i: int, at: float, actions: list[Action]) -> None:
         attempt = self._attempt[i]
-        actions.append(ScheduleRetry(self._names[i], attempt + 1, at + retry_delay(self._specs[i], attempt)))
+        delay = retry_delay(self._specs[i], attempt - self._base[i])
+        actions.append(ScheduleRetry(self._names[i], attempt + 1, at + delay))
+
+    def _reset(self, i: int, at: float, actions: list[Action]) -> None:
+        """A rerun from a failure or a cancel: a fresh attempt budget from the attempts made so far."""
+        self._base[i] = self._attempt[i]
+
+    def _unsucceed(self, i: int, at: float, actions: list[Action]) -> None:
+        """A rerun of a task that had succeeded: its dependents wait for it again."""
+        self._reset(i, at, actions)
+        for dependent in self._dependents_of(i):
+            self._waiting_on[dependent] += 1
 
     def _fail_downstream(self, i: int, at: float, actions: list[Action]) -> None:
         """Fail every pending transitive dependent of task ``i``, naming ``i`` as the cause."""
@@ -351,9 +426,10 @@ class Scheduler:
             assert not_done == self._waiting_on[i], f"{name}: waiting_on {self._waiting_on[i]} != {not_done}"
             if state in (Q, R, W, S):
                 assert not_done == 0, f"{name} is {state} before all its dependencies succeeded"
-            assert self._attempt[i] <= spec.max_retries + 1, f"{name}: {self._attempt[i]} attempts"
+            this_go = self._attempt[i] - self._base[i]
+            assert 0 <= this_go <= spec.max_retries + 1, f"{name}: {this_go} attempts since its latest rerun"
             if state is P:
-                assert self._attempt[i] == 0, f"{name} pending after an attempt"
+                assert this_go == 0, f"{name} pending after an attempt since its latest rerun"
 
 
 def _in_graph_order(specs: list[TaskSpec], graph: Graph) -> list[TaskSpec]:
@@ -385,9 +461,13 @@ TRANSITIONS: dict[tuple[TaskState, TaskState], Callable[[Scheduler, int, float, 
     (R, C): Scheduler._stop,
     (W, Q): Scheduler._queue,
     (W, C): Scheduler._nothing,
+    (S, P): Scheduler._unsucceed,  # a rerun named the task, or a task upstream of it
+    (F, P): Scheduler._reset,  # a rerun: failed, or failed upstream
+    (C, P): Scheduler._reset,  # a rerun of a cancelled run
 }
 """Every legal move of a task. ``pending -> failure`` (an upstream failed) is made only by
-``_fail_downstream``, which walks the descendants itself instead of recursing."""
+``_fail_downstream``, which walks the descendants itself instead of recursing. The only moves
+out of a final state are back to ``pending``, made by :meth:`Scheduler.rerun`."""
 
 _EVENT_HANDLERS = {
     TaskStarted: Scheduler._on_started,

@@ -1,12 +1,38 @@
 """``Task``: one node of a workflow, its definition and what its run made of it."""
 from __future__ import annotations
 
+import json
 import math
+from dataclasses import asdict, dataclass
 from typing import Any, Callable, Iterable, Mapping, Optional, Union
 
 from shared.errors import InvalidTaskError
 from shared.refs import import_reference, is_reference
 from shared.states import TaskState
+
+
+@dataclass(frozen=True)
+class AttemptRecord:
+    """How one attempt of a task ended: ``state`` is ``success``, ``failure`` (retried or not) or
+    ``cancelled``; times are epoch seconds (``None`` when not known)."""
+
+    attempt: int
+    state: str
+    error: Optional[str] = None
+    worker: Optional[str] = None
+    started_at: Optional[float] = None
+    finished_at: Optional[float] = None
+
+    def to_json(self) -> str:
+        return json.dumps({k: v for k, v in asdict(self).items() if v is not None and k != "attempt"},
+                          separators=(",", ":"))
+
+    @classmethod
+    def from_json(cls, attempt: int, text: Union[str, bytes]) -> "AttemptRecord":
+        """Raises ``ValueError`` (or ``TypeError``) for a damaged record."""
+        fields = json.loads(text)
+        return cls(attempt, str(fields["state"]), fields.get("error"), fields.get("worker"),
+                   fields.get("started_at"), fields.get("finished_at"))
 
 
 class Task:
@@ -21,6 +47,10 @@ class Task:
     line with the exception type), ``traceback``, ``attempts`` (attempts
     started), ``started_at`` / ``finished_at`` (epoch seconds), ``duration``,
     ``worker`` (who ran the latest attempt) and ``retry_at`` (while retrying).
+    Across reruns from failure (``Workflow.retry``) attempt numbers keep growing:
+    ``attempt_base`` is the number of attempts made before the latest rerun of the
+    task, and ``history`` holds an :class:`AttemptRecord` for each earlier attempt
+    (each failed one, and a succeeded one that a rerun superseded).
 
     Slotted: a coordinator holds one per task of a run (100,000 in a large DAG), and a
     per-instance ``__dict__`` would be most of their memory.
@@ -28,7 +58,7 @@ class Task:
 
     __slots__ = ("name", "func", "dependencies", "max_retries", "retry_delay", "retry_backoff", "timeout",
                  "args", "kwargs", "queue", "state", "result", "error", "traceback", "attempts", "started_at",
-                 "finished_at", "worker", "retry_at", "__weakref__")
+                 "finished_at", "worker", "retry_at", "attempt_base", "history", "__weakref__")
 
     def __init__(
         self,
@@ -85,6 +115,21 @@ class Task:
         self.finished_at: Optional[float] = None
         self.worker: Optional[str] = None
         self.retry_at: Optional[float] = None
+        self.attempt_base = 0
+        self.history: tuple[AttemptRecord, ...] = ()  # a tuple: no list per task of a large run
+
+    def take_outcome(self, other: "Task") -> None:
+        """Take every field a run sets (those :meth:`reset` clears) from ``other``, the same task as
+        loaded from a stored run."""
+        for name in _OUTCOME_FIELDS:
+            setattr(self, name, getattr(other, name))
+
+    def rerun(self, attempt_base: int) -> None:
+        """Back to pending for a rerun from failure: the outcome goes, the attempt count and history stay."""
+        self.state = TaskState.PENDING
+        self.result = self.error = self.traceback = None
+        self.started_at = self.finished_at = self.worker = self.retry_at = None
+        self.attempt_base = attempt_base
 
     @property
     def duration(self) -> Optional[float]:
@@ -99,6 +144,10 @@ class Task:
 
     def __repr__(self) -> str:
         return f"Task(name={self.name!r}, state={self.state.value!r}, attempts={self.attempts})"
+
+
+_OUTCOME_FIELDS = ("state", "result", "error", "traceback", "attempts", "started_at", "finished_at", "worker",
+                   "retry_at", "attempt_base", "history")
 
 
 def _non_negative(task: str, what: str, value: Any) -> float:

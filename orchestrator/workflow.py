@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 import os
-from typing import Any, Iterator, Optional
+import time
+from typing import Any, Iterable, Iterator, Mapping, Optional
 
 from orchestrator import dag
 from orchestrator.backends.local import DEFAULT_MAX_WORKERS, LocalBackend
@@ -10,6 +11,7 @@ from orchestrator.coordinator import Coordinator, ProgressCallback
 from orchestrator.scheduler import Scheduler
 from orchestrator.task import Task
 from shared import context
+from shared.params import round_trip
 from shared.errors import DuplicateTaskError, UnknownTaskError, WorkflowError
 from shared.states import TaskState
 
@@ -28,6 +30,11 @@ class Workflow:
             raise WorkflowError(f"a workflow name must be a non-empty string, not {name!r}")
         self.name = name
         self.tasks: dict[str, Task] = {}
+        self.params: dict[str, Any] = {}
+        """The parameters of the last run (``run(params=...)``), as its tasks saw them."""
+        self.retries = 0
+        """Times the last run was rerun from failure (:meth:`retry`)."""
+        self._last_run: Optional[dict[str, Any]] = None
 
     def add_task(self, task: Task) -> Task:
         """Add ``task``; a second task with the same name raises :class:`DuplicateTaskError`."""
@@ -87,6 +94,7 @@ class Workflow:
         *,
         redis_url: Optional[str] = None,
         on_progress: Optional[ProgressCallback] = None,
+        params: Optional[Mapping[str, Any]] = None,
         **options: Any,
     ) -> dict[str, Any]:
         """Run every task once its dependencies succeeded; return ``{name: result}`` of the successes.
@@ -94,24 +102,80 @@ class Workflow:
         Locally, ``max_workers`` attempts run at once (default 4). With
         ``redis_url`` the run goes to the workers listening on the tasks'
         queues; ``options`` are those of :func:`orchestrator.distributed.run_distributed`.
-        The run's id is then in ``last_run_id``.
+        The run's id is then in ``last_run_id``. ``params`` (names to values the
+        codec encodes; checked before anything runs) are what every task reads as
+        ``current_task().params``. Each call starts a fresh run; :meth:`retry`
+        starts the last one again from where it failed.
         """
+        checked = round_trip(params)
         for task in self.tasks.values():
             task.reset()
+        self.params, self.retries = checked, 0
         if redis_url is not None:
             from orchestrator.distributed import run_distributed
 
-            run_distributed(self, redis_url, on_progress=on_progress, **options)
+            self._last_run = {"redis_url": redis_url, **options}
+            run_distributed(self, redis_url, on_progress=on_progress, params=params, **options)
             return self.results
         if options:
             raise TypeError(f"unexpected options for a local run: {', '.join(sorted(options))}")
-        scheduler = Scheduler(self.tasks.values(), self.validate())
-        backend = LocalBackend(self.tasks, max_workers or _default_workers(), run_id=f"local-{os.getpid()}")
+        self._last_run = {"max_workers": max_workers}
+        self._run_locally(Scheduler(self.tasks.values(), self.validate()), [], max_workers, on_progress)
+        return self.results
+
+    def retry(self, tasks: Iterable[str] = (), *, on_progress: Optional[ProgressCallback] = None) -> dict[str, Any]:
+        """Start the last run again from where it failed, on the backend it ran on; return
+        ``{name: result}`` of the successes, like :meth:`run`.
+
+        Succeeded tasks keep their results and do not run again; failed, upstream-failed
+        and cancelled tasks, the tasks named in ``tasks`` (even if they succeeded) and
+        everything downstream of those run again, with fresh attempt budgets; attempt
+        numbers keep growing and each task's earlier attempts stay in ``Task.history``.
+        Embedded runs are rerun in memory from the Task objects; distributed ones are the
+        same run in Redis (:func:`orchestrator.distributed.retry_run`), driven to its end.
+        """
+        names = [tasks] if isinstance(tasks, str) else list(tasks)
+        if self._last_run is None:
+            raise WorkflowError("retry() reruns the last run of this workflow, and it has not run yet: call run()")
+        redis_url = self._last_run.get("redis_url")
+        if redis_url is not None:
+            self._retry_distributed(redis_url, names, on_progress)
+            return self.results
+        restored = {name: (t.state, t.attempts, t.error, t.attempt_base) for name, t in self.tasks.items()}
+        scheduler, _ = Scheduler.restore(self.tasks.values(), restored, 0.0, self.validate())
+        if not scheduler.finished:
+            raise WorkflowError("retry() needs a finished run; the last run of this workflow did not finish")
+        actions = scheduler.rerun(names, time.time())
+        self.retries += 1
+        self._run_locally(scheduler, actions, self._last_run["max_workers"], on_progress)
+        return self.results
+
+    def _run_locally(self, scheduler: Scheduler, actions: list, max_workers: Optional[int],
+                     on_progress: Optional[ProgressCallback]) -> None:
+        backend = LocalBackend(self.tasks, max_workers or _default_workers(), run_id=f"local-{os.getpid()}",
+                               params=self.params)
         try:
-            Coordinator(self.tasks, backend, on_progress=on_progress, scheduler=scheduler).run()
+            coordinator = Coordinator(self.tasks, backend, on_progress=on_progress, scheduler=scheduler)
+            coordinator.apply(actions)
+            coordinator.run()
         finally:
             backend.close()
-        return self.results
+
+    def _retry_distributed(self, redis_url: str, names: list[str], on_progress: Optional[ProgressCallback]) -> None:
+        from orchestrator.distributed import retry_run
+        from orchestrator.run_store import load_history
+        from shared.connection import connect
+
+        connection = connect(redis_url)
+        try:
+            _, stored = retry_run(connection, self.last_run_id, names, on_progress=on_progress,
+                                  settings=self._last_run.get("settings"))
+            load_history(connection, self.last_run_id, stored)
+        finally:
+            connection.close()
+        for name, task in self.tasks.items():
+            task.take_outcome(stored[name])
+        self.retries += 1
 
 
 def _default_workers() -> int:

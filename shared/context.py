@@ -12,12 +12,23 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Optional
 
 
+def _no_params() -> dict[str, Any]:
+    return {}
+
+
 @dataclass(frozen=True)
 class TaskContext:
     run_id: str
     task: str
     attempt: int
     fetch_result: Callable[[str], Any]
+    fetch_params: Callable[[], dict[str, Any]] = _no_params
+    """Returns a fresh copy of the run's parameters (read lazily: a task that never asks costs nothing)."""
+
+    @property
+    def params(self) -> dict[str, Any]:
+        """The parameters the run was submitted with (``orch submit --param``, ``run(params=...)``)."""
+        return self.fetch_params()
 
 
 _current: contextvars.ContextVar[Optional[TaskContext]] = contextvars.ContextVar("orch_task", default=None)
@@ -27,7 +38,8 @@ def current() -> Optional[TaskContext]:
     """The run, task and attempt number this process is executing now (``None`` outside a task).
 
     Exported as ``orchestrator.current_task``: a task can read
-    ``current_task().attempt`` to behave differently on a retry.
+    ``current_task().attempt`` to behave differently on a retry, and
+    ``current_task().params`` for the run's parameters.
     """
     return _current.get()
 

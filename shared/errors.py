@@ -129,6 +129,39 @@ class RunNotFoundError(WorkflowError, LookupError):
         super().__init__(f"no run {run_id!r} in this Redis (wrong id, or its retention expired)")
 
 
+class RunExpiredError(RunNotFoundError):
+    """The run was in this Redis, but its retention (``ORCH_RETENTION``) ended and its state is gone."""
+
+    def __init__(self, run_id: str) -> None:
+        self.run_id = run_id
+        WorkflowError.__init__(self, f"run {run_id!r} expired: its retention (ORCH_RETENTION) ended and its "
+                                     f"state is gone from this Redis; submit the workflow again")
+
+
+class RunStillRunningError(WorkflowError):
+    """A run that has not finished cannot be rerun from failure."""
+
+    def __init__(self, run_id: str) -> None:
+        self.run_id = run_id
+        super().__init__(f"run {run_id!r} is still running; wait for it to finish (orch status {run_id} --wait), "
+                         f"or cancel it (orch cancel {run_id}) and retry then")
+
+
+class NothingToRerunError(WorkflowError):
+    """A rerun that would run nothing: every task succeeded and none was named."""
+
+    def __init__(self) -> None:
+        super().__init__("every task of the run succeeded: nothing to rerun (name the tasks to run again "
+                         "with --task NAME, or tasks=[...] in Python)")
+
+
+class InvalidParamsError(DefinitionError):
+    """Run parameters that are not a mapping of names to values."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(f"invalid run parameters: {reason}")
+
+
 class CorruptRunError(WorkflowError):
     """A stored run cannot be read back (its spec was damaged or forged)."""
 

@@ -8,6 +8,9 @@ key                             type    contents
 ``orch:runs``                   zset    run id -> creation time (epoch s), for ``orch runs``
 ``orch:run:{id}``               hash    run metadata: workflow, state, created_at,
                                         finished_at, total, counts, transport, cancelled_by,
+                                        params (codec-encoded run parameters, read once per
+                                        run by each work process that asks for them),
+                                        retries (times the run was rerun from failure),
                                         cancelled_at, last_event (stream id applied last),
                                         lease_holder (token of the last coordinator to
                                         adopt the run), spec (JSON, format 2 of
@@ -16,7 +19,11 @@ key                             type    contents
                                         argument payloads as tables, per task an index
                                         into each)
 ``orch:run:{id}:tasks``         hash    task name -> JSON record: state, attempt, error,
-                                        started_at, finished_at, worker, retry_at
+                                        started_at, finished_at, worker, retry_at, base
+                                        (attempts made before the task's latest rerun; absent: 0)
+``orch:run:{id}:attempts``      hash    ``{attempt}:{task}`` -> JSON record of one earlier attempt
+                                        (state, error, worker, started_at, finished_at): each
+                                        failed attempt, and a succeeded one a rerun superseded
 ``orch:run:{id}:results``       hash    task name -> codec-encoded result (successes only)
 ``orch:run:{id}:tracebacks``    hash    task name -> traceback text of its last failure
 ``orch:run:{id}:events``        stream  outcomes reported by workers, and cancel requests;
@@ -34,7 +41,8 @@ key                             type    contents
 ``orch:stop`` (pub/sub)         channel lean mode: "stop this attempt" requests (cancellation)
 ==============================  ======  ==================================================
 
-All keys of a run get the run's retention as TTL when the run finishes.
+All keys of a run get the run's retention as TTL when the run finishes; a rerun from
+failure (``orch retry``) lifts that TTL while the run runs again.
 """
 from __future__ import annotations
 
@@ -60,6 +68,21 @@ def results(run_id: str) -> str:
 
 def tracebacks(run_id: str) -> str:
     return f"{PREFIX}:run:{run_id}:tracebacks"
+
+
+def attempts(run_id: str) -> str:
+    return f"{PREFIX}:run:{run_id}:attempts"
+
+
+def attempt_field(task: str, attempt: int) -> str:
+    """The field of one attempt in :func:`attempts`: ``{attempt}:{task}`` (a task name may hold ':')."""
+    return f"{attempt}:{task}"
+
+
+def split_attempt_field(field: str) -> tuple[str, int]:
+    """``(task, attempt)`` of an :func:`attempt_field`; ``ValueError`` if it is not one."""
+    attempt, _, task = field.partition(":")
+    return task, int(attempt)
 
 
 def events(run_id: str) -> str:
@@ -102,7 +125,7 @@ def slot_worker(slot: str) -> str:
 
 def all_of_run(run_id: str) -> list[str]:
     """Every key that belongs to one run (for retention and deletion)."""
-    return [run(run_id), tasks(run_id), results(run_id), tracebacks(run_id), events(run_id)]
+    return [run(run_id), tasks(run_id), results(run_id), tracebacks(run_id), events(run_id), attempts(run_id)]
 
 
 def job_id(run_id: str, task_index: int, attempt: int) -> str:

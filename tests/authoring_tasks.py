@@ -66,3 +66,14 @@ def needs_day(day: str):
 
 def pid() -> int:
     return os.getpid()
+
+
+@task
+def echo_params() -> dict:
+    from orchestrator import current_task
+    return current_task().params
+
+
+@flow
+def dated(day: str = "2026-01-01"):
+    echo_params()

@@ -231,3 +231,16 @@ def test_results_as_arguments_on_workers(redis_server, orch_workers, mode, tmp_p
     assert results["collect"] == {"values": [4, 5, 7], "named": {"three": 9, "k": "v"}, "pair": [5, "x"]}
     assert at.nested.last_workflow.get_task("flaky_once").attempts == 2
     assert isinstance(at.nested, Flow)
+
+
+def test_orch_submit_param_sets_the_flow_parameters_and_the_run_parameters(monkeypatch) -> None:
+    monkeypatch.delenv("ORCH_REDIS_URL", raising=False)
+    result = CliRunner().invoke(main, ["submit", f"{TARGET}:needs_day", "--param", "day=2026-12-24", "-q"])
+    assert result.exit_code == 0, result.output
+    unknown = CliRunner().invoke(main, ["submit", f"{TARGET}:needs_day", "--param", "day=x", "--param", "zone=eu"])
+    assert unknown.exit_code == 2 and "unexpected keyword argument 'zone'" in unknown.output
+
+
+def test_flow_run_parameters_reach_current_task_params() -> None:
+    results = at.dated.run(day="2026-12-24")
+    assert results["echo_params"] == {"day": "2026-12-24"}

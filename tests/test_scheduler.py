@@ -14,7 +14,9 @@ from hypothesis import strategies as st
 from orchestrator import dag
 from orchestrator.actions import Dispatch, RunFinished, ScheduleRetry, StopTask, Transition
 from orchestrator.scheduler import TRANSITIONS, C, F, P, Q, R, S, Scheduler, W, retry_delay
-from shared.errors import InvalidTransition, UnknownTaskError, WorkflowError
+from orchestrator.actions import RunRerun
+from orchestrator.scheduler import Restored
+from shared.errors import InvalidTransition, NothingToRerunError, UnknownTaskError, WorkflowError
 from shared.events import RetryDue, RunCancelled, TaskFailed, TaskStarted, TaskSucceeded
 from shared.states import TERMINAL_STATES, FailureKind, RunState, TaskState
 
@@ -467,10 +469,11 @@ def test_transition_table():
         (Q, R), (Q, S), (Q, W), (Q, F), (Q, C),
         (R, S), (R, W), (R, F), (R, C),
         (W, Q), (W, C),
+        (S, P), (F, P), (C, P),
     }  # fmt: skip
     assert set(TRANSITIONS) == expected
     for start, finish in TRANSITIONS:
-        assert start not in TERMINAL_STATES, "no move out of a final state"
+        assert start not in TERMINAL_STATES or finish is P, "out of a final state only back to pending (a rerun)"
         assert start is not finish
     # pending -> failure is only made by upstream propagation, never through _move
     assert (P, F) not in TRANSITIONS
@@ -547,6 +550,7 @@ class RandomDriver:
         self.finished: list[RunFinished] = []
         self.stops: list[StopTask] = []
         self.cancel_snapshot: dict[str, TaskState] | None = None
+        self.base: dict[str, int] = {s.name: 0 for s in specs}  # attempts before the latest rerun
 
     def apply(self, out: list, when: float) -> None:
         for action in out:
@@ -559,12 +563,12 @@ class RandomDriver:
                 for dep in spec.dependencies:
                     assert self.h.s.state(dep) is S, f"{action.task} dispatched before {dep} succeeded"
                 assert action.attempt == len(self.dispatches[action.task]) + 1
-                assert action.attempt <= spec.max_retries + 1
+                assert action.attempt - self.base[action.task] <= spec.max_retries + 1
                 self.dispatches[action.task].append(action.attempt)
                 self.in_flight[action.task] = action.attempt
             elif isinstance(action, ScheduleRetry):
                 spec = self.by_name[action.task]
-                k = action.attempt - 1
+                k = action.attempt - 1 - self.base[action.task]
                 assert action.at == pytest.approx(when + spec.retry_delay * spec.retry_backoff ** (k - 1))
                 assert action.attempt == self.h.s.attempts(action.task) + 1
                 self.timers[action.task] = action
@@ -636,7 +640,7 @@ class RandomDriver:
             self.failures[name] += 1
             out = self.h.handle(TaskFailed(name, attempt, self.now, f"ValueError: {name} attempt {attempt}"))
             self.apply(out, self.now)
-            exhausted = self.failures[name] == self.by_name[name].max_retries + 1
+            exhausted = self.failures[name] == self.by_name[name].max_retries + 1  # failures since the rerun
             assert self.h.s.state(name) is (F if exhausted else W)
         else:
             self.apply(self.h.handle(TaskSucceeded(name, attempt, self.now)), self.now)
@@ -644,6 +648,24 @@ class RandomDriver:
 
     def run(self) -> None:
         self.apply(self.h.start(self.now), self.now)
+        self.drive()
+
+    def rerun(self, named: Sequence[str]) -> list:
+        """Rerun the finished run (``Scheduler.rerun``) and get ready to drive its second go."""
+        before = {name: self.h.s.attempts(name) for name in self.model_state}
+        self.in_flight.clear()
+        self.timers.clear()
+        self.cancel_after = self.cancel_snapshot = None
+        self.finished = []
+        out = self.h._took(self.h.s.rerun(named, self.now))
+        for move in of(Transition, out):
+            if move.finish is P:
+                self.base[move.task] = before[move.task]
+                self.failures[move.task] = 0
+        self.apply(out, self.now)
+        return out
+
+    def drive(self) -> None:
         limit = 50 * sum(s.max_retries + 2 for s in self.specs) + 100
         n = 0
         while not self.h.s.finished:
@@ -770,3 +792,138 @@ def test_100k_task_dag_validates_and_orders_fast():
     assert len(order) == len(tasks) == len(set(order))
     position = {name: i for i, name in enumerate(order)}
     assert all(position[d] < position[x.name] for x in specs for d in x.dependencies)
+
+
+# ------------------------------------------------------------------- rerun from failure
+
+
+def finished_diamond(**kw) -> Harness:
+    """a, c succeed; b fails for good; d fails upstream of b."""
+    h = Harness(diamond(**kw))
+    h.start()
+    h.ok("a")
+    h.ok("c")
+    while h.s.state("b") is not F:
+        h.fail("b")
+        if h.s.state("b") is W:
+            h.handle(RetryDue("b", h.s.attempts("b") + 1, 2.0))
+    assert h.s.finished and h.s.state("d") is F
+    return h
+
+
+def test_rerun_resets_the_failed_branch_only_and_attempts_keep_growing():
+    h = finished_diamond()
+    out = h._took(h.s.rerun((), at=10.0))
+    assert out[0] == RunRerun(10.0)
+    assert of(Transition, out) == [
+        Transition("b", F, P, 1, 10.0),
+        Transition("d", F, P, 0, 10.0),
+        Transition("b", P, Q, 2, 10.0),
+    ]
+    assert of(Dispatch, out) == [Dispatch("b", 2)]
+    assert h.states() == {"a": S, "b": Q, "c": S, "d": P}
+    assert h.s.error("b") is None and h.s.attempt_base("b") == 1
+    assert not h.s.finished and h.s.run_state is RunState.RUNNING
+    h.ok("b")
+    assert h.states()["d"] is Q and h.s.attempts("d") == 1
+    h.ok("d")
+    assert h.s.finished and h.s.run_state is RunState.SUCCESS
+    assert [f.state for f in h.finishes()] == [RunState.FAILURE, RunState.SUCCESS]
+    assert h.s.story("b")[-3][0] == "rerun"
+
+
+def test_rerun_gives_a_fresh_retry_budget_with_the_same_delays():
+    h = finished_diamond(max_retries=1, retry_delay=1.0, retry_backoff=2.0)
+    assert h.s.attempts("b") == 2
+    h._took(h.s.rerun((), at=10.0))
+    out = h.fail("b", at=11.0)  # attempt 3, the first of this go: retried after retry_delay
+    assert of(ScheduleRetry, out) == [ScheduleRetry("b", 4, 12.0)]
+    h.handle(RetryDue("b", 4, 12.0))
+    h.fail("b", at=13.0)  # attempt 4: the budget of this go (2 attempts) is spent
+    assert h.s.state("b") is F and h.s.attempts("b") == 4 and h.s.finished
+
+
+def test_rerun_of_named_succeeded_task_reruns_it_and_its_descendants_only():
+    h = Harness(diamond())
+    h.start()
+    for name in ("a", "b", "c", "d"):
+        h.ok(name)
+    out = h._took(h.s.rerun(["c"], at=5.0))
+    assert [(m.task, m.start, m.finish) for m in of(Transition, out)] == [("c", S, P), ("d", S, P), ("c", P, Q)]
+    assert of(Dispatch, out) == [Dispatch("c", 2)]
+    assert h.states() == {"a": S, "b": S, "c": Q, "d": P}
+    h.ok("c")
+    assert of(Dispatch, h.actions[-3:]) == [Dispatch("d", 2)]
+
+
+def test_rerun_of_a_cancelled_run_reruns_the_cancelled_tasks():
+    h = Harness(diamond())
+    h.start()
+    h.ok("a")
+    h.handle(RunCancelled(2.0, by="test"))
+    assert h.s.run_state is RunState.CANCELLED and h.s.cancelled_by == "test"
+    h._took(h.s.rerun((), at=3.0))
+    assert h.states() == {"a": S, "b": Q, "c": Q, "d": P}
+    assert h.s.cancelled_by is None and h.s.attempts("b") == 2 and h.s.attempt_base("b") == 1
+
+
+def test_rerun_refusals_change_nothing():
+    h = Harness(diamond())
+    h.start()
+    with pytest.raises(RuntimeError):
+        h.s.rerun((), at=1.0)  # not finished
+    for name in ("a", "b", "c", "d"):
+        h.ok(name)
+    before = h.states()
+    with pytest.raises(NothingToRerunError):
+        h.s.rerun((), at=2.0)
+    with pytest.raises(UnknownTaskError):
+        h.s.rerun(["a", "nope"], at=2.0)
+    assert h.states() == before and h.s.run_state is RunState.SUCCESS
+    h.s.validate_state()
+
+
+def test_restore_keeps_the_attempt_base_of_a_rerun():
+    specs = [Spec("a", max_retries=1), Spec("b", ("a",))]
+    s, repairs = Scheduler.restore(specs, {"a": Restored(R, 3, None, 2), "b": (P, 1, None, 1)}, at=1.0)
+    s.validate_state()
+    assert repairs == [] and s.attempt_base("a") == 2
+    out = s.handle(TaskFailed("a", 3, 2.0, "ValueError: x"))
+    assert s.state("a") is W and of(ScheduleRetry, out) == [ScheduleRetry("a", 4, 2.0)]
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(specs=dags(max_nodes=25), seed=st.integers(0, 2**32 - 1), p_fail=st.sampled_from([0.3, 0.7, 1.0]),
+       cancel_after=st.one_of(st.none(), st.integers(0, 30)), p_fail_again=st.sampled_from([0.0, 0.3]),
+       data=st.data())
+def test_random_rerun_from_failure(specs, seed, p_fail, cancel_after, p_fail_again, data):
+    d = RandomDriver(specs, random.Random(seed), p_fail, 0.1, cancel_after=cancel_after)
+    d.run()
+    s = d.h.s
+    before = d.h.states()
+    runs_before = {name: len(d.dispatches[name]) for name in before}
+    named = data.draw(st.sets(st.sampled_from(sorted(before)), max_size=3))
+    seeds = named | {name for name, state in before.items() if state is not S}
+    expected = seeds | descendants(specs, seeds)
+    if not expected:
+        with pytest.raises(NothingToRerunError):
+            s.rerun(sorted(named), d.now)
+        assert d.h.states() == before
+        return
+    d.p_fail = p_fail_again
+    out = d.rerun(sorted(named))
+    assert {m.task for m in of(Transition, out) if m.finish is P} == expected
+    d.drive()
+    assert len(d.finished) == 1 and s.finished
+    assert all(s.state(x.name) in TERMINAL_STATES for x in specs)
+    for name, state in before.items():
+        if name not in expected:  # succeeded, not rerun: never runs again
+            assert state is S and s.state(name) is S and len(d.dispatches[name]) == runs_before[name]
+        elif len(d.dispatches[name]) == runs_before[name]:  # rerun, but an upstream failed again first
+            cause = s.error(name)[len("upstream task '"):-len("' failed")]
+            assert s.state(name) is F and cause in expected and cause in ancestors(specs, name)
+        else:
+            assert d.dispatches[name][runs_before[name]] == runs_before[name] + 1  # numbers keep growing
+    if p_fail_again == 0.0:  # every rerun task (the dependents of rerun tasks too) ran again
+        assert all(len(d.dispatches[name]) > runs_before[name] for name in expected)
+        assert d.finished[0].state is RunState.SUCCESS

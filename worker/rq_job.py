@@ -29,6 +29,7 @@ from shared.config import max_result_bytes
 from shared.context import TaskContext, running
 from shared.errors import WorkflowError
 from shared.messages import FAILED, STARTED, Outcome
+from shared.params import ParamsCache
 from shared.allow import worker_allowlist
 from shared.refs import import_reference
 from worker.execute import describe_exception, run_attempt
@@ -37,6 +38,11 @@ from worker.execute import describe_exception, run_attempt
 _held: Optional[list[Outcome]] = None
 """Where :func:`run_task` leaves its outcome instead of sending it; ``None`` outside
 :func:`holding_outcomes`."""
+
+
+_PARAMS = ParamsCache()
+"""The parameters of the runs this process ran tasks of, read once per run (persistent lean work processes
+keep them across jobs)."""
 
 
 class TaskTimeout(Exception):
@@ -110,7 +116,11 @@ def attempt_outcome(connection: redis.Redis, run_id: str, task: str, attempt: in
         blob = connection.hget(keys.results(run_id), name)
         return None if blob is None else codec.decode(blob)
 
-    context = TaskContext(run_id=run_id, task=task, attempt=attempt, fetch_result=fetch_result)
+    def fetch_params() -> dict[str, Any]:
+        return _PARAMS.get(connection, run_id)
+
+    context = TaskContext(run_id=run_id, task=task, attempt=attempt, fetch_result=fetch_result,
+                          fetch_params=fetch_params)
     with running(context), _time_limit(timeout):
         outcome = run_attempt(func, args, kwargs, run_id=run_id, task=task, attempt=attempt, worker=worker,
                               capture_output=True, max_result_bytes=result_limit(max_result_bytes),

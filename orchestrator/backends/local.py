@@ -8,6 +8,7 @@ segfault or ``os._exit`` in a task from taking the run down.
 """
 from __future__ import annotations
 
+import copy
 import multiprocessing
 import os
 import pickle
@@ -40,7 +41,8 @@ class _Attempt:
     deadline: Optional[float]
 
 
-def _child(tasks: Mapping[str, Task], name: str, attempt: int, run_id: str, conn: Connection) -> None:
+def _child(tasks: Mapping[str, Task], name: str, attempt: int, run_id: str, conn: Connection,
+           params: Mapping[str, Any]) -> None:
     os.setpgrp()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the coordinator's to handle
     for sig in (signal.SIGTERM, signal.SIGHUP):  # not the CLI's "cancel the run" handlers
@@ -55,7 +57,10 @@ def _child(tasks: Mapping[str, Task], name: str, attempt: int, run_id: str, conn
         def upstream_result(other: str) -> Any:
             return tasks[other].result if other in tasks else None
 
-        with running(TaskContext(run_id, name, attempt, upstream_result)):
+        def fetch_params() -> dict[str, Any]:
+            return copy.deepcopy(dict(params))
+
+        with running(TaskContext(run_id, name, attempt, upstream_result, fetch_params)):
             outcome = run_attempt(func, task.args, task.kwargs, run_id=run_id, task=name, attempt=attempt,
                                   upstream_result=upstream_result)
     conn.send_bytes(pickle.dumps(outcome))
@@ -65,10 +70,13 @@ def _child(tasks: Mapping[str, Task], name: str, attempt: int, run_id: str, conn
 class LocalBackend:
     """Runs at most ``max_workers`` attempts at once; the rest wait in a FIFO queue."""
 
-    def __init__(self, tasks: Mapping[str, Task], max_workers: int = DEFAULT_MAX_WORKERS, run_id: str = "local") -> None:
+    def __init__(self, tasks: Mapping[str, Task], max_workers: int = DEFAULT_MAX_WORKERS, run_id: str = "local",
+                 params: Optional[Mapping[str, Any]] = None) -> None:
+        """``params``: the run's parameters, as tasks read them (``current_task().params``)."""
         if max_workers < 1:
             raise ValueError(f"max_workers must be >= 1, not {max_workers}")
         self.tasks = tasks
+        self.params = dict(params or {})
         self.max_workers = max_workers
         self.run_id = run_id
         self._context = multiprocessing.get_context("fork")
@@ -92,7 +100,7 @@ class LocalBackend:
             task = self.tasks[dispatch.task]
             receiver, sender = self._context.Pipe(duplex=False)
             process = self._context.Process(
-                target=_child, args=(self.tasks, task.name, dispatch.attempt, self.run_id, sender),
+                target=_child, args=(self.tasks, task.name, dispatch.attempt, self.run_id, sender, self.params),
                 name=f"orch-task-{task.name}", daemon=False,
             )
             now = time.time()

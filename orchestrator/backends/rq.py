@@ -53,7 +53,7 @@ from shared.errors import SerializationError
 from shared.jobs import JOB_FUNCTION, job_message
 from shared.events import Event, RunCancelled, TaskFailed, TaskStarted, TaskSucceeded
 from shared.messages import FAILED, STARTED, SUCCEEDED, Outcome, cancel_requester
-from shared.states import TaskState
+from shared.states import RunState, TaskState
 from shared.workers import LEAN, RQ
 
 log = logging.getLogger("orch.coordinator")
@@ -92,6 +92,7 @@ class RQBackend:
         transport: str = AUTO,
         queued: Sequence[tuple[str, int]] = (),
         on_notice: Optional[Callable[[Optional[str]], None]] = None,
+        retries: int = 0,
     ) -> None:
         if transport not in TRANSPORTS:
             raise ValueError(f"unknown transport {transport!r}; expected one of {', '.join(TRANSPORTS)}")
@@ -103,6 +104,8 @@ class RQBackend:
         self.tasks = tasks
         self.specs = specs
         self.settings = settings or Settings()
+        self.retries = retries
+        """Times the run was rerun from failure (as of the last step)."""
         self._index = specs.index
         self._queues: dict[str, Queue] = {}
         self._last_event = last_event
@@ -146,6 +149,8 @@ class RQBackend:
 
     # ------------------------------------------------------------------ output
     def carry_out(self, step: Step) -> None:
+        if step.rerun:
+            self.retries += 1
         for stop in step.stops:
             self.watch.finished(self.job_id(stop.task, stop.attempt), stop.task, stop.attempt)
         for move in step.transitions:
@@ -175,8 +180,13 @@ class RQBackend:
         """All of ``step`` in one atomic round trip (fenced by the lease when there is one)."""
         run_id = self.run_id
         pipe = self.connection.pipeline(transaction=True)
+        if step.rerun:
+            self._reopen(pipe, step)
         if changed:
             pipe.hset(keys.tasks(run_id), mapping={name: task_record(self.tasks[name]) for name in changed})
+        if step.attempts:
+            pipe.hset(keys.attempts(run_id), mapping={keys.attempt_field(task, record.attempt): record.to_json()
+                                                      for task, record in step.attempts})
         if step.results:
             pipe.hset(keys.results(run_id), mapping=step.results)
         if step.tracebacks:
@@ -206,6 +216,21 @@ class RQBackend:
             commands = [args for args, _options in pipe.command_stack]
             pipe.reset()
             self.lease.apply(commands)
+
+    def _reopen(self, pipe: Any, step: Step) -> None:
+        """A rerun from failure: the run is running again, active (so an ``orch coordinator`` adopts it
+        if its driver dies), kept past its retention until it finishes again, its retries counted;
+        the results of the tasks that run again are dropped."""
+        run_id = self.run_id
+        for key in keys.all_of_run(run_id):
+            pipe.persist(key)
+        pipe.hdel(keys.run(run_id), "finished_at", "cancelled_by", "cancelled_at")
+        pipe.hset(keys.run(run_id), "state", RunState.RUNNING.value)
+        pipe.hset(keys.run(run_id), "retries", self.retries)  # counted in carry_out: a rewrite stays idempotent
+        pipe.sadd(keys.ACTIVE, run_id)
+        rerun = [move.task for move in step.transitions if move.finish is TaskState.PENDING]
+        if rerun:
+            pipe.hdel(keys.results(run_id), *rerun)
 
     def _job_args(self, task: str, attempt: int) -> tuple[Any, ...]:
         spec = self.specs[task]
