@@ -1,13 +1,18 @@
 """orch: a small, dependable DAG runner. ``from orchestrator import Task, Workflow, TaskState, task, flow``."""
 from orchestrator.flow import Flow, TaskFunction, TaskHandle, flow, task
 from orchestrator.task import Task
+from orchestrator.trigger_rules import TriggerRule
 from orchestrator.workflow import Workflow
 from shared.errors import (
     CycleError,
     DuplicateTaskError,
+    Fail,
     FlowError,
     MissingDependencyError,
+    Skip,
+    TaskTimeout,
     UnknownTaskError,
+    WorkerCrash,
     WorkflowError,
 )
 from shared.context import TaskContext
@@ -23,6 +28,11 @@ __all__ = [
     "TaskFunction",
     "TaskHandle",
     "FlowError",
+    "Fail",
+    "Skip",
+    "TaskTimeout",
+    "WorkerCrash",
+    "TriggerRule",
     "TaskState",
     "RunState",
     "WorkflowError",

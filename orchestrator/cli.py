@@ -113,9 +113,13 @@ def handle_errors(func: F) -> F:
     return cast(F, wrapper)
 
 
+_FINE = frozenset({TaskState.SUCCESS, TaskState.SKIPPED})
+
+
 def exit_code_of(workflow: Workflow) -> int:
-    """0 if every task succeeded, else 1."""
-    return EXIT_OK if all(task.state is TaskState.SUCCESS for task in workflow) else EXIT_FAILED
+    """0 if every task succeeded or was skipped, else 1 (a failure fails the run, even with a cleanup task
+    that ran after it)."""
+    return EXIT_OK if all(task.state in _FINE for task in workflow) else EXIT_FAILED
 
 
 def _exit(code: int) -> NoReturn:

@@ -211,7 +211,7 @@ class Coordinator:
             step.results[move.task] = event.result
             if task.started_at is None:
                 task.started_at = event.started_at or move.at
-        if move.finish in (TaskState.FAILURE, TaskState.RETRYING, TaskState.CANCELLED):
+        if move.finish in (TaskState.FAILURE, TaskState.RETRYING, TaskState.CANCELLED, TaskState.SKIPPED):
             task.error = move.error
             if isinstance(event, TaskFailed) and move.kind is not FailureKind.UPSTREAM:
                 task.traceback = event.traceback
@@ -226,7 +226,7 @@ class Coordinator:
         """Keep the record of an attempt that failed (or was cancelled) in the task's history."""
         started = getattr(event, "started_at", None) or self._attempt_started.get(task.name)
         worker = task.worker if move.start is TaskState.RUNNING else None  # else not known, or a former one
-        state = TaskState.CANCELLED if move.finish is TaskState.CANCELLED else TaskState.FAILURE
+        state = move.finish if move.finish in (TaskState.CANCELLED, TaskState.SKIPPED) else TaskState.FAILURE
         self._keep_attempt(task, AttemptRecord(move.attempt, state.value, move.error, worker, started, move.at), step)
 
     def _keep_attempt(self, task: Task, record: AttemptRecord, step: Step) -> None:

@@ -39,6 +39,10 @@ class TaskOptions:
     retry_delay: float = 0.0
     retry_backoff: float = 1.0
     timeout: Optional[float] = None
+    trigger_rule: str = "all_success"
+    retry_on: Any = None
+    retry_jitter: float = 0.0
+    max_retry_delay: Optional[float] = None
 
 
 @dataclass(frozen=True, eq=False)
@@ -65,8 +69,7 @@ class TaskFunction:
         self.options = options
 
     def with_options(self, **overrides: Any) -> "TaskFunction":
-        """The same task with other options for the calls made through it:
-        ``name``, ``queue``, ``max_retries``, ``retry_delay``, ``retry_backoff``, ``timeout``."""
+        """The same task with other options for the calls made through it: any option of ``@task``."""
         unknown = set(overrides) - set(TaskOptions.__dataclass_fields__)
         if unknown:
             raise FlowError(f"with_options() of task {self.__name__!r} got unknown option(s) "
@@ -88,11 +91,14 @@ class TaskFunction:
 def task(func: F) -> TaskFunction: ...
 @overload  # noqa: E302
 def task(*, name: Optional[str] = None, queue: str = "default", max_retries: int = 0, retry_delay: float = 0.0,
-         retry_backoff: float = 1.0, timeout: Optional[float] = None) -> Callable[[F], TaskFunction]: ...
+         retry_backoff: float = 1.0, timeout: Optional[float] = None, trigger_rule: str = "all_success",
+         retry_on: Any = None, retry_jitter: float = 0.0,
+         max_retry_delay: Optional[float] = None) -> Callable[[F], TaskFunction]: ...
 
 
 def task(func: Optional[Callable[..., Any]] = None, **options: Any) -> Any:
-    """Make ``func`` a task: ``@task`` or ``@task(max_retries=3, retry_delay=1.0, timeout=30, queue="io")``.
+    """Make ``func`` a task: ``@task`` or ``@task(max_retries=3, retry_delay=1.0, timeout=30, queue="io")``;
+    the options are those of :class:`~orchestrator.task.Task` (and ``name``).
 
     The function must live at module level of an importable module, as for the classic ``Task``: workers
     import it by its name.
@@ -184,7 +190,8 @@ class _Build:
         self.workflow.add_task(Task(
             name, function.__wrapped__, dependencies, max_retries=options.max_retries,
             retry_delay=options.retry_delay, timeout=options.timeout, args=args, kwargs=kwargs,
-            retry_backoff=options.retry_backoff, queue=options.queue))
+            retry_backoff=options.retry_backoff, queue=options.queue, trigger_rule=options.trigger_rule,
+            retry_on=options.retry_on, retry_jitter=options.retry_jitter, max_retry_delay=options.max_retry_delay))
         return TaskHandle(name, self)
 
     def _free_name(self, base: str) -> str:

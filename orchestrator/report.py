@@ -36,6 +36,7 @@ STATE_STYLES: dict[TaskState, str] = {
     TaskState.SUCCESS: "green",
     TaskState.FAILURE: "bold red",
     TaskState.CANCELLED: "magenta",
+    TaskState.SKIPPED: "bright_black",
 }
 
 REFRESH_INTERVAL = 0.1
@@ -247,7 +248,7 @@ class ProgressDisplay:
 
 def _detail(counts: dict[TaskState, int]) -> Text:
     text = Text()
-    for state in (TaskState.RUNNING, TaskState.RETRYING, TaskState.FAILURE, TaskState.CANCELLED):
+    for state in (TaskState.RUNNING, TaskState.RETRYING, TaskState.FAILURE, TaskState.CANCELLED, TaskState.SKIPPED):
         if counts.get(state):
             text.append(f" {counts[state]} {state}", style=STATE_STYLES[state])
     return text

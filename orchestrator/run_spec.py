@@ -10,6 +10,8 @@ status``. One JSON object, format 2::
      "ndeps":    [0, 1, 1],                            task i's being the next ndeps[i] of them
      "profiles": [["etl:extract", "default", null, 0, 0.0, 1.0], ...],
                  reference, queue, timeout, max_retries, retry_delay, retry_backoff
+                 [, {"trigger_rule": ..., "retry_on": [...], "retry_jitter": ..., "max_retry_delay": ...}]
+                 (the policy object only when one of its fields is not the default, with only those)
      "profile":  [0, 1, 2],                          task i's profile; left out if there is one
      "payloads": ["[[],{}]", ...],                   encoded [args, kwargs]
      "payload":  [0, 0, 0]}                          task i's payload; left out if there is one
@@ -31,12 +33,13 @@ from __future__ import annotations
 
 import json
 from array import array
-from itertools import islice
+from itertools import islice, repeat
 from operator import attrgetter, sub
 from typing import Any, Iterator, Mapping, NamedTuple, Optional, Sequence
 
 from orchestrator import dag
 from orchestrator.task import Task
+from orchestrator.trigger_rules import TriggerRule
 from shared import codec
 from shared.errors import InvalidTaskError
 
@@ -56,6 +59,19 @@ class SpecError(ValueError):
     """A stored spec that cannot be read (damaged, forged, or of another format)."""
 
 
+class Policy(NamedTuple):
+    """A task's trigger rule and retry policy, when not all default (stored names, not classes)."""
+
+    trigger_rule: str = TriggerRule.ALL_SUCCESS.value
+    retry_on: Optional[tuple[str, ...]] = None
+    retry_jitter: float = 0.0
+    max_retry_delay: Optional[float] = None
+
+    def to_json(self) -> dict[str, Any]:
+        default = Policy()
+        return {k: (list(v) if k == "retry_on" else v) for k, v in self._asdict().items() if v != getattr(default, k)}
+
+
 class Profile(NamedTuple):
     """The settings a group of tasks shares."""
 
@@ -65,6 +81,18 @@ class Profile(NamedTuple):
     max_retries: int
     retry_delay: float
     retry_backoff: float
+    policy: Optional[Policy] = None
+
+
+_DEFAULT_POLICY = (TriggerRule.ALL_SUCCESS, None, 0.0, None)
+_POLICY_FIELDS = attrgetter("trigger_rule", "retry_on", "retry_jitter", "max_retry_delay")
+
+
+def _policy_of(task: Task) -> Optional[Policy]:
+    rule, _, jitter, cap = fields = _POLICY_FIELDS(task)
+    if fields == _DEFAULT_POLICY:
+        return None
+    return Policy(TriggerRule(rule).value, task.retry_on_refs, jitter, cap)
 
 
 class RunSpec(Mapping[str, Mapping[str, Any]]):
@@ -90,9 +118,13 @@ class RunSpec(Mapping[str, Mapping[str, Any]]):
         """The spec of ``tasks`` (in ``graph``'s order), ``refs[i]`` being task i's reference.
         Raises :class:`~shared.errors.SerializationError` for arguments the codec cannot encode."""
         settings = map(attrgetter("queue", "timeout", "max_retries", "retry_delay", "retry_backoff"), tasks)
+        if all(map(_DEFAULT_POLICY.__eq__, map(_POLICY_FIELDS, tasks))):
+            policies: Iterator[Optional[Policy]] = repeat(None)  # the usual case: no per-task call
+        else:
+            policies = map(_policy_of, tasks)
         profile_code: dict[tuple, int] = {}
-        profile_of = array("i", [profile_code.setdefault((ref, *rest), len(profile_code))
-                                 for ref, rest in zip(refs, settings)])
+        profile_of = array("i", [profile_code.setdefault((ref, *rest, policy), len(profile_code))
+                                 for ref, rest, policy in zip(refs, settings, policies)])
         if not any(map(attrgetter("args"), tasks)) and not any(map(attrgetter("kwargs"), tasks)):
             payloads, payload_of = [NO_ARGUMENTS], array("i", [0]) * len(tasks)  # the usual case, at C speed
         else:
@@ -112,7 +144,7 @@ class RunSpec(Mapping[str, Mapping[str, Any]]):
         p = self.profiles[self.profile_of[i]]
         return {"name": name, "ref": p.ref, "payload": self.payloads[self.payload_of[i]], "timeout": p.timeout,
                 "queue": p.queue, "max_retries": p.max_retries, "retry_delay": p.retry_delay,
-                "retry_backoff": p.retry_backoff}
+                "retry_backoff": p.retry_backoff, **(p.policy or Policy())._asdict()}
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.graph.names)
@@ -128,7 +160,7 @@ class RunSpec(Mapping[str, Mapping[str, Any]]):
             "names": graph.names,
             "deps": graph.deps.tolist(),
             "ndeps": list(map(sub, islice(graph.deps_start, 1, None), graph.deps_start)),
-            "profiles": [list(p) for p in self.profiles],
+            "profiles": [list(p[:6]) if p.policy is None else [*p[:6], p.policy.to_json()] for p in self.profiles],
             "payloads": self.payloads,
         }
         if len(self.profiles) > 1:
@@ -178,7 +210,7 @@ class RunSpec(Mapping[str, Mapping[str, Any]]):
             args, kwargs = _arguments(self.payloads[self.payload_of[i]])
             tasks[name] = Task(name, p.ref, [names[j] for j in deps[start[i]:start[i + 1]]], p.max_retries,
                                p.retry_delay, p.timeout, args=args, kwargs=kwargs, retry_backoff=p.retry_backoff,
-                               queue=p.queue)
+                               queue=p.queue, **(p.policy or Policy())._asdict())
         return tasks
 
 
@@ -224,16 +256,19 @@ def _column(doc: dict, key: str, n: int, size: int) -> array:
 
 def _profile(k: int, row: Any) -> Profile:
     """A stored profile, checked (and normalised) by the rules a :class:`Task` applies."""
-    if not isinstance(row, list) or len(row) != len(Profile._fields):
-        raise SpecError(f"profile {k} is not a list of {len(Profile._fields)} fields")
-    ref, queue, timeout, max_retries, retry_delay, retry_backoff = row
-    if not isinstance(ref, str):
-        raise SpecError(f"profile {k}: the reference is not a string")
+    if not isinstance(row, list) or len(row) not in (6, 7):
+        raise SpecError(f"profile {k} is not a list of 6 fields (7 with a policy)")
+    ref, queue, timeout, max_retries, retry_delay, retry_backoff = row[:6]
+    policy = row[6] if len(row) == 7 else {}
+    if not isinstance(ref, str) or not isinstance(policy, dict) or not set(policy) <= set(Policy._fields):
+        raise SpecError(f"profile {k}: the reference is not a string, or the policy not one")
     try:
-        probe = Task("profile", ref, (), max_retries, retry_delay, timeout, retry_backoff=retry_backoff, queue=queue)
-    except InvalidTaskError as exc:
-        raise SpecError(f"profile {k}: {exc.reason}") from None
-    return Profile(ref, probe.queue, probe.timeout, probe.max_retries, probe.retry_delay, probe.retry_backoff)
+        probe = Task("profile", ref, (), max_retries, retry_delay, timeout, retry_backoff=retry_backoff, queue=queue,
+                     **policy)
+    except (InvalidTaskError, TypeError) as exc:
+        raise SpecError(f"profile {k}: {getattr(exc, 'reason', exc)}") from None
+    return Profile(ref, probe.queue, probe.timeout, probe.max_retries, probe.retry_delay, probe.retry_backoff,
+                   _policy_of(probe))
 
 
 def _arguments(payload: str) -> tuple[tuple, dict]:

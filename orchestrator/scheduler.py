@@ -20,19 +20,22 @@ with the run's spec; stories are kept compactly (:mod:`orchestrator.story`).
 """
 from __future__ import annotations
 
+import random as _random
 from array import array
 from collections import Counter
 from operator import attrgetter
-from typing import Any, Callable, Iterable, Mapping, NamedTuple, Optional, Protocol, Sequence
+from typing import Any, Callable, Iterable, Mapping, NamedTuple, Optional, Sequence
 
 from orchestrator.actions import Action, Dispatch, RunFinished, RunRerun, ScheduleRetry, StopTask, Transition
 from orchestrator.dag import Graph, analyse
+from orchestrator.retry_policy import RetrySpec, failure_types, is_skip, not_retried, retry_delay
 from orchestrator.story import NUMBER, TASK, Stories
+from orchestrator.trigger_rules import TriggerRule, Verdict, verdict
 from shared.errors import InvalidTransition, NothingToRerunError, UnknownTaskError
 from shared.events import Event, RetryDue, RunCancelled, TaskFailed, TaskStarted, TaskSucceeded
 from shared.states import TERMINAL_STATES, FailureKind, RunState, TaskState
 
-P, Q, R, W, S, F, C = (
+P, Q, R, W, S, F, C, K = (
     TaskState.PENDING,
     TaskState.QUEUED,
     TaskState.RUNNING,
@@ -40,23 +43,16 @@ P, Q, R, W, S, F, C = (
     TaskState.SUCCESS,
     TaskState.FAILURE,
     TaskState.CANCELLED,
+    TaskState.SKIPPED,
 )
 
 
-class TaskSpec(Protocol):
+class TaskSpec(RetrySpec):
     """What the scheduler needs to know of a task (a :class:`~orchestrator.task.Task` fits)."""
 
     name: str
     dependencies: Sequence[str]
-    max_retries: int
-    retry_delay: float
-    retry_backoff: float
-
-
-def retry_delay(spec: TaskSpec, failed_attempt: int) -> float:
-    """Delay before the retry that follows ``failed_attempt`` (1-based, counted from the task's
-    latest rerun, if any): ``delay * backoff**(k-1)``."""
-    return spec.retry_delay * spec.retry_backoff ** (failed_attempt - 1)
+    trigger_rule: TriggerRule
 
 
 class Restored(NamedTuple):
@@ -76,10 +72,18 @@ class Scheduler:
     own validation made. Inside, a task is its number in the graph (its
     position among the specs) and its state is a slot of a few flat lists, so
     a 100,000-task run costs a few MB here; names go in and come out.
+
+    Readiness: per task, how many of its upstream edges ended ``success``,
+    ``failure`` and ``skipped``; each time an upstream of a pending task ends, its
+    trigger rule (:mod:`orchestrator.trigger_rules`) decides whether it runs, waits,
+    is skipped or fails. Ends propagate through a worklist, not recursion, so a
+    failure at the head of a 100,000-task chain settles it in one loop.
     """
 
-    def __init__(self, specs: Iterable[TaskSpec], graph: Optional[Graph] = None) -> None:
-        """``graph``, if given, must be :func:`orchestrator.dag.analyse` of the same specs."""
+    def __init__(self, specs: Iterable[TaskSpec], graph: Optional[Graph] = None,
+                 random: Optional[Callable[[], float]] = None) -> None:
+        """``graph``, if given, must be :func:`orchestrator.dag.analyse` of the same specs. ``random``
+        draws the ``retry_jitter`` of retry delays (in ``[0, 1)``; :func:`random.random` if not given)."""
         specs = list(specs)
         if graph is None:
             graph = analyse({s.name: s for s in specs})
@@ -94,7 +98,16 @@ class Scheduler:
         each rerun gives a fresh budget of ``max_retries + 1`` attempts above this."""
         self._error: dict[int, str] = {}
         self._dependents, self._dependents_start = graph.dependents, graph.dependents_start  # read, never changed
-        self._waiting_on = array("i", graph.indegree)
+        self._total = graph.indegree  # read, never changed
+        self._ok, self._bad, self._skip = (array("i", bytes(4 * n)) for _ in range(3))
+        """Per task, its upstream edges that ended success / failure / skipped."""
+        self._rules = {i: spec.trigger_rule for i, spec in enumerate(self._specs)
+                       if spec.trigger_rule is not TriggerRule.ALL_SUCCESS}
+        self._settled: list[int] = []
+        self._culprit: dict[int, int] = {}
+        """For a task that failed upstream: the task whose own failure it goes back to."""
+        """Tasks that just ended success, failure or skipped, whose dependents are still to be told."""
+        self._random = random or _random.random
         self._unfinished = n
         self._counts: Counter[TaskState] = Counter({P: n})
         self._stories = Stories(n, graph.names)
@@ -116,10 +129,10 @@ class Scheduler:
 
         Used to resume a run whose coordinator died. Tasks missing from
         ``records`` are pending. Returns the actions that bring a state which a
-        crash could leave inconsistent back in line: a pending task whose
-        dependencies all succeeded is queued, one with a failed dependency fails.
-        Queued, running and retrying tasks stay as they are: their outcomes (or
-        retry timers, which the caller re-arms) are still to come.
+        crash could leave inconsistent back in line: a pending task whose trigger
+        rule is met is queued, one whose rule can no longer be met is skipped or
+        fails. Queued, running and retrying tasks stay as they are: their outcomes
+        (or retry timers, which the caller re-arms) are still to come.
         """
         scheduler = cls(specs, graph)
         scheduler._started = True
@@ -127,18 +140,17 @@ class Scheduler:
             i = scheduler._index.get(name)
             if i is not None:
                 scheduler._restore_task(i, Restored(*record), at)
-        states, waiting = scheduler._state, scheduler._waiting_on
+        states = scheduler._state
         for i, state in enumerate(states):
-            if state is S:
+            counter = scheduler._counter_of(state)
+            if counter is not None:
                 for dependent in scheduler._dependents_of(i):
-                    waiting[dependent] -= 1
+                    counter[dependent] += 1
         actions: list[Action] = []
-        for i, state in enumerate(states):
-            if state is F:
-                scheduler._fail_downstream(i, at, actions)
         for i in range(len(states)):
-            if states[i] is P and waiting[i] == 0:
-                scheduler._move(i, Q, at, actions, "restored with all dependencies done")
+            if states[i] is P:
+                scheduler._decide(i, at, actions, None)
+        scheduler._drain(at, actions)
         scheduler._check_finished(at, actions)
         return scheduler, actions
 
@@ -213,9 +225,11 @@ class Scheduler:
             raise RuntimeError("Scheduler.start() called twice")
         self._started = True
         actions: list[Action] = []
-        for i, waiting in enumerate(self._waiting_on):
-            if waiting == 0:
-                self._move(i, Q, at, actions, "start")
+        rules = self._rules
+        for i, upstreams in enumerate(self._total):
+            if upstreams == 0 or i in rules:
+                self._decide(i, at, actions, None)
+        self._drain(at, actions)
         self._check_finished(at, actions)
         return actions
 
@@ -232,6 +246,7 @@ class Scheduler:
                 raise UnknownTaskError(event.task)
             handler = _EVENT_HANDLERS[type(event)]
             handler(self, i, event, actions)
+            self._drain(event.at, actions)
         self._check_finished(event.at, actions)
         return actions
 
@@ -244,8 +259,9 @@ class Scheduler:
     def rerun(self, tasks: Iterable[str] = (), at: float = 0.0) -> list[Action]:
         """Start a finished run again from where it failed; return what must happen.
 
-        Reruns every task that did not succeed (failed, upstream-failed, cancelled), every
-        task named in ``tasks`` even if it succeeded, and everything downstream of those.
+        Reruns every task that failed (or failed upstream) or was cancelled, every task
+        named in ``tasks`` even if it succeeded, and everything downstream of those.
+        A task that was skipped is rerun only when it is downstream of a rerun task.
         The other succeeded tasks keep their results and never run again. Each rerun task
         goes back to pending with a fresh budget of ``max_retries + 1`` attempts; attempt
         numbers keep growing. Raises :class:`UnknownTaskError` for a name not in the run,
@@ -255,7 +271,7 @@ class Scheduler:
         if not self.finished:
             raise RuntimeError("Scheduler.rerun() before the run finished")
         named = {self._number(task) for task in ([tasks] if isinstance(tasks, str) else tasks)}
-        rerun = self._downstream_closure(named | {i for i, state in enumerate(self._state) if state is not S})
+        rerun = self._downstream_closure(named | {i for i, state in enumerate(self._state) if state in _RERUN})
         if not rerun:
             raise NothingToRerunError()
         actions: list[Action] = [RunRerun(at)]
@@ -264,8 +280,9 @@ class Scheduler:
         for i in rerun:
             self._move(i, P, at, actions, "rerun")
         for i in rerun:
-            if self._waiting_on[i] == 0:
-                self._move(i, Q, at, actions, "rerun with all dependencies done")
+            if self._state[i] is P:
+                self._decide(i, at, actions, None)
+        self._drain(at, actions)
         self._check_finished(at, actions)
         return actions
 
@@ -300,13 +317,23 @@ class Scheduler:
             self._move(i, S, event.at, actions, "succeeded")
 
     def _on_failed(self, i: int, event: TaskFailed, actions: list[Action]) -> None:
+        """Retry, fail for good, or skip (the task raised ``Skip``): :mod:`orchestrator.retry_policy`."""
         if not self._is_current(i, event, _ACTIVE):
             return
+        types = failure_types(event.kind, event.types)
+        if is_skip(types):
+            self._error[i] = "skipped: " + event.error.partition(": ")[2] if ": " in event.error else "skipped"
+            self._move(i, K, event.at, actions, "raised Skip")
+            return
         self._error[i] = event.error
-        if self._attempt[i] - self._base[i] <= self._specs[i].max_retries:
-            self._move(i, W, event.at, actions, "failed", kind=event.kind)
-        else:
-            self._move(i, F, event.at, actions, "failed", kind=event.kind)
+        spec = self._specs[i]
+        if self._attempt[i] - self._base[i] <= spec.max_retries:
+            why = not_retried(spec, types)
+            if why is None:
+                self._move(i, W, event.at, actions, "failed", kind=event.kind)
+                return
+            self._error[i] = f"{event.error} (not retried: {why})"
+        self._move(i, F, event.at, actions, "failed", kind=event.kind)
 
     def _on_retry_due(self, i: int, event: RetryDue, actions: list[Action]) -> None:
         if self._state[i] is W and event.attempt == self._attempt[i] + 1:
@@ -364,16 +391,9 @@ class Scheduler:
     def _nothing(self, i: int, at: float, actions: list[Action]) -> None:
         pass
 
-    def _succeed(self, i: int, at: float, actions: list[Action]) -> None:
-        waiting, state = self._waiting_on, self._state
-        for dependent in self._dependents_of(i):
-            waiting[dependent] -= 1
-            if waiting[dependent] == 0 and state[dependent] is P:
-                self._move(dependent, Q, at, actions, "{} succeeded", because_of=i)
-
     def _schedule_retry(self, i: int, at: float, actions: list[Action]) -> None:
         attempt = self._attempt[i]
-        delay = retry_delay(self._specs[i], attempt - self._base[i])
+        delay = retry_delay(self._specs[i], attempt - self._base[i], self._random)
         actions.append(ScheduleRetry(self._names[i], attempt + 1, at + delay))
 
     def _reset(self, i: int, at: float, actions: list[Action]) -> None:
@@ -381,28 +401,77 @@ class Scheduler:
         self._base[i] = self._attempt[i]
 
     def _unsucceed(self, i: int, at: float, actions: list[Action]) -> None:
-        """A rerun of a task that had succeeded: its dependents wait for it again."""
-        self._reset(i, at, actions)
-        for dependent in self._dependents_of(i):
-            self._waiting_on[dependent] += 1
+        """A rerun of a task that had succeeded: its dependents no longer count it as ended."""
+        self._uncount(i, self._ok)
 
-    def _fail_downstream(self, i: int, at: float, actions: list[Action]) -> None:
-        """Fail every pending transitive dependent of task ``i``, naming ``i`` as the cause."""
-        message = f"upstream task {self._names[i]!r} failed"
-        stack = list(self._dependents_of(i))
-        while stack:
-            dependent = stack.pop()
-            if self._state[dependent] is not P:
+    def _unfail(self, i: int, at: float, actions: list[Action]) -> None:
+        """A rerun of a task that had failed (or failed upstream)."""
+        self._culprit.pop(i, None)
+        self._uncount(i, self._bad)
+
+    def _unskip(self, i: int, at: float, actions: list[Action]) -> None:
+        """A rerun of a task that had been skipped."""
+        self._uncount(i, self._skip)
+
+    def _uncount(self, i: int, counter: array) -> None:
+        self._base[i] = self._attempt[i]
+        for dependent in self._dependents_of(i):
+            counter[dependent] -= 1
+
+    def _settle(self, i: int, at: float, actions: list[Action]) -> None:
+        """Task ``i`` ended success, failure or skipped: its dependents are told by :meth:`_drain`."""
+        self._settled.append(i)
+
+    def _counter_of(self, state: TaskState) -> Optional[array]:
+        """The per-task count that an upstream in ``state`` adds to, if it ended so."""
+        return self._ok if state is S else self._bad if state is F else self._skip if state is K else None
+
+    def _drain(self, at: float, actions: list[Action]) -> None:
+        """Tell the dependents of every task that ended since the last call, deciding each pending one
+        by its trigger rule; the tasks that end by that are told on in the same loop."""
+        settled, state = self._settled, self._state
+        while settled:
+            i = settled.pop()
+            counter = self._counter_of(state[i])
+            if counter is None:
                 continue
-            self._error[dependent] = message
-            self._state[dependent] = F
-            self._counts[P] -= 1
-            self._counts[F] += 1
-            self._unfinished -= 1
-            self._stories.add(dependent, "upstream task {!r} failed", P, F, at, i, TASK)
-            actions.append(Transition(self._names[dependent], P, F, self._attempt[dependent], at, message,
-                                      FailureKind.UPSTREAM))
-            stack.extend(self._dependents_of(dependent))
+            for dependent in self._dependents_of(i):
+                counter[dependent] += 1
+                if state[dependent] is P:
+                    self._decide(dependent, at, actions, i)
+
+    def _decide(self, i: int, at: float, actions: list[Action], because_of: Optional[int]) -> None:
+        """Queue, skip or fail pending task ``i`` if its trigger rule says so now (else it waits)."""
+        rule = self._rules.get(i)
+        if rule is None:  # all_success, nearly every task: the verdict without a call
+            bad, skip = self._bad[i], self._skip[i]
+            decided = (Verdict.FAIL if bad else Verdict.SKIP if skip else
+                       Verdict.RUN if self._ok[i] == self._total[i] else Verdict.WAIT)
+        else:
+            decided = verdict(rule, self._total[i], self._ok[i], self._bad[i], self._skip[i])
+        if decided is Verdict.RUN:
+            if because_of is None:
+                self._move(i, Q, at, actions, "start" if self._started else "ready")
+            else:
+                self._move(i, Q, at, actions, "{} ended", because_of=because_of)
+        elif decided is Verdict.FAIL:
+            culprit = self._culprit[i] = self._failed_upstream(i)
+            self._error[i] = f"upstream task {self._names[culprit]!r} failed"
+            self._move(i, F, at, actions, "upstream task {!r} failed", FailureKind.UPSTREAM, culprit)
+        elif decided is Verdict.SKIP:
+            why = "an upstream task was skipped" if rule is None else f"trigger rule {rule.value} cannot be met"
+            self._error[i] = f"skipped: {why}"
+            self._move(i, K, at, actions, f"skipped: {why} ({{}} ended)" if because_of is not None
+                       else f"skipped: {why}", because_of=because_of)
+
+    def _failed_upstream(self, i: int) -> int:
+        """The task whose failure an upstream failure of ``i`` goes back to: the first failed upstream's
+        own culprit, or that upstream itself (messages name the task that really failed, as before)."""
+        for name in self._specs[i].dependencies:
+            j = self._index[name]
+            if self._state[j] is F:
+                return self._culprit.get(j, j)
+        raise AssertionError(f"{self._names[i]} failed upstream without a failed upstream")
 
     def _stop(self, i: int, at: float, actions: list[Action]) -> None:
         actions.append(StopTask(self._names[i], self._attempt[i]))
@@ -422,14 +491,21 @@ class Scheduler:
         for i, spec in enumerate(self._specs):
             name, state = self._names[i], self._state[i]
             assert spec.name == name, f"task {i} is {spec.name!r} in the specs, {name!r} in the graph"
-            not_done = sum(1 for d in spec.dependencies if self._state[self._index[d]] is not S)  # repeats too
-            assert not_done == self._waiting_on[i], f"{name}: waiting_on {self._waiting_on[i]} != {not_done}"
-            if state in (Q, R, W, S):
-                assert not_done == 0, f"{name} is {state} before all its dependencies succeeded"
+            ended = Counter(self._state[self._index[d]] for d in spec.dependencies)  # repeats too
+            found = (self._ok[i], self._bad[i], self._skip[i])
+            assert found == (ended[S], ended[F], ended[K]), f"{name}: upstream counts {found} != {ended}"
+            now = verdict(spec.trigger_rule, self._total[i], *found)
             this_go = self._attempt[i] - self._base[i]
             assert 0 <= this_go <= spec.max_retries + 1, f"{name}: {this_go} attempts since its latest rerun"
             if state is P:
                 assert this_go == 0, f"{name} pending after an attempt since its latest rerun"
+                assert now is Verdict.WAIT or not self._started, f"{name} pending although its rule says {now}"
+            elif state in (Q, R, W, S) or (state in (F, K) and this_go):
+                assert now is Verdict.RUN, f"{name} is {state} (it ran) but its trigger rule says {now}"
+            elif state is F:
+                assert now is Verdict.FAIL, f"{name} failed upstream but its trigger rule says {now}"
+            elif state is K:
+                assert now in (Verdict.SKIP, Verdict.FAIL), f"{name} skipped but its trigger rule says {now}"
 
 
 def _in_graph_order(specs: list[TaskSpec], graph: Graph) -> list[TaskSpec]:
@@ -448,26 +524,35 @@ _QUEUED = frozenset({Q})
 _ACTIVE = frozenset({Q, R})
 
 TRANSITIONS: dict[tuple[TaskState, TaskState], Callable[[Scheduler, int, float, list], None]] = {
-    (P, Q): Scheduler._queue,
+    (P, Q): Scheduler._queue,  # its trigger rule is met
+    (P, F): Scheduler._settle,  # an upstream failed and its rule needed it not to
+    (P, K): Scheduler._settle,  # its rule can no longer be met, no failure to blame
     (P, C): Scheduler._nothing,
     (Q, R): Scheduler._nothing,
-    (Q, S): Scheduler._succeed,  # a report of success may come without a separate start report
+    (Q, S): Scheduler._settle,  # a report of success may come without a separate start report
     (Q, W): Scheduler._schedule_retry,  # e.g. the worker could not import the task
-    (Q, F): Scheduler._fail_downstream,
+    (Q, F): Scheduler._settle,
+    (Q, K): Scheduler._settle,  # it raised Skip
     (Q, C): Scheduler._stop,
-    (R, S): Scheduler._succeed,
+    (R, S): Scheduler._settle,
     (R, W): Scheduler._schedule_retry,
-    (R, F): Scheduler._fail_downstream,
+    (R, F): Scheduler._settle,
+    (R, K): Scheduler._settle,
     (R, C): Scheduler._stop,
     (W, Q): Scheduler._queue,
     (W, C): Scheduler._nothing,
     (S, P): Scheduler._unsucceed,  # a rerun named the task, or a task upstream of it
-    (F, P): Scheduler._reset,  # a rerun: failed, or failed upstream
+    (F, P): Scheduler._unfail,  # a rerun: failed, or failed upstream
+    (K, P): Scheduler._unskip,  # a rerun of a task downstream of a rerun one
     (C, P): Scheduler._reset,  # a rerun of a cancelled run
 }
-"""Every legal move of a task. ``pending -> failure`` (an upstream failed) is made only by
-``_fail_downstream``, which walks the descendants itself instead of recursing. The only moves
-out of a final state are back to ``pending``, made by :meth:`Scheduler.rerun`."""
+"""Every legal move of a task. A move into success, failure or skipped only records the task as
+ended; :meth:`Scheduler._drain` then decides its dependents by their trigger rules, in a loop (no
+recursion down a long chain). The only moves out of a final state are back to ``pending``, made
+by :meth:`Scheduler.rerun`."""
+
+_RERUN = frozenset({F, C})
+"""The final states a rerun from failure starts again by itself (skipped tasks only downstream of them)."""
 
 _EVENT_HANDLERS = {
     TaskStarted: Scheduler._on_started,

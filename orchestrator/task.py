@@ -6,6 +6,7 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Any, Callable, Iterable, Mapping, Optional, Union
 
+from orchestrator.trigger_rules import TriggerRule, rule_of
 from shared.errors import InvalidTaskError
 from shared.refs import import_reference, is_reference
 from shared.states import TaskState
@@ -58,7 +59,8 @@ class Task:
 
     __slots__ = ("name", "func", "dependencies", "max_retries", "retry_delay", "retry_backoff", "timeout",
                  "args", "kwargs", "queue", "state", "result", "error", "traceback", "attempts", "started_at",
-                 "finished_at", "worker", "retry_at", "attempt_base", "history", "__weakref__")
+                 "finished_at", "worker", "retry_at", "attempt_base", "history", "trigger_rule", "retry_on",
+                 "retry_jitter", "max_retry_delay", "__weakref__")
 
     def __init__(
         self,
@@ -73,6 +75,10 @@ class Task:
         kwargs: Optional[Mapping[str, Any]] = None,
         retry_backoff: float = 1.0,
         queue: str = "default",
+        trigger_rule: Union[TriggerRule, str] = TriggerRule.ALL_SUCCESS,
+        retry_on: Union[None, type, str, Iterable[Union[type, str]]] = None,
+        retry_jitter: float = 0.0,
+        max_retry_delay: Optional[float] = None,
     ) -> None:
         if not isinstance(name, str) or not name.strip():
             raise InvalidTaskError(str(name), "the name must be a non-empty string")
@@ -102,7 +108,17 @@ class Task:
         if not isinstance(queue, str) or not queue:
             raise InvalidTaskError(name, f"queue must be a non-empty string, not {queue!r}")
         self.queue = queue
+        self.trigger_rule, self.retry_on, self.retry_jitter, self.max_retry_delay = _policy(
+            name, trigger_rule, retry_on, retry_jitter, max_retry_delay)
         self.reset()
+
+    @property
+    def retry_on_refs(self) -> Optional[tuple[str, ...]]:
+        """``retry_on`` as ``module:qualname`` names (what attempts report), or ``None`` if not set."""
+        if self.retry_on is None:
+            return None
+        return tuple(item if isinstance(item, str) else f"{item.__module__}:{item.__qualname__}"
+                     for item in self.retry_on)
 
     def reset(self) -> None:
         """Forget the outcome of any earlier run (called at the start of each run)."""
@@ -148,6 +164,27 @@ class Task:
 
 _OUTCOME_FIELDS = ("state", "result", "error", "traceback", "attempts", "started_at", "finished_at", "worker",
                    "retry_at", "attempt_base", "history")
+
+
+def _policy(task: str, trigger_rule: Any, retry_on: Any, retry_jitter: Any, max_retry_delay: Any
+            ) -> tuple[TriggerRule, Optional[tuple[Union[type, str], ...]], float, Optional[float]]:
+    """The trigger rule and retry policy of a task, checked: ``retry_on`` is exception classes (or
+    their ``module:Qualname`` names, as a stored run has them), ``retry_jitter`` in 0..1."""
+    try:
+        rule = rule_of(trigger_rule)
+    except ValueError as exc:
+        raise InvalidTaskError(task, str(exc)) from None
+    if retry_on is not None:
+        retry_on = (retry_on,) if isinstance(retry_on, (type, str)) else tuple(retry_on)
+        for item in retry_on:
+            if not ((isinstance(item, type) and issubclass(item, BaseException))
+                    or (isinstance(item, str) and is_reference(item))):
+                raise InvalidTaskError(task, f"retry_on must hold exception classes, not {item!r}")
+    jitter = _non_negative(task, "retry_jitter", retry_jitter)
+    if jitter > 1:
+        raise InvalidTaskError(task, f"retry_jitter must be between 0 and 1, not {retry_jitter!r}")
+    cap = None if max_retry_delay is None else _non_negative(task, "max_retry_delay", max_retry_delay)
+    return rule, retry_on, jitter, cap
 
 
 def _non_negative(task: str, what: str, value: Any) -> float:

@@ -176,3 +176,29 @@ class TaskRefused(WorkflowError):
     def __init__(self, ref: str, worker: str, why: str) -> None:
         self.ref, self.worker, self.why = ref, worker, why
         super().__init__(f"{ref!r} is not allowed on worker {worker} ({why})")
+
+
+# ---------------------------------------------------------------- raised in and around tasks
+class Fail(Exception):
+    """Raise in a task to fail it for good, whatever retries it has left: ``raise Fail("bad input")``."""
+
+
+class Skip(Exception):
+    """Raise in a task to end it ``skipped`` (``raise Skip("no new files")``); under the default trigger
+    rule its dependents are skipped too."""
+
+
+class TaskTimeout(Exception):
+    """An attempt ran past its timeout. Raised inside the task where the worker can (the RQ-compatible
+    worker), else the attempt is killed; either way retried unless ``retry_on`` leaves it out."""
+
+
+class WorkerCrash(Exception):
+    """The process running an attempt died (a signal, ``os._exit``) or its worker was lost. Never raised:
+    named in ``retry_on`` to retry such attempts (they are retried when ``retry_on`` is not set)."""
+
+
+def class_refs(cls: type) -> tuple[str, ...]:
+    """``cls`` and its bases as ``module:qualname``, most derived first, without ``object`` and
+    ``BaseException``: how an attempt reports the exception it raised, and what ``retry_on`` matches."""
+    return tuple(f"{c.__module__}:{c.__qualname__}" for c in cls.__mro__ if c not in (object, BaseException))

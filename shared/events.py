@@ -40,6 +40,9 @@ class TaskFailed:
     kind: FailureKind = FailureKind.ERROR
     traceback: Optional[str] = field(default=None, compare=False, repr=False)
     started_at: Optional[float] = None
+    types: tuple[str, ...] = ()
+    """The exception's class and its bases, as ``module:qualname`` (most derived first), when the task
+    raised one: what ``retry_on``, ``Fail`` and ``Skip`` are checked against."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Mapping, Optional
 
 from shared.errors import SerializationError
+from shared.events import TaskFailed, TaskSucceeded
 from shared.states import FailureKind
 
 STARTED = "started"
@@ -46,7 +47,8 @@ class Outcome:
     """What happened to attempt ``attempt`` of ``task`` in run ``run_id``.
 
     ``result`` is the codec-encoded return value (``succeeded`` only); ``error``
-    is one line, ``"ValueError: bad row 7"``; ``at`` is the worker's epoch time.
+    is one line, ``"ValueError: bad row 7"``; ``at`` is the worker's epoch time;
+    ``types`` the raised exception's classes (:func:`shared.errors.class_refs`), comma-separated.
     """
 
     run_id: str
@@ -61,6 +63,7 @@ class Outcome:
     worker: Optional[str] = None
     started_at: Optional[float] = None
     log: Optional[str] = None
+    types: Optional[str] = None
 
     def to_fields(self) -> dict[str, bytes | str]:
         fields: dict[str, bytes | str] = {
@@ -78,6 +81,7 @@ class Outcome:
             "worker": self.worker,
             "started_at": None if self.started_at is None else repr(self.started_at),
             "log": self.log,
+            "types": self.types,
         }
         fields.update({k: v for k, v in optional.items() if v is not None})
         return fields
@@ -119,6 +123,17 @@ class Outcome:
                 worker=_shared(text("worker")),
                 started_at=None if started is None else float(started),
                 log=text("log"),
+                types=text("types"),
             )
         except (ValueError, TypeError, AttributeError, UnicodeDecodeError) as exc:
             raise SerializationError(f"malformed outcome message: {exc}") from None
+
+
+def finished_event(outcome: Outcome, at: float) -> TaskSucceeded | TaskFailed:
+    """The scheduler's event for a finished attempt's outcome (``succeeded`` or ``failed``), at ``at``
+    on the coordinator's clock. Every backend turns outcomes into events here."""
+    if outcome.status == SUCCEEDED:
+        return TaskSucceeded(outcome.task, outcome.attempt, at, outcome.result, outcome.started_at)
+    types = tuple(outcome.types.split(",")) if outcome.types else ()
+    return TaskFailed(outcome.task, outcome.attempt, at, outcome.error or "failed", outcome.kind,
+                      outcome.traceback, outcome.started_at, types)

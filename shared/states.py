@@ -14,7 +14,8 @@ class TaskState(str, Enum):
     ``pending``: waiting for its dependencies. ``queued``: handed to a worker
     slot or queue, not started yet. ``running``: an attempt is executing.
     ``retrying``: an attempt failed and the next one waits for its delay.
-    ``success`` / ``failure`` / ``cancelled``: final.
+    ``success`` / ``failure`` / ``cancelled`` / ``skipped``: final. ``skipped``: its trigger
+    rule could no longer be met with no upstream failure to blame, or it raised ``Skip``.
     """
 
     PENDING = "pending"
@@ -24,6 +25,7 @@ class TaskState(str, Enum):
     SUCCESS = "success"
     FAILURE = "failure"
     CANCELLED = "cancelled"
+    SKIPPED = "skipped"
 
     def __str__(self) -> str:
         return self.value
@@ -33,7 +35,7 @@ class TaskState(str, Enum):
         return self in TERMINAL_STATES
 
 
-TERMINAL_STATES = frozenset({TaskState.SUCCESS, TaskState.FAILURE, TaskState.CANCELLED})
+TERMINAL_STATES = frozenset({TaskState.SUCCESS, TaskState.FAILURE, TaskState.CANCELLED, TaskState.SKIPPED})
 ACTIVE_STATES = frozenset({TaskState.QUEUED, TaskState.RUNNING})
 
 

@@ -77,3 +77,68 @@ def echo_params() -> dict:
 @flow
 def dated(day: str = "2026-01-01"):
     echo_params()
+
+
+# ------------------------------------------------------------------ policies (tests/test_policies_run.py)
+def _count(marker_dir: str, name: str) -> int:
+    """How many times ``name`` ran (a marker line per run), this run included."""
+    path = Path(marker_dir) / name
+    with open(path, "a") as f:
+        f.write("ran\n")
+    return len(path.read_text().splitlines())
+
+
+@task(max_retries=3, retry_on=(KeyError,))
+def lookup(marker_dir: str) -> str:
+    if _count(marker_dir, "lookup") < 2:
+        raise KeyError("not yet")
+    return "found"
+
+
+@task(max_retries=3, retry_on=(KeyError,))
+def wrong_type(marker_dir: str) -> str:
+    _count(marker_dir, "wrong_type")
+    raise ValueError("bad row 7")
+
+
+@task(max_retries=3)
+def refuse(marker_dir: str) -> str:
+    from orchestrator import Fail
+    _count(marker_dir, "refuse")
+    raise Fail("input is corrupt")
+
+
+@task
+def maybe_skip(marker_dir: str) -> str:
+    from orchestrator import Skip
+    _count(marker_dir, "maybe_skip")
+    raise Skip("no new files")
+
+
+@task
+def after_skip(value: str) -> str:
+    return value
+
+
+@task(trigger_rule="all_done")
+def cleanup(marker_dir: str, *upstream) -> list:
+    _count(marker_dir, "cleanup")
+    return list(upstream)
+
+
+@task(trigger_rule="one_failed")
+def alert(marker_dir: str, *upstream) -> str:
+    _count(marker_dir, "alert")
+    return "alerted"
+
+
+@flow
+def policies(marker_dir: str = ""):
+    found = lookup(marker_dir)
+    wrong = wrong_type(marker_dir)
+    refused = refuse(marker_dir)
+    skipped = maybe_skip(marker_dir)
+    after_skip(skipped)
+    cleanup(marker_dir, found, wrong, refused)
+    alert.with_options(name="alert_on_wrong")(marker_dir, wrong)
+    alert.with_options(name="alert_on_found")(marker_dir, found)

@@ -5,7 +5,7 @@ import random
 import time
 from collections import deque
 from dataclasses import dataclass
-from typing import Iterable, Sequence
+from typing import Iterable, Optional, Sequence
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -13,10 +13,11 @@ from hypothesis import strategies as st
 
 from orchestrator import dag
 from orchestrator.actions import Dispatch, RunFinished, ScheduleRetry, StopTask, Transition
-from orchestrator.scheduler import TRANSITIONS, C, F, P, Q, R, S, Scheduler, W, retry_delay
+from orchestrator.scheduler import TRANSITIONS, C, F, K, P, Q, R, S, Scheduler, W, retry_delay
 from orchestrator.actions import RunRerun
 from orchestrator.scheduler import Restored
 from shared.errors import InvalidTransition, NothingToRerunError, UnknownTaskError, WorkflowError
+from orchestrator.trigger_rules import TriggerRule
 from shared.events import RetryDue, RunCancelled, TaskFailed, TaskStarted, TaskSucceeded
 from shared.states import TERMINAL_STATES, FailureKind, RunState, TaskState
 
@@ -29,6 +30,10 @@ class Spec:
     max_retries: int = 0
     retry_delay: float = 0.0
     retry_backoff: float = 1.0
+    trigger_rule: TriggerRule = TriggerRule.ALL_SUCCESS
+    retry_on_refs: Optional[tuple[str, ...]] = None
+    retry_jitter: float = 0.0
+    max_retry_delay: Optional[float] = None
 
 
 class Harness:
@@ -465,18 +470,18 @@ def test_illegal_move_raises_invalid_transition_and_changes_nothing():
 
 def test_transition_table():
     expected = {
-        (P, Q), (P, C),
-        (Q, R), (Q, S), (Q, W), (Q, F), (Q, C),
-        (R, S), (R, W), (R, F), (R, C),
+        (P, Q), (P, F), (P, K), (P, C),
+        (Q, R), (Q, S), (Q, W), (Q, F), (Q, K), (Q, C),
+        (R, S), (R, W), (R, F), (R, K), (R, C),
         (W, Q), (W, C),
-        (S, P), (F, P), (C, P),
+        (S, P), (F, P), (K, P), (C, P),
     }  # fmt: skip
     assert set(TRANSITIONS) == expected
     for start, finish in TRANSITIONS:
         assert start not in TERMINAL_STATES or finish is P, "out of a final state only back to pending (a rerun)"
         assert start is not finish
-    # pending -> failure is only made by upstream propagation, never through _move
-    assert (P, F) not in TRANSITIONS
+    # a pending task ends without running only by its trigger rule: failed upstream, or skipped
+    assert {finish for start, finish in TRANSITIONS if start is P} == {Q, F, K, C}
     # every non-final state can reach cancelled
     assert {start for start, finish in TRANSITIONS if finish is C} == {P, Q, R, W}
 

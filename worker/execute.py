@@ -17,7 +17,7 @@ import traceback
 from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
 
 from shared import codec, upstream
-from shared.errors import SerializationError
+from shared.errors import SerializationError, class_refs
 from shared.messages import FAILED, SUCCEEDED, Outcome
 from shared.states import FailureKind
 
@@ -30,6 +30,12 @@ def describe_exception(exc: BaseException) -> str:
     message = str(exc).strip().splitlines()
     name = type(exc).__qualname__
     return f"{name}: {message[0]}" if message else name
+
+
+def exception_types(exc: BaseException) -> str:
+    """The classes of ``exc`` as an outcome reports them (:func:`shared.errors.class_refs`, comma-separated):
+    the coordinator decides from them whether the attempt is retried (``retry_on``, ``Fail``, ``Skip``)."""
+    return ",".join(class_refs(type(exc)))
 
 
 def kill_group(pid: int) -> None:
@@ -126,6 +132,6 @@ def run_attempt(
             log = output.getvalue()[-LOG_TAIL_CHARS:] if output else None
             kind = FailureKind.TIMEOUT if isinstance(exc, timeout_errors) else FailureKind.ERROR
             return Outcome(status=FAILED, at=time.time(), error=describe_exception(exc), kind=kind,
-                           traceback=traceback.format_exc(), log=log or None, **common)
+                           traceback=traceback.format_exc(), log=log or None, types=exception_types(exc), **common)
     log = output.getvalue()[-LOG_TAIL_CHARS:] if output else None
     return Outcome(status=SUCCEEDED, at=time.time(), result=blob, log=log or None, **common)

@@ -27,12 +27,12 @@ from rq import get_current_job
 from shared import codec, keys, upstream
 from shared.config import max_result_bytes
 from shared.context import TaskContext, running
-from shared.errors import WorkflowError
+from shared.errors import TaskTimeout, WorkflowError
 from shared.messages import FAILED, STARTED, Outcome
 from shared.params import ParamsCache
 from shared.allow import worker_allowlist
 from shared.refs import import_reference
-from worker.execute import describe_exception, run_attempt
+from worker.execute import describe_exception, exception_types, run_attempt
 
 
 _held: Optional[list[Outcome]] = None
@@ -43,10 +43,6 @@ _held: Optional[list[Outcome]] = None
 _PARAMS = ParamsCache()
 """The parameters of the runs this process ran tasks of, read once per run (persistent lean work processes
 keep them across jobs)."""
-
-
-class TaskTimeout(Exception):
-    """Raised inside a task when its attempt runs past its timeout."""
 
 
 class TaskFailedOnWorker(WorkflowError):
@@ -110,7 +106,7 @@ def attempt_outcome(connection: redis.Redis, run_id: str, task: str, attempt: in
         args, kwargs = codec.decode(payload)
     except (WorkflowError, ValueError, TypeError) as exc:
         return Outcome(run_id=run_id, task=task, attempt=attempt, status=FAILED, at=time.time(),
-                       error=describe_exception(exc), worker=worker, started_at=started)
+                       error=describe_exception(exc), worker=worker, started_at=started, types=exception_types(exc))
 
     def fetch_result(name: str) -> Any:
         blob = connection.hget(keys.results(run_id), name)

@@ -23,10 +23,10 @@ from orchestrator.actions import Dispatch
 from orchestrator.coordinator import Step
 from orchestrator.task import Task
 from shared.context import TaskContext, running
-from shared.events import Event, TaskFailed, TaskStarted, TaskSucceeded
-from shared.messages import FAILED, SUCCEEDED, Outcome
+from shared.events import Event, TaskFailed, TaskStarted
+from shared.messages import FAILED, Outcome, finished_event
 from shared.states import FailureKind
-from worker.execute import death_error, describe_exception, kill_group, run_attempt, timeout_error
+from worker.execute import death_error, describe_exception, exception_types, kill_group, run_attempt, timeout_error
 
 DEFAULT_MAX_WORKERS = 4
 
@@ -52,7 +52,7 @@ def _child(tasks: Mapping[str, Task], name: str, attempt: int, run_id: str, conn
         func = task.resolve()
     except Exception as exc:
         outcome = Outcome(run_id=run_id, task=task.name, attempt=attempt, status=FAILED, at=time.time(),
-                          error=describe_exception(exc), started_at=time.time())
+                          error=describe_exception(exc), started_at=time.time(), types=exception_types(exc))
     else:
         def upstream_result(other: str) -> Any:
             return tasks[other].result if other in tasks else None
@@ -156,10 +156,7 @@ class LocalBackend:
 
     @staticmethod
     def _event_of(outcome: Outcome) -> Event:
-        if outcome.status == SUCCEEDED:
-            return TaskSucceeded(outcome.task, outcome.attempt, outcome.at, outcome.result, outcome.started_at)
-        return TaskFailed(outcome.task, outcome.attempt, outcome.at, outcome.error or "failed", outcome.kind,
-                          outcome.traceback, outcome.started_at)
+        return finished_event(outcome, outcome.at)
 
     def _kill(self, a: _Attempt) -> None:
         """Kill the attempt's whole process group, so nothing it started keeps running."""

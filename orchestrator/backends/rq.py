@@ -51,10 +51,10 @@ from shared import keys
 from shared.config import NO_TIMEOUT, Settings
 from shared.errors import SerializationError
 from shared.jobs import JOB_FUNCTION, job_message
-from shared.events import Event, RunCancelled, TaskFailed, TaskStarted, TaskSucceeded
-from shared.messages import FAILED, STARTED, SUCCEEDED, Outcome, cancel_requester
+from shared.events import Event, RunCancelled, TaskStarted
+from shared.messages import FAILED, STARTED, SUCCEEDED, Outcome, cancel_requester, finished_event
 from shared.states import RunState, TaskState
-from shared.workers import LEAN, RQ
+from shared.workers import LEAN
 
 log = logging.getLogger("orch.coordinator")
 
@@ -414,11 +414,8 @@ class RQBackend:
             self.watch.started(job_id, outcome.task, outcome.attempt, outcome.worker)
             return TaskStarted(outcome.task, outcome.attempt, now, outcome.worker)
         self.watch.finished(job_id, outcome.task, outcome.attempt)
-        if outcome.status == SUCCEEDED:
-            return TaskSucceeded(outcome.task, outcome.attempt, now, outcome.result, outcome.started_at)
-        if outcome.status == FAILED:
-            return TaskFailed(outcome.task, outcome.attempt, now, outcome.error or "failed", outcome.kind,
-                              outcome.traceback, outcome.started_at)
+        if outcome.status in (SUCCEEDED, FAILED):
+            return finished_event(outcome, now)
         return None
 
     def close(self) -> None:
