@@ -20,7 +20,8 @@ class Task:
     After (and during) a run: ``state``, ``result``, ``error`` (one readable
     line with the exception type), ``traceback``, ``attempts`` (attempts
     started), ``started_at`` / ``finished_at`` (epoch seconds), ``duration``,
-    ``worker`` (who ran the latest attempt) and ``retry_at`` (while retrying).
+    ``worker`` (who ran the latest attempt), ``retry_at`` (while retrying) and
+    ``log`` (what the latest attempt printed and logged, read when asked).
     """
 
     def __init__(
@@ -78,6 +79,16 @@ class Task:
         self.finished_at: Optional[float] = None
         self.worker: Optional[str] = None
         self.retry_at: Optional[float] = None
+        self.log_reader: Optional[Callable[[str, int], str]] = None
+        """Reads ``(task, attempt)``'s log from where the run keeps it; set by the run."""
+
+    @property
+    def log(self) -> str:
+        """The log of the latest attempt (print() output, stderr, ``logging`` records and the
+        traceback of a failure); ``""`` before any attempt, or if it printed nothing."""
+        if not self.attempts or self.log_reader is None:
+            return ""
+        return self.log_reader(self.name, self.attempts)
 
     @property
     def duration(self) -> Optional[float]:

@@ -125,6 +125,15 @@ class RunNotFoundError(WorkflowError, LookupError):
         super().__init__(f"no run {run_id!r} in this Redis (wrong id, or its retention expired)")
 
 
+class NoSuchAttemptError(WorkflowError):
+    """An attempt number that a task has not reached (a log asked for with ``--attempt N``)."""
+
+    def __init__(self, task: str, attempt: int, attempts: int) -> None:
+        self.task, self.attempt, self.attempts = task, attempt, attempts
+        made = "no attempt yet" if not attempts else f"attempts 1 to {attempts}" if attempts > 1 else "attempt 1 only"
+        super().__init__(f"task {task!r} has no attempt {attempt} ({made}); pick one of those")
+
+
 class CorruptRunError(WorkflowError):
     """A stored run cannot be read back (its spec was damaged or forged)."""
 

@@ -60,7 +60,6 @@ class Outcome:
     traceback: Optional[str] = None
     worker: Optional[str] = None
     started_at: Optional[float] = None
-    log: Optional[str] = None
 
     def to_fields(self) -> dict[str, bytes | str]:
         fields: dict[str, bytes | str] = {
@@ -77,7 +76,6 @@ class Outcome:
             "traceback": self.traceback,
             "worker": self.worker,
             "started_at": None if self.started_at is None else repr(self.started_at),
-            "log": self.log,
         }
         fields.update({k: v for k, v in optional.items() if v is not None})
         return fields
@@ -118,7 +116,6 @@ class Outcome:
                 traceback=text("traceback"),
                 worker=_shared(text("worker")),
                 started_at=None if started is None else float(started),
-                log=text("log"),
             )
         except (ValueError, TypeError, AttributeError, UnicodeDecodeError) as exc:
             raise SerializationError(f"malformed outcome message: {exc}") from None
