@@ -120,3 +120,123 @@ def test_embedded_timed_out_task_keeps_its_log() -> None:
     assert time.monotonic() - started < 20
     assert workflow.tasks["sleepy"].state == "failure"
     assert workflow.task_log("sleepy") == "before the timeout\n"
+
+
+# ------------------------------------------------------------------ real workers, both kinds
+def orch_logs(url: str, *args: str) -> tuple[int, str, str]:
+    result = CliRunner().invoke(main, ["logs", "--redis-url", url, *args])
+    return result.exit_code, result.stdout, result.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("mode", ["lean", "rq"])
+def test_a_task_that_prints_logs_and_raises_read_back_with_orch_logs(redis_server, orch_workers, mode) -> None:
+    orch_workers(1, mode=mode)
+    workflow = chatty_workflow(max_retries=1)
+    workflow.run(redis_url=redis_server.url)
+    run_id = workflow.last_run_id
+    assert workflow.tasks["chatty"].state == "failure" and workflow.tasks["chatty"].attempts == 2
+    assert_chatty_log(workflow.task_log("chatty"))
+    assert_chatty_log(workflow.task_log("chatty", 1))
+    assert workflow.tasks["chatty"].log == workflow.task_log("chatty", 2)
+
+    code, out, _ = orch_logs(redis_server.url, run_id, "chatty")
+    assert code == 0
+    assert_chatty_log(out)
+    first = out.splitlines()[0]
+    assert first.endswith(" hello from print") and first[2] == ":" and "[" not in first
+
+    code, out, _ = orch_logs(redis_server.url, run_id, "chatty", "--attempt", "1", "--json")
+    assert code == 0
+    lines = json.loads(out)
+    assert {(d["task"], d["attempt"]) for d in lines} == {("chatty", 1)}
+    assert all(set(d) == {"task", "attempt", "time", "line"} and abs(d["time"] - time.time()) < 120 for d in lines)
+    assert_chatty_log("\n".join(d["line"] for d in lines))
+
+    code, out, _ = orch_logs(redis_server.url, run_id)  # every task: the latest attempt, prefixed
+    assert code == 0 and "[chatty #2] hello from print" in out and "quiet" not in out
+
+    client = redis_server.client()
+    assert not client.exists(keys.task_log(run_id, "quiet", 1))  # printed nothing: nothing written
+    assert {m.decode() for m in client.smembers(keys.logs(run_id))} == {
+        keys.task_log(run_id, "chatty", 1), keys.task_log(run_id, "chatty", 2)}
+    assert 0 < client.ttl(keys.task_log(run_id, "chatty", 1)) <= 7 * 24 * 3600  # the run's retention
+
+    code, _, err = orch_logs(redis_server.url, "no-such-run")
+    assert code == 2 and err.startswith("error: no run 'no-such-run' in this Redis")
+    code, _, err = orch_logs(redis_server.url, run_id, "chatty", "--attempt", "3")
+    assert code == 2 and "error: task 'chatty' has no attempt 3" in err
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_follow_shows_a_running_tasks_lines_before_it_ends(redis_server, orch_workers, tmp_path) -> None:
+    from fault_helpers import Background, wait_for
+
+    orch_workers(1)
+    marker = tmp_path / "ended"
+    workflow = Workflow("follow")
+    workflow.add_task(Task("drip", log_tasks.drip, args=(8, 0.5, str(marker))))
+    background = Background(workflow, redis_server.url)
+    run_id = background.wait_run_id()
+    follower = subprocess.Popen([*orch_command(), "logs", "--redis-url", redis_server.url, run_id, "drip",
+                                 "--follow", "--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True, start_new_session=True)
+    try:
+        first = json.loads(follower.stdout.readline())
+        assert first["line"] == "drip 0" and not marker.exists()  # seen while the task still runs
+        rest, err = follower.communicate(timeout=60)  # exits by itself once the task is final
+        assert follower.returncode == 0, err
+        lines = [first["line"]] + [json.loads(line)["line"] for line in rest.splitlines()]
+        assert lines == [f"drip {i}" for i in range(8)]
+    finally:
+        if follower.poll() is None:
+            follower.kill()
+            follower.wait()
+    background.join(30)
+    wait_for(marker.exists, 5, "the task to end")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("mode", ["lean", "rq"])
+def test_a_task_printing_100_mb_is_bounded_and_does_not_stall_its_worker(redis_server, orch_workers, mode) -> None:
+    orch_workers(1, mode=mode)
+    workflow = Workflow("flood")
+    workflow.add_task(Task("flood", log_tasks.flood, args=(100,)))
+    workflow.add_task(Task("after", log_tasks.quiet, dependencies=["flood"]))
+    started = time.monotonic()
+    workflow.run(redis_url=redis_server.url)
+    elapsed = time.monotonic() - started
+    assert workflow.tasks["after"].state == "success"
+    assert elapsed < 90, f"a 100 MB flood took {elapsed:.1f}s"
+    client = redis_server.client()
+    key = keys.task_log(workflow.last_run_id, "flood", 1)
+    entries = client.xrange(key)
+    assert sum(text_bytes(fields[b"l"].decode()) + LINE_OVERHEAD for _, fields in entries) <= 1024 * 1024
+    assert client.memory_usage(key) < 4 * 1024 * 1024
+    text = workflow.task_log("flood")
+    assert text.startswith("         0 x") and text.endswith(f"{1_000_000 - 1:>10} {'x' * 88}\n")
+    assert "dropped here" in text
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("mode", ["lean", "rq"])
+def test_a_timed_out_tasks_log_is_kept(redis_server, orch_workers, mode) -> None:
+    orch_workers(1, mode=mode)
+    workflow = Workflow("timeout")
+    workflow.add_task(Task("sleepy", log_tasks.print_then_sleep, args=(30,), timeout=1.5))
+    workflow.run(redis_url=redis_server.url)
+    assert workflow.tasks["sleepy"].state == "failure" and "TaskTimeout" in workflow.tasks["sleepy"].error
+    assert workflow.task_log("sleepy").startswith("before the timeout\n")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_task_log_level_warning_drops_info_records_on_a_worker(redis_server, orch_workers) -> None:
+    orch_workers(1, env={"ORCH_TASK_LOG_LEVEL": "WARNING"})
+    workflow = chatty_workflow()
+    workflow.run(redis_url=redis_server.url)
+    assert_chatty_log(workflow.task_log("chatty"), level="WARNING")
