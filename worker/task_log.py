@@ -26,7 +26,6 @@ subprocess) is not captured.
 """
 from __future__ import annotations
 
-import contextlib
 import io
 import itertools
 import json
@@ -36,7 +35,7 @@ import sys
 import threading
 import time
 from collections import deque
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Optional
 
 from shared import keys
 from shared.config import max_log_bytes, retention, task_log_level
@@ -131,7 +130,8 @@ class Capture:
         self.flush_before = flush_before
         """A monotonic time at which the process may be killed (its last flush comes just before)."""
         self.level = level
-        self._buffer = LogBuffer(max_bytes)
+        self.max_bytes = max_bytes
+        self._buffer: Optional[LogBuffer] = None  # made at the first line: most attempts print nothing
         self._partial: tuple[list[str], list[str]] = ([], [])
         self._partial_size = [0, 0]
         self._lock = threading.Lock()
@@ -146,7 +146,7 @@ class Capture:
             if "\n" not in text:
                 partial.append(text)
                 self._partial_size[stream] += len(text)
-                if self._partial_size[stream] > self._buffer.max_line:  # no newline coming: cut it
+                if self._partial_size[stream] > self.max_bytes // 16:  # no newline coming: cut it
                     self._add_locked(time.time(), "".join(partial))
                     partial.clear()
                     self._partial_size[stream] = 0
@@ -170,6 +170,8 @@ class Capture:
                 self._add_locked(when, line)
 
     def _add_locked(self, when: float, line: str) -> None:
+        if self._buffer is None:
+            self._buffer = LogBuffer(self.max_bytes)
         self._buffer.add(when, line)
         if not self._requested:
             self._requested = True
@@ -187,7 +189,7 @@ class Capture:
         with self._send_lock:
             with self._lock:
                 self._requested = False
-                batch = self._buffer.take()
+                batch = self._buffer.take() if self._buffer is not None else None
             if batch is None:
                 return
             try:
@@ -365,28 +367,35 @@ def install() -> None:
         _installed = _Installation()
 
 
-@contextlib.contextmanager
-def capturing(send: Send, *, echo: bool = False, flush_before: Optional[float] = None) -> Iterator[Capture]:
-    """Capture one attempt's log in this block (see the module's docstring); everything is sent
-    when it ends. ``echo``: the output also goes where it went before (the embedded backend's
-    terminal). ``flush_before``: a monotonic time at which something may kill this process."""
-    global _current, _installed
-    own = _installed is None
-    if own:
-        _installed = _Installation()
-    else:
-        _installed.check()
-    capture = Capture(send, level=_installed.level, max_bytes=_installed.max_bytes, echo=echo,
-                      flush_before=flush_before)
-    _current = capture
-    try:
-        yield capture
-    finally:
-        _current = None
+class capturing:
+    """``with capturing(send):`` captures one attempt's log in the block (see the module's docstring);
+    everything is sent when it ends. ``echo``: the output also goes where it went before (the
+    embedded backend's terminal). ``flush_before``: a monotonic time at which something may kill
+    this process. (A class, not a generator: it runs for every attempt, and costs less.)"""
+
+    def __init__(self, send: Send, *, echo: bool = False, flush_before: Optional[float] = None) -> None:
+        self.send, self.echo, self.flush_before = send, echo, flush_before
+        self._own = False
+
+    def __enter__(self) -> Capture:
+        global _current, _installed
+        self._own = _installed is None
+        if _installed is None:
+            _installed = _Installation()
+        else:
+            _installed.check()
+        _current = Capture(self.send, level=_installed.level, max_bytes=_installed.max_bytes, echo=self.echo,
+                           flush_before=self.flush_before)
+        return _current
+
+    def __exit__(self, *exc: Any) -> None:
+        global _current, _installed
+        capture, _current = _current, None
         try:
-            capture.close()
+            if capture is not None:
+                capture.close()
         finally:
-            if own and _installed is not None:
+            if self._own and _installed is not None:
                 _installed.remove()
                 _installed = None
 
