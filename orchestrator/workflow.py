@@ -11,6 +11,7 @@ from orchestrator.logs import LogSource, RedisLogs, attempt_log, log_text
 from orchestrator.scheduler import Scheduler
 from orchestrator.task import Task
 from shared import context
+from shared.config import check_log_settings
 from shared.connection import connect
 from shared.errors import DuplicateTaskError, NoSuchAttemptError, UnknownTaskError, WorkflowError
 from shared.states import TaskState
@@ -116,6 +117,7 @@ class Workflow:
             return self.results
         if options:
             raise TypeError(f"unexpected options for a local run: {', '.join(sorted(options))}")
+        check_log_settings()
         scheduler = Scheduler(self.tasks.values(), self.validate())
         backend = LocalBackend(self.tasks, max_workers or _default_workers(), run_id=f"local-{os.getpid()}")
         self._read_logs_from(backend.logs)

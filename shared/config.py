@@ -5,6 +5,8 @@ import logging
 import os
 from dataclasses import dataclass, field
 
+from shared.errors import SettingError
+
 
 def _env_float(name: str, default: float) -> float:
     value = os.environ.get(name)
@@ -33,20 +35,30 @@ MIN_LOG_BYTES = 4096
 def max_log_bytes() -> int:
     """``ORCH_MAX_LOG_BYTES``: the most an attempt's stored log may hold (1 MiB; 4 KiB at the least);
     past it the log keeps its first and last parts. Each line counts its UTF-8 bytes and newline
-    plus ``shared.log_records.LINE_OVERHEAD``."""
-    return max(MIN_LOG_BYTES, _env_int("ORCH_MAX_LOG_BYTES", 1024 * 1024))
+    plus ``shared.log_records.LINE_OVERHEAD``. A bad value raises :class:`SettingError`."""
+    try:
+        return max(MIN_LOG_BYTES, _env_int("ORCH_MAX_LOG_BYTES", 1024 * 1024))
+    except ValueError:
+        raise SettingError("ORCH_MAX_LOG_BYTES", os.environ["ORCH_MAX_LOG_BYTES"], "a whole number of bytes") from None
 
 
 def task_log_level() -> int:
     """``ORCH_TASK_LOG_LEVEL``: the least severe ``logging`` record an attempt's log keeps (a level
-    name or number; INFO by default). An unknown name raises ``ValueError`` naming the variable."""
+    name or number; INFO by default). A bad value raises :class:`SettingError`."""
     value = (os.environ.get("ORCH_TASK_LOG_LEVEL") or "INFO").strip()
     if value.isdigit():
         return int(value)
     level = logging.getLevelName(value.upper())
     if not isinstance(level, int):
-        raise ValueError(f"ORCH_TASK_LOG_LEVEL={value!r} is not a logging level (DEBUG, INFO, WARNING, ERROR)")
+        raise SettingError("ORCH_TASK_LOG_LEVEL", value, "a logging level (DEBUG, INFO, WARNING, ERROR)")
     return level
+
+
+def check_log_settings() -> None:
+    """Raise :class:`SettingError` now for a bad ``ORCH_TASK_LOG_LEVEL`` or ``ORCH_MAX_LOG_BYTES``
+    (what runs attempts checks at start; the capture itself falls back to the defaults)."""
+    task_log_level()
+    max_log_bytes()
 
 
 @dataclass(frozen=True)

@@ -119,6 +119,14 @@ class RedisAccessError(BackendError, PermissionError):
                          f"URL, and the user's ACL rights: see the README's ACL lines)")
 
 
+class SettingError(WorkflowError, ValueError):
+    """An environment variable that orch reads holds a value it cannot use."""
+
+    def __init__(self, variable: str, value: str, expected: str) -> None:
+        self.variable, self.value = variable, value
+        super().__init__(f"{variable}={value!r} is not {expected}; fix or unset it")
+
+
 class RunNotFoundError(WorkflowError, LookupError):
     def __init__(self, run_id: str) -> None:
         self.run_id = run_id

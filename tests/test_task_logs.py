@@ -236,7 +236,20 @@ def test_a_timed_out_tasks_log_is_kept(redis_server, orch_workers, mode) -> None
 @pytest.mark.slow
 @pytest.mark.timeout(120)
 def test_task_log_level_warning_drops_info_records_on_a_worker(redis_server, orch_workers) -> None:
-    orch_workers(1, env={"ORCH_TASK_LOG_LEVEL": "WARNING"})
+    orch_workers(1, env={"ORCH_TASK_LOG_LEVEL": "WARNING", "ORCH_RETENTION": str(10 ** 7)})
     workflow = chatty_workflow()
     workflow.run(redis_url=redis_server.url)
     assert_chatty_log(workflow.task_log("chatty"), level="WARNING")
+    # the worker gave the log its own retention; the run's coordinator, the run's own at its end
+    assert 0 < redis_server.client().ttl(keys.task_log(workflow.last_run_id, "chatty", 1)) <= 7 * 24 * 3600
+
+
+@pytest.mark.parametrize("variable, value", [("ORCH_TASK_LOG_LEVEL", "LOUD"), ("ORCH_MAX_LOG_BYTES", "1k")])
+def test_a_bad_log_setting_is_refused_in_one_line(variable, value, tmp_path) -> None:
+    worker = CliRunner().invoke(main, ["worker", "--redis-url", "redis://127.0.0.1:1/0"], env={variable: value})
+    assert worker.exit_code == 2 and worker.stderr.startswith(f"error: {variable}={value!r} is not")
+    flow = tmp_path / "flow.py"
+    flow.write_text("from orchestrator import Task, Workflow\nworkflow = Workflow('w')\n"
+                    "workflow.add_task(Task('t', print))\n")
+    submit = CliRunner().invoke(main, ["submit", str(flow), "-q"], env={variable: value})
+    assert submit.exit_code == 2 and f"error: {variable}={value!r} is not" in submit.stderr
