@@ -272,6 +272,11 @@ class _Stream(io.TextIOBase):
         return self.original.fileno()
 
     @property
+    def buffer(self) -> Any:
+        """The real stream's bytes buffer: bytes written there are not captured."""
+        return self.original.buffer
+
+    @property
     def encoding(self) -> str:  # type: ignore[override]
         return getattr(self.original, "encoding", None) or "utf-8"
 
@@ -324,16 +329,22 @@ class _Installation:
         self.out, self.err = _Stream(sys.stdout, 0), _Stream(sys.stderr, 1)
         sys.stdout, sys.stderr = self.out, self.err
         root.handlers = [self.records]
-        wanted = min(self.level, root.getEffectiveLevel())
-        if root.level != wanted:
-            root.setLevel(wanted)
+        self.wanted = min(self.level, root.getEffectiveLevel())
+        if root.level != self.wanted:
+            root.setLevel(self.wanted)
 
     def check(self) -> None:
-        """Put the streams back in place if a task replaced them for good."""
+        """Before an attempt: put back what an earlier task in this process changed for good (the
+        streams, the root logger's handler and level: ``logging.basicConfig(force=True)``)."""
         if sys.stdout is not self.out:
             sys.stdout = self.out
         if sys.stderr is not self.err:
             sys.stderr = self.err
+        root = logging.getLogger()
+        if self.records not in root.handlers:
+            root.addHandler(self.records)
+        if root.level != self.wanted:
+            root.setLevel(self.wanted)
 
     def remove(self) -> None:
         if sys.stdout is self.out:
