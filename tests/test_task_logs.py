@@ -196,6 +196,9 @@ def test_follow_shows_a_running_tasks_lines_before_it_ends(redis_server, orch_wo
             follower.wait()
     background.join(30)
     wait_for(marker.exists, 5, "the task to end")
+    code, out, _ = orch_logs(redis_server.url, run_id, "--follow")  # a final run: all of it, then the end
+    assert code == 0 and [line.split(" ", 1)[1] for line in out.splitlines()] == [
+        f"[drip #1] drip {i}" for i in range(8)]
 
 
 @pytest.mark.slow

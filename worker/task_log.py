@@ -303,9 +303,9 @@ class _Records(logging.Handler):
             except Exception:
                 self.handleError(record)
         if (capture is None or capture.echo) and record.levelno >= self.original_level:
-            if not self.handlers:
-                if record.levelno >= logging.lastResort.level:
-                    logging.lastResort.handle(record)
+            last_resort = logging.lastResort
+            if not self.handlers and last_resort is not None and record.levelno >= last_resort.level:
+                last_resort.handle(record)
             for handler in self.handlers:
                 if record.levelno >= handler.level:
                     handler.handle(record)
