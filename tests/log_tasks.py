@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -46,3 +47,10 @@ def print_then_sleep(seconds: float) -> None:
     """One line, then a sleep past the task's timeout."""
     print("before the timeout")
     time.sleep(seconds)
+
+
+def print_then_die(seconds: float) -> None:
+    """One line, a wait longer than a flush interval, then death without a report."""
+    print("before dying")
+    time.sleep(seconds)
+    os._exit(3)

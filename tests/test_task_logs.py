@@ -237,6 +237,26 @@ def test_a_timed_out_tasks_log_is_kept(redis_server, orch_workers, mode) -> None
     assert workflow.task_log("sleepy").startswith("before the timeout\n")
 
 
+def test_embedded_task_whose_process_died_keeps_its_log() -> None:
+    workflow = Workflow("death")
+    workflow.add_task(Task("dying", log_tasks.print_then_die, args=(1.0,)))
+    workflow.run()
+    assert "WorkerCrash" in workflow.tasks["dying"].error
+    assert workflow.task_log("dying") == "before dying\n"
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("mode", ["lean", "rq"])
+def test_a_task_whose_process_died_keeps_its_log_up_to_its_last_flush(redis_server, orch_workers, mode) -> None:
+    orch_workers(1, mode=mode)
+    workflow = Workflow("death")
+    workflow.add_task(Task("dying", log_tasks.print_then_die, args=(1.0,)))
+    workflow.run(redis_url=redis_server.url)
+    assert "WorkerCrash" in workflow.tasks["dying"].error
+    assert workflow.task_log("dying") == "before dying\n"
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(120)
 def test_task_log_level_warning_drops_info_records_on_a_worker(redis_server, orch_workers) -> None:
