@@ -9,7 +9,6 @@ printing ~100 MB), a timed-out task's log, and ``ORCH_TASK_LOG_LEVEL``.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import time
 from pathlib import Path
@@ -21,7 +20,7 @@ import log_tasks
 from bench.procs import orch_command
 from orchestrator import Task, Workflow
 from orchestrator.cli import main
-from orchestrator.logs import MemoryLogs, attempt_log, log_text
+from orchestrator.logs import MemoryLogs, attempt_log
 from shared import keys
 from shared.errors import NoSuchAttemptError
 from shared.log_records import LINE_OVERHEAD, text_bytes
