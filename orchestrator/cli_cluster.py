@@ -26,7 +26,7 @@ from orchestrator.run_views import find_runs, run_summary, status_document, wait
 from orchestrator.workflow import Workflow
 from shared import keys
 from shared.allow import Allowlist, worker_allowlist
-from shared.config import Settings
+from shared.config import Settings, check_log_settings
 from shared.connection import connect
 from shared.states import RunState
 
@@ -78,6 +78,7 @@ def worker(options: CliOptions, queues: str, concurrency: int, burst: bool, path
     SIGTERM or Ctrl-C once: finish the task in hand, then stop. Twice: stop at once.
     """
     url = options.require_redis_url("worker")
+    check_log_settings()
     allowlist = _allowlist(allow)
     for path in reversed(paths):
         sys.path.insert(0, os.path.abspath(path))

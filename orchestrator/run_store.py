@@ -78,6 +78,12 @@ def create_run(connection: redis.Redis, run_id: str, workflow: str, spec: RunSpe
     pipe.execute()
 
 
+def run_keys(connection: redis.Redis, run_id: str) -> list[Any]:
+    """Every key of run ``run_id``: those with fixed names and the logs its log index names
+    (what retention expires, and what must live again if the run does)."""
+    return [*keys.all_of_run(run_id), *connection.smembers(keys.logs(run_id))]
+
+
 def request_cancel(connection: redis.Redis, run_id: str, by: str) -> None:
     """Ask the run's coordinator to cancel it; it wakes on the stream entry at once."""
     if not connection.exists(keys.run(run_id)):

@@ -47,7 +47,8 @@ class Task:
     After (and during) a run: ``state``, ``result``, ``error`` (one readable
     line with the exception type), ``traceback``, ``attempts`` (attempts
     started), ``started_at`` / ``finished_at`` (epoch seconds), ``duration``,
-    ``worker`` (who ran the latest attempt) and ``retry_at`` (while retrying).
+    ``worker`` (who ran the latest attempt), ``retry_at`` (while retrying) and
+    ``log`` (what the latest attempt printed and logged, read when asked).
     Across reruns from failure (``Workflow.retry``) attempt numbers keep growing:
     ``attempt_base`` is the number of attempts made before the latest rerun of the
     task, and ``history`` holds an :class:`AttemptRecord` for each earlier attempt
@@ -60,7 +61,7 @@ class Task:
     __slots__ = ("name", "func", "dependencies", "max_retries", "retry_delay", "retry_backoff", "timeout",
                  "args", "kwargs", "queue", "state", "result", "error", "traceback", "attempts", "started_at",
                  "finished_at", "worker", "retry_at", "attempt_base", "history", "trigger_rule", "retry_on",
-                 "retry_jitter", "max_retry_delay", "__weakref__")
+                 "retry_jitter", "max_retry_delay", "log_reader", "__weakref__")
 
     def __init__(
         self,
@@ -133,6 +134,16 @@ class Task:
         self.retry_at: Optional[float] = None
         self.attempt_base = 0
         self.history: tuple[AttemptRecord, ...] = ()  # a tuple: no list per task of a large run
+        self.log_reader: Optional[Callable[[str, int], str]] = None
+        """Reads ``(task, attempt)``'s log from where the run keeps it; set by the run."""
+
+    @property
+    def log(self) -> str:
+        """The log of the latest attempt (print() output, stderr, ``logging`` records and the
+        traceback of a failure); ``""`` before any attempt, or if it printed nothing."""
+        if not self.attempts or self.log_reader is None:
+            return ""
+        return self.log_reader(self.name, self.attempts)
 
     def take_outcome(self, other: "Task") -> None:
         """Take every field a run sets (those :meth:`reset` clears) from ``other``, the same task as

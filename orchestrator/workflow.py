@@ -8,11 +8,14 @@ from typing import Any, Iterable, Iterator, Mapping, Optional
 from orchestrator import dag
 from orchestrator.backends.local import DEFAULT_MAX_WORKERS, LocalBackend
 from orchestrator.coordinator import Coordinator, ProgressCallback
+from orchestrator.logs import LogSource, MemoryLogs, RedisLogs, attempt_log, log_text
 from orchestrator.scheduler import Scheduler
 from orchestrator.task import Task
 from shared import context
+from shared.config import check_log_settings
+from shared.connection import connect
+from shared.errors import DuplicateTaskError, NoSuchAttemptError, UnknownTaskError, WorkflowError
 from shared.params import round_trip
-from shared.errors import DuplicateTaskError, UnknownTaskError, WorkflowError
 from shared.states import TaskState
 
 
@@ -22,7 +25,8 @@ class Workflow:
     ``run()`` executes it on the embedded local backend (forked processes), or,
     given ``redis_url``, on ``orch worker`` processes through Redis + RQ; both
     return ``{name: result}`` for the tasks that succeeded and leave every
-    task's ``state``, ``attempts``, ``result`` and ``error`` set.
+    task's ``state``, ``attempts``, ``result`` and ``error`` set; :meth:`task_log`
+    (and each ``Task.log``) reads what the run's attempts printed and logged.
     """
 
     def __init__(self, name: str = "workflow") -> None:
@@ -35,6 +39,7 @@ class Workflow:
         self.retries = 0
         """Times the last run was rerun from failure (:meth:`retry`)."""
         self._last_run: Optional[dict[str, Any]] = None
+        self._log_source: Optional[LogSource] = None
 
     def add_task(self, task: Task) -> Task:
         """Add ``task``; a second task with the same name raises :class:`DuplicateTaskError`."""
@@ -111,14 +116,23 @@ class Workflow:
         for task in self.tasks.values():
             task.reset()
         self.params, self.retries = checked, 0
+        self._log_source = None
         if redis_url is not None:
             from orchestrator.distributed import run_distributed
 
+            def submitted(run_id: str) -> None:
+                self._read_logs_from(RedisLogs(connect(redis_url, check=False), run_id))
+                if on_submitted is not None:
+                    on_submitted(run_id)
+
+            on_submitted = options.pop("on_submitted", None)
             self._last_run = {"redis_url": redis_url, **options}
-            run_distributed(self, redis_url, on_progress=on_progress, params=params, **options)
+            run_distributed(self, redis_url, on_progress=on_progress, params=params, on_submitted=submitted,
+                            **options)
             return self.results
         if options:
             raise TypeError(f"unexpected options for a local run: {', '.join(sorted(options))}")
+        check_log_settings()
         self._last_run = {"max_workers": max_workers}
         self._run_locally(Scheduler(self.tasks.values(), self.validate()), [], max_workers, on_progress)
         return self.results
@@ -152,8 +166,10 @@ class Workflow:
 
     def _run_locally(self, scheduler: Scheduler, actions: list, max_workers: Optional[int],
                      on_progress: Optional[ProgressCallback]) -> None:
+        logs = self._log_source if isinstance(self._log_source, MemoryLogs) else None  # a rerun adds to them
         backend = LocalBackend(self.tasks, max_workers or _default_workers(), run_id=f"local-{os.getpid()}",
-                               params=self.params)
+                               params=self.params, logs=logs)
+        self._read_logs_from(backend.logs)
         try:
             coordinator = Coordinator(self.tasks, backend, on_progress=on_progress, scheduler=scheduler)
             coordinator.apply(actions)
@@ -176,6 +192,32 @@ class Workflow:
         for name, task in self.tasks.items():
             task.take_outcome(stored[name])
         self.retries += 1
+
+    def _read_logs_from(self, source: LogSource) -> None:
+        self._log_source = source
+        for task in self.tasks.values():
+            task.log_reader = self._attempt_text
+
+    def _attempt_text(self, name: str, attempt: int) -> str:
+        assert self._log_source is not None
+        return log_text(attempt_log(self._log_source, name, attempt)[0])
+
+    def task_log(self, name: str, attempt: Optional[int] = None) -> str:
+        """What attempt ``attempt`` (default: the latest) of task ``name`` printed and logged in the
+        last run, embedded or distributed, one line per line with a notice where the cap dropped
+        lines; ``""`` if it printed nothing or never ran. An attempt the task did not make raises
+        :class:`~shared.errors.NoSuchAttemptError`."""
+        task = self.get_task(name)
+        if self._log_source is None:
+            raise WorkflowError("this workflow has not run yet: task_log() reads the logs of its last run")
+        if attempt is None:
+            attempt = task.attempts
+            if not attempt:
+                return ""
+        elif not 1 <= attempt <= task.attempts:
+            raise NoSuchAttemptError(name, attempt, task.attempts)
+        return self._attempt_text(name, attempt)
+
 
 
 def _default_workers() -> int:

@@ -1,8 +1,11 @@
 """Settings shared by coordinator and workers, with their defaults and environment variables."""
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass, field
+
+from shared.errors import SettingError
 
 
 def _env_float(name: str, default: float) -> float:
@@ -19,6 +22,43 @@ def max_result_bytes() -> int:
     """``ORCH_MAX_RESULT_BYTES`` alone (a worker reads it for every attempt: cheaper than a
     whole :class:`Settings`, which reads every variable)."""
     return _env_int("ORCH_MAX_RESULT_BYTES", 16 * 1024 * 1024)
+
+
+def retention() -> int:
+    """``ORCH_RETENTION`` alone: seconds a finished run's keys stay in Redis (7 days)."""
+    return _env_int("ORCH_RETENTION", 7 * 24 * 3600)
+
+
+MIN_LOG_BYTES = 4096
+
+
+def max_log_bytes() -> int:
+    """``ORCH_MAX_LOG_BYTES``: the most an attempt's stored log may hold (1 MiB; 4 KiB at the least);
+    past it the log keeps its first and last parts. Each line counts its UTF-8 bytes and newline
+    plus ``shared.log_records.LINE_OVERHEAD``. A bad value raises :class:`SettingError`."""
+    try:
+        return max(MIN_LOG_BYTES, _env_int("ORCH_MAX_LOG_BYTES", 1024 * 1024))
+    except ValueError:
+        raise SettingError("ORCH_MAX_LOG_BYTES", os.environ["ORCH_MAX_LOG_BYTES"], "a whole number of bytes") from None
+
+
+def task_log_level() -> int:
+    """``ORCH_TASK_LOG_LEVEL``: the least severe ``logging`` record an attempt's log keeps (a level
+    name or number; INFO by default). A bad value raises :class:`SettingError`."""
+    value = (os.environ.get("ORCH_TASK_LOG_LEVEL") or "INFO").strip()
+    if value.isdigit():
+        return int(value)
+    level = logging.getLevelName(value.upper())
+    if not isinstance(level, int):
+        raise SettingError("ORCH_TASK_LOG_LEVEL", value, "a logging level (DEBUG, INFO, WARNING, ERROR)")
+    return level
+
+
+def check_log_settings() -> None:
+    """Raise :class:`SettingError` now for a bad ``ORCH_TASK_LOG_LEVEL`` or ``ORCH_MAX_LOG_BYTES``
+    (what runs attempts checks at start; the capture itself falls back to the defaults)."""
+    task_log_level()
+    max_log_bytes()
 
 
 @dataclass(frozen=True)
@@ -40,7 +80,7 @@ class Settings:
     before giving up (``ORCH_REDIS_OUTAGE``, 120 s).
     """
 
-    retention: int = field(default_factory=lambda: _env_int("ORCH_RETENTION", 7 * 24 * 3600))
+    retention: int = field(default_factory=retention)
     max_result_bytes: int = field(default_factory=max_result_bytes)
     kill_grace: float = field(default_factory=lambda: _env_float("ORCH_KILL_GRACE", 2.0))
     heartbeat_ttl: float = field(default_factory=lambda: max(2.0, _env_float("ORCH_HEARTBEAT_TTL", 8.0)))

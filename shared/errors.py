@@ -123,6 +123,14 @@ class RedisAccessError(BackendError, PermissionError):
                          f"URL, and the user's ACL rights: see the README's ACL lines)")
 
 
+class SettingError(WorkflowError, ValueError):
+    """An environment variable that orch reads holds a value it cannot use."""
+
+    def __init__(self, variable: str, value: str, expected: str) -> None:
+        self.variable, self.value = variable, value
+        super().__init__(f"{variable}={value!r} is not {expected}; fix or unset it")
+
+
 class RunNotFoundError(WorkflowError, LookupError):
     def __init__(self, run_id: str) -> None:
         self.run_id = run_id
@@ -160,6 +168,15 @@ class InvalidParamsError(DefinitionError):
 
     def __init__(self, reason: str) -> None:
         super().__init__(f"invalid run parameters: {reason}")
+
+
+class NoSuchAttemptError(WorkflowError):
+    """An attempt number that a task has not reached (a log asked for with ``--attempt N``)."""
+
+    def __init__(self, task: str, attempt: int, attempts: int) -> None:
+        self.task, self.attempt, self.attempts = task, attempt, attempts
+        made = "no attempt yet" if not attempts else f"attempts 1 to {attempts}" if attempts > 1 else "attempt 1 only"
+        super().__init__(f"task {task!r} has no attempt {attempt} ({made}); pick one of those")
 
 
 class CorruptRunError(WorkflowError):

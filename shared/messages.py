@@ -62,7 +62,6 @@ class Outcome:
     traceback: Optional[str] = None
     worker: Optional[str] = None
     started_at: Optional[float] = None
-    log: Optional[str] = None
     types: Optional[str] = None
 
     def to_fields(self) -> dict[str, bytes | str]:
@@ -80,7 +79,6 @@ class Outcome:
             "traceback": self.traceback,
             "worker": self.worker,
             "started_at": None if self.started_at is None else repr(self.started_at),
-            "log": self.log,
             "types": self.types,
         }
         fields.update({k: v for k, v in optional.items() if v is not None})
@@ -122,7 +120,6 @@ class Outcome:
                 traceback=text("traceback"),
                 worker=_shared(text("worker")),
                 started_at=None if started is None else float(started),
-                log=text("log"),
                 types=text("types"),
             )
         except (ValueError, TypeError, AttributeError, UnicodeDecodeError) as exc:

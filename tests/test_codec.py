@@ -298,7 +298,7 @@ def outcomes(draw):
         traceback=draw(optional_text),
         worker=draw(optional_text),
         started_at=draw(st.none() | finite),
-        log=draw(optional_text),
+        types=draw(optional_text),
     )
 
 

@@ -7,23 +7,17 @@ attempt on timeout is the caller's job, from outside this process.
 """
 from __future__ import annotations
 
-import contextlib
-import io
 import os
 import signal
-import sys
 import time
 import traceback
-from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 from shared import codec, upstream
 from shared.errors import SerializationError, class_refs
 from shared.messages import FAILED, SUCCEEDED, Outcome
 from shared.states import FailureKind
-
-LOG_TAIL_CHARS = 64 * 1024
-"""How much of an attempt's captured output is kept (the end of it)."""
-
+from worker import task_log
 
 def describe_exception(exc: BaseException) -> str:
     """One line naming the exception type and message: ``"ValueError: bad row 7"``."""
@@ -68,34 +62,6 @@ def death_error(exitcode: Optional[int]) -> str:
     return f"WorkerCrash: worker process died: {how}"
 
 
-class _Tee(io.TextIOBase):
-    """Writes to the real stream and keeps a copy, so output is both seen and stored."""
-
-    def __init__(self, stream: Any, copy: io.StringIO) -> None:
-        self._stream = stream
-        self._copy = copy
-
-    def write(self, text: str) -> int:
-        self._copy.write(text)
-        if self._stream is not None:
-            self._stream.write(text)
-        return len(text)
-
-    def flush(self) -> None:
-        if self._stream is not None:
-            self._stream.flush()
-
-
-@contextlib.contextmanager
-def _captured_output(enabled: bool) -> Iterator[Optional[io.StringIO]]:
-    if not enabled:
-        yield None
-        return
-    copy = io.StringIO()
-    with contextlib.redirect_stdout(_Tee(sys.stdout, copy)), contextlib.redirect_stderr(_Tee(sys.stderr, copy)):
-        yield copy
-
-
 def run_attempt(
     func: Callable[..., Any],
     args: Sequence[Any],
@@ -105,33 +71,32 @@ def run_attempt(
     task: str,
     attempt: int,
     worker: Optional[str] = None,
-    capture_output: bool = False,
     max_result_bytes: Optional[int] = None,
     timeout_errors: tuple[type[BaseException], ...] = (),
     upstream_result: Optional[Callable[[str], Any]] = None,
 ) -> Outcome:
     """Call ``func(*args, **kwargs)`` and return its :class:`Outcome`; never raises an ``Exception``.
 
-    An exception of a type in ``timeout_errors`` is reported as a timeout. With ``upstream_result``,
-    every :class:`~shared.upstream.Upstream` in the arguments is first replaced by
-    ``upstream_result(task)`` (a failure to read it fails the attempt like any exception).
+    An exception of a type in ``timeout_errors`` is reported as a timeout. The traceback of a
+    failure also goes into the attempt's log, when one is being captured (:mod:`worker.task_log`).
+    With ``upstream_result``, every :class:`~shared.upstream.Upstream` in the arguments is first
+    replaced by ``upstream_result(task)`` (a failure to read it fails the attempt like any exception).
     """
     started = time.time()
     common = dict(run_id=run_id, task=task, attempt=attempt, worker=worker, started_at=started)
-    with _captured_output(capture_output) as output:
-        try:
-            if upstream_result is not None:
-                args, kwargs = upstream.resolve((args, kwargs), upstream_result)
-            value = func(*args, **kwargs)
-            blob = codec.encode(value, f"result of task {task!r}")
-            if max_result_bytes is not None and len(blob) > max_result_bytes:
-                raise SerializationError(
-                    f"result of task {task!r} is {len(blob)} bytes encoded, over the limit of {max_result_bytes}"
-                )
-        except Exception as exc:
-            log = output.getvalue()[-LOG_TAIL_CHARS:] if output else None
-            kind = FailureKind.TIMEOUT if isinstance(exc, timeout_errors) else FailureKind.ERROR
-            return Outcome(status=FAILED, at=time.time(), error=describe_exception(exc), kind=kind,
-                           traceback=traceback.format_exc(), log=log or None, types=exception_types(exc), **common)
-    log = output.getvalue()[-LOG_TAIL_CHARS:] if output else None
-    return Outcome(status=SUCCEEDED, at=time.time(), result=blob, log=log or None, **common)
+    try:
+        if upstream_result is not None:
+            args, kwargs = upstream.resolve((args, kwargs), upstream_result)
+        value = func(*args, **kwargs)
+        blob = codec.encode(value, f"result of task {task!r}")
+        if max_result_bytes is not None and len(blob) > max_result_bytes:
+            raise SerializationError(
+                f"result of task {task!r} is {len(blob)} bytes encoded, over the limit of {max_result_bytes}"
+            )
+    except Exception as exc:
+        kind = FailureKind.TIMEOUT if isinstance(exc, timeout_errors) else FailureKind.ERROR
+        trace = traceback.format_exc()
+        task_log.note(trace)
+        return Outcome(status=FAILED, at=time.time(), error=describe_exception(exc), kind=kind,
+                       traceback=trace, types=exception_types(exc), **common)
+    return Outcome(status=SUCCEEDED, at=time.time(), result=blob, **common)

@@ -32,6 +32,7 @@ from shared.messages import FAILED, STARTED, Outcome
 from shared.params import ParamsCache
 from shared.allow import worker_allowlist
 from shared.refs import import_reference
+from worker import task_log
 from worker.execute import describe_exception, exception_types, run_attempt
 
 
@@ -96,17 +97,29 @@ def run_task(
 
 
 def attempt_outcome(connection: redis.Redis, run_id: str, task: str, attempt: int, ref: str, payload: str,
-                    timeout: Optional[float], max_result_bytes: Optional[int], worker: Optional[str]) -> Outcome:
+                    timeout: Optional[float], max_result_bytes: Optional[int], worker: Optional[str],
+                    kill_at: Optional[float] = None) -> Outcome:
     """Import the task, decode its arguments, run it (with ``timeout`` raised in-process, if given)
-    and return the outcome. Shared by the RQ job function and the lean worker's work processes."""
+    and return the outcome, its log captured into Redis meanwhile (:mod:`worker.task_log`; all of
+    it sent before this returns). ``kill_at``: a monotonic time at which something outside may kill
+    this process (the log is flushed just before). Shared by the RQ job function and the lean
+    worker's work processes."""
+    with task_log.capturing(task_log.redis_sink(connection, run_id, task, attempt), flush_before=kill_at):
+        return _run(connection, run_id, task, attempt, ref, payload, timeout, max_result_bytes, worker)
+
+
+def _run(connection: redis.Redis, run_id: str, task: str, attempt: int, ref: str, payload: str,
+         timeout: Optional[float], max_result_bytes: Optional[int], worker: Optional[str]) -> Outcome:
     started = time.time()
     try:
         worker_allowlist().check(ref, worker or "?")  # before anything is imported
         func = import_reference(ref)
         args, kwargs = codec.decode(payload)
     except (WorkflowError, ValueError, TypeError) as exc:
+        error = describe_exception(exc)
+        task_log.note(error)
         return Outcome(run_id=run_id, task=task, attempt=attempt, status=FAILED, at=time.time(),
-                       error=describe_exception(exc), worker=worker, started_at=started, types=exception_types(exc))
+                       error=error, worker=worker, started_at=started, types=exception_types(exc))
 
     def fetch_result(name: str) -> Any:
         blob = connection.hget(keys.results(run_id), name)
@@ -118,11 +131,9 @@ def attempt_outcome(connection: redis.Redis, run_id: str, task: str, attempt: in
     context = TaskContext(run_id=run_id, task=task, attempt=attempt, fetch_result=fetch_result,
                           fetch_params=fetch_params)
     with running(context), _time_limit(timeout):
-        outcome = run_attempt(func, args, kwargs, run_id=run_id, task=task, attempt=attempt, worker=worker,
-                              capture_output=True, max_result_bytes=result_limit(max_result_bytes),
-                              timeout_errors=(TaskTimeout,),
-                              upstream_result=fetch_result if upstream.MARK in payload else None)
-    return outcome
+        return run_attempt(func, args, kwargs, run_id=run_id, task=task, attempt=attempt, worker=worker,
+                           max_result_bytes=result_limit(max_result_bytes), timeout_errors=(TaskTimeout,),
+                           upstream_result=fetch_result if upstream.MARK in payload else None)
 
 
 def result_limit(requested: Any) -> int:

@@ -38,6 +38,7 @@ from shared import keys
 from shared.connection import connect
 from shared.jobs import MalformedJob, parse_job_message
 from shared.messages import FAILED, STARTED, Outcome
+from worker import task_log
 from worker.rq_job import attempt_outcome
 from worker.slot_record import ParentWords, SlotRecord, State, attempt_id
 from worker.wire import Wire
@@ -113,6 +114,7 @@ def serve(config: SlotConfig, record: SlotRecord, parent: ParentWords) -> None:
     the queues are empty; take none while the parent's heartbeat does not stand. Returns (exit
     code 0) after writing :attr:`State.DONE`."""
     _detach(config.parent_pid)
+    task_log.install()  # once: each attempt then only switches its log capture on and off
     _Loop(config, record, parent).run()
 
 
@@ -286,5 +288,5 @@ class _Loop:
         start = None if reported else Outcome(run_id=job.run_id, task=job.task, attempt=job.attempt, status=STARTED,
                                               at=started, worker=worker)
         outcome = attempt_outcome(self.task_connection, job.run_id, job.task, job.attempt, job.ref, job.payload,
-                                  None, job.max_result_bytes, worker)
+                                  None, job.max_result_bytes, worker, kill_at=deadline if job.timeout else None)
         return raw, outcome, start

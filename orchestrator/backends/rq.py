@@ -45,7 +45,7 @@ from orchestrator.backends.routing import AUTO, TRANSPORTS, Routes
 from orchestrator.backends.watch import LossWatch
 from orchestrator.lease import Lease, LeaseLost
 from orchestrator.run_spec import RunSpec
-from orchestrator.run_store import task_record
+from orchestrator.run_store import run_keys, task_record
 from orchestrator.task import Task
 from shared import keys
 from shared.config import NO_TIMEOUT, Settings
@@ -206,7 +206,7 @@ class RQBackend:
             pipe.xtrim(self._events_key, minid=self._last_event, approximate=False)
         if step.finished:
             pipe.hdel(keys.run(run_id), "warning")
-            for key in keys.all_of_run(run_id):
+            for key in run_keys(self.connection, run_id):
                 pipe.expire(key, self.settings.retention)
             pipe.srem(keys.ACTIVE, run_id)
             pipe.delete(keys.lease(run_id))
@@ -222,7 +222,7 @@ class RQBackend:
         if its driver dies), kept past its retention until it finishes again, its retries counted;
         the results of the tasks that run again are dropped."""
         run_id = self.run_id
-        for key in keys.all_of_run(run_id):
+        for key in run_keys(self.connection, run_id):  # the logs of earlier attempts too
             pipe.persist(key)
         pipe.hdel(keys.run(run_id), "finished_at", "cancelled_by", "cancelled_at")
         pipe.hset(keys.run(run_id), "state", RunState.RUNNING.value)
