@@ -34,6 +34,7 @@ def read_input(directory: str, name: str) -> str:
     """Fail while the input file ``directory/input`` says ``bad``."""
     mark(directory, name)
     text = (Path(directory) / "input").read_text().strip()
+    print(f"read input: {text}")
     if text == "bad":
         raise ValueError(f"bad input in {directory}/input")
     return text

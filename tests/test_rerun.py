@@ -19,6 +19,7 @@ from orchestrator.cli import main
 from orchestrator.distributed import retry_run, serve_coordinator
 from orchestrator.run_views import wait_until_final
 from rerun_tasks import make_branches, runs
+from orchestrator.run_store import run_keys
 from shared import keys
 from shared.config import Settings
 from shared.connection import connect
@@ -41,9 +42,9 @@ def snapshot(client, run_id: str) -> dict:
     def contents(key: str):
         kind = client.type(key).decode()
         read = {"hash": client.hgetall, "string": client.get, "stream": lambda k: client.xrange(k),
-                "none": lambda k: None}[kind]
+                "set": client.smembers, "none": lambda k: None}[kind]
         return kind, read(key), client.ttl(key) > 0
-    return {key: contents(key) for key in keys.all_of_run(run_id)}
+    return {key: contents(key) for key in run_keys(client, run_id)}
 
 
 def all_runs(directory: Path) -> dict[str, list[int]]:
@@ -94,7 +95,7 @@ def test_embedded_retry_reruns_only_the_failed_branch(tmp_path: Path) -> None:
     with pytest.raises(UnknownTaskError):
         wf.retry(tasks=["nope"])
     wf.run()  # run() is a fresh run: everything runs, numbering starts again
-    assert runs(tmp_path, "root") == [1, 1] and wf.get_task("right").history == [] and wf.retries == 0
+    assert runs(tmp_path, "root") == [1, 1] and wf.get_task("right").history == () and wf.retries == 0
 
 
 # ---------------------------------------------------------------------------- distributed

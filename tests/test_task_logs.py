@@ -276,3 +276,39 @@ def test_a_bad_log_setting_is_refused_in_one_line(variable, value, tmp_path) -> 
                     "workflow.add_task(Task('t', print))\n")
     submit = CliRunner().invoke(main, ["submit", str(flow), "-q"], env={variable: value})
     assert submit.exit_code == 2 and f"error: {variable}={value!r} is not" in submit.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_a_rerun_keeps_the_logs_of_earlier_attempts(redis_server, orch_workers, tmp_path) -> None:
+    import rerun_tasks
+
+    orch_workers(1)
+    (tmp_path / "input").write_text("bad")
+    workflow = rerun_tasks.make_branches(str(tmp_path))
+    workflow.run(redis_url=redis_server.url)
+    run_id = workflow.last_run_id
+    assert workflow.tasks["right"].state == "failure" and workflow.tasks["right"].attempts == 2
+    (tmp_path / "input").write_text("good")
+    workflow.retry()
+    assert workflow.tasks["right"].state == "success" and workflow.tasks["right"].attempts == 3
+    for attempt, text in ((1, "bad"), (2, "bad"), (3, "good")):
+        code, out, _ = orch_logs(redis_server.url, run_id, "right", "--attempt", str(attempt))
+        assert code == 0 and f"read input: {text}" in out, out
+        assert f"read input: {text}" in workflow.task_log("right", attempt)
+    assert "ValueError: bad input" in workflow.task_log("right", 1)  # the traceback is part of it
+    client = redis_server.client()
+    assert client.ttl(keys.task_log(run_id, "right", 1)) > 0  # the retention again, once the rerun ended
+
+
+def test_an_embedded_rerun_keeps_the_logs_of_earlier_attempts(tmp_path) -> None:
+    import rerun_tasks
+
+    (tmp_path / "input").write_text("bad")
+    workflow = rerun_tasks.make_branches(str(tmp_path))
+    workflow.run()
+    (tmp_path / "input").write_text("good")
+    workflow.retry()
+    assert [("read input: bad" in workflow.task_log("right", n), "read input: good" in workflow.task_log("right", n))
+            for n in (1, 2, 3)] == [(True, False), (True, False), (False, True)]
+    assert workflow.tasks["right"].log == workflow.task_log("right", 3)
