@@ -65,4 +65,23 @@ class RunRerun:
     at: float
 
 
-Action = Union[Transition, Dispatch, ScheduleRetry, StopTask, RunFinished, RunRerun]
+@dataclass(frozen=True, slots=True)
+class ExpandMap:
+    """Mapped task ``task`` may start: work out its children from its upstreams' results and report
+    ``MapExpanded(task, attempt, count)`` (or a ``TaskFailed`` if its input cannot be mapped)."""
+
+    task: str
+    attempt: int
+
+
+@dataclass(frozen=True, slots=True)
+class MapChildren:
+    """Mapped task ``task`` expanded into ``children`` (their names, in item order), numbered from ``first``
+    on: the driver keeps them with the run before the children's dispatches that follow."""
+
+    task: str
+    first: int
+    children: tuple[str, ...]
+
+
+Action = Union[Transition, Dispatch, ScheduleRetry, StopTask, RunFinished, RunRerun, ExpandMap, MapChildren]

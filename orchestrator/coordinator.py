@@ -13,12 +13,15 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Optional, Protocol, Sequence
 
-from orchestrator.actions import Action, Dispatch, RunFinished, RunRerun, ScheduleRetry, StopTask, Transition
+from orchestrator.actions import (Action, Dispatch, ExpandMap, MapChildren, RunFinished, RunRerun, ScheduleRetry,
+                                  StopTask, Transition)
+from orchestrator.mapping import children_arguments
 from orchestrator.scheduler import Scheduler
 from orchestrator.task import AttemptRecord, Task
 from shared import codec
-from shared.errors import SerializationError
-from shared.events import Event, RetryDue, RunCancelled, TaskFailed, TaskStarted, TaskSucceeded
+from shared.config import max_map_length
+from shared.errors import MapError, SerializationError, class_refs
+from shared.events import Event, MapExpanded, RetryDue, RunCancelled, TaskFailed, TaskStarted, TaskSucceeded
 from shared.states import ACTIVE_STATES, TERMINAL_STATES, FailureKind, RunState, TaskState
 
 MAX_WAIT = 1.0
@@ -39,6 +42,9 @@ class Step:
     counts: dict[str, int] = field(default_factory=dict)
     cancelled_by: Optional[str] = None
     cancelled_at: Optional[float] = None
+    children: list[tuple[str, int, list[Task]]] = field(default_factory=list)
+    """Mapped tasks expanded in this step: ``(task, first child number, the children)``, to keep
+    with the run before the children's dispatches."""
     rerun: Optional[RunRerun] = None
     """Set when the step starts a finished run again (the run is reopened before anything else)."""
     attempts: list[tuple[str, AttemptRecord]] = field(default_factory=list)
@@ -98,6 +104,9 @@ class Coordinator:
         self._values: dict[tuple[str, int], Any] = {}
         self._attempt_started: dict[str, float] = {}
         """task -> when its current attempt started (as far as this coordinator saw)."""
+        self._own_events: list[Event] = []
+        """Events this coordinator makes itself (a mapped task's expansion), handled in the next step."""
+        self._expansions: dict[str, list[tuple[tuple, dict]]] = {}
         self.interrupted = False
 
     def run(self) -> RunState:
@@ -122,6 +131,8 @@ class Coordinator:
         heapq.heappush(self._timers, (at, task, attempt))
 
     def _wait_time(self) -> float:
+        if self._own_events:
+            return 0.0
         if not self._timers:
             return MAX_WAIT
         return min(MAX_WAIT, max(0.0, self._timers[0][0] - self.clock()))
@@ -129,6 +140,8 @@ class Coordinator:
     def _step(self, events: Sequence[Event]) -> None:
         actions: list[Action] = []
         causes: list[Optional[Event]] = []
+        if self._own_events:
+            events, self._own_events = [*self._own_events, *events], []
         for event in events:
             event = self._decoded(event)
             produced = self.scheduler.handle(event)
@@ -171,6 +184,10 @@ class Coordinator:
                 step.finished = action
             elif isinstance(action, RunRerun):
                 step.rerun = action
+            elif isinstance(action, ExpandMap):
+                self._own_events.append(self._expand(action))
+            elif isinstance(action, MapChildren):
+                step.children.append((action.task, action.first, self._make_children(action)))
         if step:
             step.counts = {state.value: n for state, n in self.scheduler.counts().items()}
             step.cancelled_by = self.scheduler.cancelled_by
@@ -178,6 +195,26 @@ class Coordinator:
             self.backend.carry_out(step)
             if self.on_progress and step.transitions:
                 self.on_progress(self.scheduler, step.transitions)
+
+    def _expand(self, action: ExpandMap) -> Event:
+        """Work out a mapped task's children from its upstreams' results (:mod:`orchestrator.mapping`)."""
+        task, now = self.tasks[action.task], self.clock()
+        results = {name: self.tasks[name].result for name in task.map_over}
+        try:
+            self._expansions[task.name] = children_arguments(task.name, task.args, task.kwargs, results,
+                                                             max_map_length())
+        except MapError as exc:
+            return TaskFailed(task.name, action.attempt, now, f"MapError: {exc}", types=class_refs(MapError))
+        return MapExpanded(task.name, action.attempt, now, len(self._expansions[task.name]))
+
+    def _make_children(self, action: MapChildren) -> list[Task]:
+        """The Task objects of a mapped task's children, added to the run's tasks."""
+        parent = self.tasks[action.task]
+        children = [parent.child(name, args, kwargs)
+                    for name, (args, kwargs) in zip(action.children, self._expansions.pop(action.task))]
+        for child in children:
+            self.tasks[child.name] = child  # type: ignore[index]  # the run's own dict of tasks
+        return children
 
     def _record(self, move: Transition, event: Optional[Event], step: Step) -> None:
         """Keep the user's Task object in line with the scheduler."""
@@ -206,7 +243,10 @@ class Coordinator:
                 task.started_at = move.at
         if move.finish is TaskState.SUCCESS:
             task.error = task.traceback = None
-        if move.finish is TaskState.SUCCESS and isinstance(event, TaskSucceeded):
+        if move.finish is TaskState.SUCCESS and task.map_over:
+            task.result = [t.result for t in self.tasks.values() if t.map_parent == task.name]
+            step.results[move.task] = codec.encode(task.result, f"result of mapped task {task.name!r}")
+        elif move.finish is TaskState.SUCCESS and isinstance(event, TaskSucceeded) and event.task == move.task:
             task.result = self._values.pop((event.task, event.attempt), None)
             step.results[move.task] = event.result
             if task.started_at is None:

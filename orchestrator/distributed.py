@@ -220,7 +220,9 @@ def _restore(connection: redis.Redis, run_id: str, lease: Lease, settings: Optio
     states = {name: (task.state, task.attempts, task.error, task.attempt_base) for name, task in tasks.items()
               if task.state is not TaskState.PENDING or task.attempts}
     now = time.time()
-    scheduler, repairs = Scheduler.restore(tasks.values(), states, now, specs.graph)
+    graph_tasks = [task for task in tasks.values() if task.map_parent is None]
+    maps = [(task, first, len(payloads)) for task, (first, payloads) in specs.maps.items()]
+    scheduler, repairs = Scheduler.restore(graph_tasks, states, now, specs.graph, maps)
     scheduler.cancelled_by = meta.get("cancelled_by")
     running = {name: (task.attempts, task.worker) for name, task in tasks.items()
                if task.state is TaskState.RUNNING and task.worker}

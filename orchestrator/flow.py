@@ -24,7 +24,7 @@ from orchestrator.task import Task
 from orchestrator.workflow import Workflow
 from shared import codec
 from shared.errors import DuplicateTaskError, FlowError
-from shared.upstream import Upstream, replace
+from shared.upstream import Mapped, Upstream, replace
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -82,6 +82,15 @@ class TaskFunction:
             replace((args, kwargs), _no_handle_outside_a_flow)
             return self.__wrapped__(*args, **kwargs)
         return build.record(self, args, kwargs)
+
+    def map(self, *args: Any, **kwargs: Any) -> "TaskHandle":
+        """Inside a flow: one task that expands, when it runs, into a child per item of each handle
+        given as an argument (several handles are zipped; their results must have the same length).
+        Other arguments go unchanged to every child. Its result is the list of its children's results."""
+        build = _current_build.get()
+        if build is None:
+            raise FlowError(f"{self.__name__}.map() records a mapped task: call it inside a @flow function")
+        return build.record(self, args, kwargs, mapped=True)
 
     def __repr__(self) -> str:
         return f"<task {self.__module__}:{self.__qualname__}>"
@@ -167,7 +176,7 @@ class _Build:
         self.workflow = workflow
         self.closed = False
 
-    def record(self, function: TaskFunction, args: tuple, kwargs: dict) -> TaskHandle:
+    def record(self, function: TaskFunction, args: tuple, kwargs: dict, mapped: bool = False) -> TaskHandle:
         options = function.options
         name = options.name or self._free_name(function.__name__)
         if name in self.workflow:
@@ -185,6 +194,11 @@ class _Build:
                 dependencies.append(value.name)
             return Upstream(value.name)
 
+        if mapped:
+            if not any(isinstance(value, TaskHandle) for value in (*args, *kwargs.values())):
+                raise FlowError(f"{function.__name__}.map() needs a task handle to map over among its arguments")
+            args = tuple(Mapped(upstream(v).task) if isinstance(v, TaskHandle) else v for v in args)
+            kwargs = {k: Mapped(upstream(v).task) if isinstance(v, TaskHandle) else v for k, v in kwargs.items()}
         args, kwargs = replace((tuple(args), dict(kwargs)), upstream)
         codec.encode((args, kwargs), f"an argument of task {name!r}")
         self.workflow.add_task(Task(

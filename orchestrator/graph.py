@@ -16,7 +16,7 @@ def to_mermaid(workflow: Workflow) -> str:
     """A Mermaid flowchart (``graph LR``) of ``workflow``, one node per task."""
     ids = _node_ids(workflow)
     lines = [f"%% workflow: {_single_line(workflow.name)}", "graph LR"]
-    lines += [f'    {node}["{_mermaid_label(name)}"]' for name, node in ids.items()]
+    lines += [f'    {node}["{_mermaid_label(_label(workflow, name))}"]' for name, node in ids.items()]
     lines += [f"    {ids[dep]} --> {ids[name]}" for dep, name in _edges(workflow)]
     return "\n".join(lines) + "\n"
 
@@ -25,16 +25,28 @@ def to_dot(workflow: Workflow) -> str:
     """A Graphviz ``digraph`` of ``workflow``; render with ``dot -Tsvg``."""
     ids = _node_ids(workflow)
     lines = [f"digraph {_dot_string(workflow.name)} {{", "    rankdir=LR;", "    node [shape=box];"]
-    lines += [f"    {node} [label={_dot_string(name)}];" for name, node in ids.items()]
+    lines += [f"    {node} [label={_dot_string(_label(workflow, name))}];" for name, node in ids.items()]
     lines += [f"    {ids[dep]} -> {ids[name]};" for dep, name in _edges(workflow)]
     lines.append("}")
     return "\n".join(lines) + "\n"
 
 
+def _label(workflow: Workflow, name: str) -> str:
+    """A mapped task is one node: ``transform [map]``, or ``transform [map x 3]`` once it expanded."""
+    task = workflow.tasks.get(name)
+    if task is None or not task.map_over:
+        return name
+    count = sum(1 for t in workflow if t.map_parent == name)
+    return f"{name} [map x {count}]" if count else f"{name} [map]"
+
+
 def _node_ids(workflow: Workflow) -> dict[str, str]:
-    """A safe id for every task and every name a task depends on (even a missing one)."""
+    """A safe id for every task and every name a task depends on (even a missing one); a mapped
+    task's children are drawn as their mapped task's one node."""
     ids: dict[str, str] = {}
     for task in workflow:
+        if task.map_parent is not None:
+            continue
         for name in (task.name, *task.dependencies):
             if name not in ids:
                 ids[name] = f"t{len(ids)}"
@@ -43,6 +55,8 @@ def _node_ids(workflow: Workflow) -> dict[str, str]:
 
 def _edges(workflow: Workflow) -> Iterable[tuple[str, str]]:
     for task in workflow:
+        if task.map_parent is not None:
+            continue
         for dep in dict.fromkeys(task.dependencies):  # a dependency listed twice is one edge
             yield dep, task.name
 

@@ -15,7 +15,7 @@ import time
 from collections import Counter
 from datetime import datetime
 from types import TracebackType
-from typing import Any, Optional, Sequence
+from typing import Any, Optional, Sequence, Union
 
 from rich.console import Console
 from rich.measure import Measurement
@@ -83,22 +83,33 @@ def _first_line(text: Optional[str]) -> str:
     return lines[0] if lines else ""
 
 
+MAX_CHILD_ROWS = 20
+"""A mapped task with more children than this shows them as one summary row."""
+
+Row = Union[str, tuple[str, list[str]]]
+"""A task's name, or ``(mapped task, its children)`` shown as one row."""
+
+
 def results_table(workflow: Workflow, max_rows: int = MAX_TABLE_ROWS) -> Table:
     """One row per task, in execution order: task, state, attempts, duration, error (first line).
 
-    Past ``max_rows`` tasks, the rows kept are those of the tasks that failed
-    by themselves first, then the other unsuccessful ones, then successes; a
-    caption says how many were left out (the summary line counts them all).
+    A mapped task's children follow it, collapsed into one row past :data:`MAX_CHILD_ROWS`
+    (``transform[0..9999]  9,998 success, 2 failure``). Past ``max_rows`` rows, those kept are
+    the tasks that failed by themselves first, then the other unsuccessful ones, then successes;
+    a caption says how many were left out (the summary line counts them all).
     """
-    names, hidden = _rows(workflow, max_rows)
+    rows, hidden = _rows(workflow, max_rows)
     table = Table(caption=f"{hidden} more task{'s' if hidden != 1 else ''} not shown" if hidden else None)
     table.add_column("task", overflow="fold")
     table.add_column("state", no_wrap=True)
     table.add_column("attempts", justify="right", no_wrap=True)
     table.add_column("duration", justify="right", no_wrap=True)
     table.add_column("error", overflow="fold")
-    for name in names:
-        task = workflow.tasks[name]
+    for row in rows:
+        if isinstance(row, tuple):
+            table.add_row(*_children_row(workflow, *row))
+            continue
+        task = workflow.tasks[row]
         table.add_row(
             Text(task.name), state_text(task.state), str(task.attempts),
             format_duration(task.duration), Text(_first_line(task.error)),
@@ -106,26 +117,49 @@ def results_table(workflow: Workflow, max_rows: int = MAX_TABLE_ROWS) -> Table:
     return table
 
 
-def _rows(workflow: Workflow, limit: int) -> tuple[list[str], int]:
+def _children_row(workflow: Workflow, parent: str, children: list[str]) -> tuple[Text, Text, str, str, Text]:
+    tasks = [workflow.tasks[name] for name in children]
+    counts = Counter(task.state for task in tasks)
+    states = Text(", ").join(Text(f"{counts[state]:,} {state}", style=STATE_STYLES.get(state, ""))
+                             for state in TaskState if counts[state])
+    failed = next((task for task in tasks if task.state is TaskState.FAILURE), None)
+    return (Text(f"{parent}[0..{len(children) - 1}]"), states, str(sum(task.attempts for task in tasks)), "-",
+            Text(f"{failed.name}: {_first_line(failed.error)}" if failed else ""))
+
+
+def _rows(workflow: Workflow, limit: int) -> tuple[list[Row], int]:
     order = _display_order(workflow)
     if len(order) <= limit:
         return order, 0
 
-    def rank(name: str) -> int:
-        task = workflow.tasks[name]
-        if task.state is TaskState.SUCCESS:
+    def rank(row: Row) -> int:
+        tasks = [workflow.tasks[name] for name in row[1]] if isinstance(row, tuple) else [workflow.tasks[row]]
+        if all(task.state is TaskState.SUCCESS for task in tasks):
             return 2
-        return 0 if task.attempts and task.state in (TaskState.FAILURE, TaskState.RETRYING) else 1
+        return 0 if any(task.attempts and task.state in (TaskState.FAILURE, TaskState.RETRYING) for task in tasks) else 1
 
-    keep = set(sorted(order, key=rank)[:limit])  # sorted() is stable: execution order within a rank
-    return [name for name in order if name in keep], len(order) - len(keep)
+    keep = {id(row) for row in sorted(order, key=rank)[:limit]}  # sorted() is stable: execution order within a rank
+    return [row for row in order if id(row) in keep], len(order) - len(keep)
 
 
-def _display_order(workflow: Workflow) -> list[str]:
+def _display_order(workflow: Workflow) -> list[Row]:
+    """Execution order, each mapped task's children right after it (one row past :data:`MAX_CHILD_ROWS`)."""
+    children: dict[str, list[str]] = {}
+    for name, task in workflow.tasks.items():
+        if task.map_parent is not None:
+            children.setdefault(task.map_parent, []).append(name)
     try:
-        return workflow.execution_order()
+        order = workflow.execution_order()
     except Exception:  # an invalid DAG never ran, but its table can still be shown
-        return list(workflow.tasks)
+        order = list(workflow.tasks)
+    rows: list[Row] = []
+    for name in order:
+        if workflow.tasks[name].map_parent is not None:
+            continue
+        rows.append(name)
+        kids = children.get(name, [])
+        rows.extend([(name, kids)] if len(kids) > MAX_CHILD_ROWS else kids)
+    return rows
 
 
 def summary(workflow: Workflow) -> Text:

@@ -18,11 +18,12 @@ from __future__ import annotations
 
 from typing import Callable, Optional, Protocol, Sequence
 
-from shared.errors import Fail, Skip, TaskTimeout, WorkerCrash, class_refs
+from shared.errors import Fail, MapError, Skip, TaskTimeout, WorkerCrash, class_refs
 from shared.states import FailureKind
 
 FAIL_REF = class_refs(Fail)[0]
 SKIP_REF = class_refs(Skip)[0]
+MAP_ERROR_REF = class_refs(MapError)[0]
 _KIND_TYPES = {
     FailureKind.TIMEOUT: class_refs(TaskTimeout),
     FailureKind.CRASHED: class_refs(WorkerCrash),
@@ -52,6 +53,8 @@ def not_retried(spec: RetrySpec, types: Sequence[str]) -> Optional[str]:
     """Why an attempt that failed with ``types`` is not retried although retries are left, or ``None``."""
     if FAIL_REF in types:
         return "the task raised Fail"
+    if MAP_ERROR_REF in types:
+        return "its input cannot be mapped"
     allowed = spec.retry_on_refs
     if allowed is not None and not set(types) & set(allowed):
         name = types[0].rpartition(":")[2] if types else "an error of unknown type"

@@ -38,6 +38,7 @@ from operator import attrgetter, sub
 from typing import Any, Iterator, Mapping, NamedTuple, Optional, Sequence
 
 from orchestrator import dag
+from orchestrator.mapping import child_name
 from orchestrator.task import Task
 from orchestrator.trigger_rules import TriggerRule
 from shared import codec
@@ -112,6 +113,8 @@ class RunSpec(Mapping[str, Mapping[str, Any]]):
         self.profile_of = profile_of
         self.payloads = list(payloads)
         self.payload_of = payload_of
+        self.maps: dict[str, tuple[int, list[str]]] = {}
+        """Mapped tasks expanded so far: task -> (number of its first child, the children's payloads)."""
 
     @classmethod
     def build(cls, tasks: Sequence[Task], graph: dag.Graph, refs: Sequence[str]) -> "RunSpec":
@@ -152,6 +155,26 @@ class RunSpec(Mapping[str, Mapping[str, Any]]):
     def __len__(self) -> int:
         return len(self.graph.names)
 
+    def add_children(self, task: str, first: int, payloads: Sequence[str]) -> list[str]:
+        """Take in the children of mapped task ``task`` (numbered from ``first``, the next free number),
+        one per payload, with ``task``'s settings; returns their names. ``spec[child]`` and ``index``
+        know them from then on; the stored spec (the graph) does not change."""
+        if first != len(self.profile_of) or task not in self.graph.index or task in self.maps:
+            raise SpecError(f"children of {task!r} from number {first}: not the next expansion of a task of the run")
+        n = len(payloads)
+        self.profile_of.extend(array("i", [self.profile_of[self.graph.index[task]]]) * n)
+        self.payload_of.extend(array("i", range(len(self.payloads), len(self.payloads) + n)))
+        self.payloads.extend(payloads)
+        names = [child_name(task, k) for k in range(n)]
+        self.graph.index.update(zip(names, range(first, first + n)))
+        self.maps[task] = (first, list(payloads))
+        return names
+
+    def map_record(self, task: str) -> str:
+        """How the expansion of ``task`` is kept with the run (``keys.maps``)."""
+        first, payloads = self.maps[task]
+        return json.dumps({"first": first, "payloads": payloads}, separators=(",", ":"))
+
     # ------------------------------------------------------------ stored form
     def to_json(self) -> str:
         graph = self.graph
@@ -163,10 +186,11 @@ class RunSpec(Mapping[str, Mapping[str, Any]]):
             "profiles": [list(p[:6]) if p.policy is None else [*p[:6], p.policy.to_json()] for p in self.profiles],
             "payloads": self.payloads,
         }
+        n = len(graph.names)  # without the children of mapped tasks, which are kept apart (keys.maps)
         if len(self.profiles) > 1:
-            doc["profile"] = self.profile_of.tolist()
+            doc["profile"] = self.profile_of[:n].tolist()
         if len(self.payloads) > 1:
-            doc["payload"] = self.payload_of.tolist()
+            doc["payload"] = self.payload_of[:n].tolist()
         return json.dumps(doc, separators=(",", ":"))
 
     @classmethod
@@ -207,7 +231,7 @@ class RunSpec(Mapping[str, Mapping[str, Any]]):
         tasks: dict[str, Task] = {}
         for i, name in enumerate(names):
             p = self.profiles[self.profile_of[i]]
-            args, kwargs = _arguments(self.payloads[self.payload_of[i]])
+            args, kwargs = run_arguments(self.payloads[self.payload_of[i]])
             tasks[name] = Task(name, p.ref, [names[j] for j in deps[start[i]:start[i + 1]]], p.max_retries,
                                p.retry_delay, p.timeout, args=args, kwargs=kwargs, retry_backoff=p.retry_backoff,
                                queue=p.queue, **(p.policy or Policy())._asdict())
@@ -271,7 +295,8 @@ def _profile(k: int, row: Any) -> Profile:
                    _policy_of(probe))
 
 
-def _arguments(payload: str) -> tuple[tuple, dict]:
+def run_arguments(payload: str) -> tuple[tuple, dict]:
+    """A stored payload back as ``(args, kwargs)``; :class:`SpecError` if it is not one."""
     if payload == NO_ARGUMENTS:
         return (), {}
     decoded = codec.decode(payload)

@@ -17,7 +17,7 @@ from typing import Any, Optional
 
 import redis
 
-from orchestrator.run_spec import RunSpec
+from orchestrator.run_spec import RunSpec, run_arguments
 from orchestrator.task import AttemptRecord, Task
 from shared import codec, keys
 from shared.errors import CorruptRunError, RunNotFoundError, WorkflowError
@@ -108,6 +108,7 @@ def load_tasks(connection: redis.Redis, run_id: str, with_results: bool = True
         tasks = spec.tasks()
     except (KeyError, TypeError, ValueError, WorkflowError) as exc:
         raise CorruptRunError(run_id, f"its task spec is unreadable ({exc})") from None
+    _load_children(connection, run_id, spec, tasks)
     for name, raw in connection.hgetall(keys.tasks(run_id)).items():
         task = tasks.get(_text(name))
         try:
@@ -170,6 +171,25 @@ def run_params(meta: dict[str, Any]) -> dict[str, Any]:
 def run_retries(meta: dict[str, Any]) -> int:
     """How many times the run was rerun from failure."""
     return _count(meta.get("retries"), 1 << 30)
+
+
+def _load_children(connection: redis.Redis, run_id: str, spec: RunSpec, tasks: dict[str, Task]) -> None:
+    """Add the children of the run's expanded mapped tasks (``keys.maps``) to ``spec`` and ``tasks``,
+    in the order they were made. Anything damaged raises :class:`CorruptRunError`."""
+    try:
+        found = []
+        for name, raw in connection.hgetall(keys.maps(run_id)).items():
+            record = json.loads(raw)
+            first, payloads = record["first"], record["payloads"]
+            if not (isinstance(first, int) and isinstance(payloads, list) and all(isinstance(p, str) for p in payloads)):
+                raise ValueError("not {first: int, payloads: [str]}")
+            found.append((first, _text(name) or "", payloads))
+        for first, name, payloads in sorted(found):
+            parent = tasks[name]
+            for child, payload in zip(spec.add_children(name, first, payloads), payloads):
+                tasks[child] = parent.child(child, *run_arguments(payload))
+    except (KeyError, TypeError, ValueError, WorkflowError) as exc:
+        raise CorruptRunError(run_id, f"the expansion of a mapped task is unreadable ({exc})") from None
 
 
 @dataclass

@@ -26,13 +26,16 @@ from collections import Counter
 from operator import attrgetter
 from typing import Any, Callable, Iterable, Mapping, NamedTuple, Optional, Sequence
 
-from orchestrator.actions import Action, Dispatch, RunFinished, RunRerun, ScheduleRetry, StopTask, Transition
+from orchestrator.actions import (Action, Dispatch, ExpandMap, MapChildren, RunFinished, RunRerun, ScheduleRetry,
+                                  StopTask, Transition)
+from orchestrator.children import Children
 from orchestrator.dag import Graph, analyse
+from orchestrator.mapping import child_name
 from orchestrator.retry_policy import RetrySpec, failure_types, is_skip, not_retried, retry_delay
 from orchestrator.story import NUMBER, TASK, Stories
 from orchestrator.trigger_rules import TriggerRule, Verdict, verdict
-from shared.errors import InvalidTransition, NothingToRerunError, UnknownTaskError
-from shared.events import Event, RetryDue, RunCancelled, TaskFailed, TaskStarted, TaskSucceeded
+from shared.errors import InvalidTransition, NothingToRerunError, UnknownTaskError, WorkflowError
+from shared.events import Event, MapExpanded, RetryDue, RunCancelled, TaskFailed, TaskStarted, TaskSucceeded
 from shared.states import TERMINAL_STATES, FailureKind, RunState, TaskState
 
 P, Q, R, W, S, F, C, K = (
@@ -53,6 +56,22 @@ class TaskSpec(RetrySpec):
     name: str
     dependencies: Sequence[str]
     trigger_rule: TriggerRule
+    map_over: Sequence[str]
+
+
+class _ChildSpec:
+    """A child of a mapped task (``transform[3]``): no dependencies, its parent's retry policy."""
+
+    __slots__ = ("name", "parent")
+    dependencies: Sequence[str] = ()
+    map_over: Sequence[str] = ()
+    trigger_rule = TriggerRule.ALL_SUCCESS
+
+    def __init__(self, name: str, parent: TaskSpec) -> None:
+        self.name, self.parent = name, parent
+
+    def __getattr__(self, attribute: str) -> Any:
+        return getattr(self.parent, attribute)
 
 
 class Restored(NamedTuple):
@@ -108,6 +127,9 @@ class Scheduler:
         """For a task that failed upstream: the task whose own failure it goes back to."""
         """Tasks that just ended success, failure or skipped, whose dependents are still to be told."""
         self._random = random or _random.random
+        self._graph_size = n
+        self._mapped = {i for i, spec in enumerate(self._specs) if spec.map_over}
+        self._children = Children()
         self._unfinished = n
         self._counts: Counter[TaskState] = Counter({P: n})
         self._stories = Stories(n, graph.names)
@@ -123,6 +145,7 @@ class Scheduler:
         records: Mapping[str, tuple],
         at: float,
         graph: Optional[Graph] = None,
+        maps: Sequence[tuple[str, int, int]] = (),
     ) -> tuple["Scheduler", list[Action]]:
         """A started scheduler in the state a persisted run left (``name -> (state, attempt, error[, base])``,
         see :class:`Restored`).
@@ -132,24 +155,34 @@ class Scheduler:
         crash could leave inconsistent back in line: a pending task whose trigger
         rule is met is queued, one whose rule can no longer be met is skipped or
         fails. Queued, running and retrying tasks stay as they are: their outcomes
-        (or retry timers, which the caller re-arms) are still to come.
+        (or retry timers, which the caller re-arms) are still to come. ``maps``: the
+        expansions of mapped tasks the run recorded, ``(task, first child number, count)``
+        in the order they happened; their children's records are in ``records`` by name.
+        A mapped task that was queued and not expanded yet is asked to expand again.
         """
         scheduler = cls(specs, graph)
         scheduler._started = True
+        for name, first, count in maps:
+            scheduler._add_children(scheduler._number(name), first, count)
         for name, record in records.items():
             i = scheduler._index.get(name)
             if i is not None:
                 scheduler._restore_task(i, Restored(*record), at)
         states = scheduler._state
-        for i, state in enumerate(states):
+        for i, state in enumerate(states[:scheduler._graph_size]):
             counter = scheduler._counter_of(state)
             if counter is not None:
                 for dependent in scheduler._dependents_of(i):
                     counter[dependent] += 1
         actions: list[Action] = []
+        for child, task in scheduler._children.parent.items():
+            if states[child] in TERMINAL_STATES and states[child] is not C:
+                scheduler._settled.append(child)  # counted by _drain; ends its mapped task if it was the last
         for i in range(len(states)):
             if states[i] is P:
                 scheduler._decide(i, at, actions, None)
+            elif states[i] is Q and i in scheduler._mapped and not scheduler._children.expanded(i):
+                actions.append(ExpandMap(scheduler._names[i], scheduler._attempt[i]))
         scheduler._drain(at, actions)
         scheduler._check_finished(at, actions)
         return scheduler, actions
@@ -274,6 +307,11 @@ class Scheduler:
         rerun = self._downstream_closure(named | {i for i, state in enumerate(self._state) if state in _RERUN})
         if not rerun:
             raise NothingToRerunError()
+        expanded = [i for i in rerun if self._children.expanded(i) or i in self._children.parent]
+        if expanded:
+            task = self._names[self._children.parent.get(expanded[0], expanded[0])]
+            raise WorkflowError(f"a rerun from failure would run mapped task {task!r} again, which this version "
+                                "cannot do yet: submit the workflow again")
         actions: list[Action] = [RunRerun(at)]
         self._finish_reported = False
         self.cancelled_by = self.cancelled_at = None
@@ -289,7 +327,7 @@ class Scheduler:
     def _downstream_closure(self, seeds: set[int]) -> list[int]:
         """``seeds`` and all their transitive dependents, in task-number order."""
         seen = set(seeds)
-        stack = list(seeds)
+        stack = [i for i in seeds if i < self._graph_size]
         while stack:
             for dependent in self._dependents_of(stack.pop()):
                 if dependent not in seen:
@@ -341,6 +379,59 @@ class Scheduler:
         else:
             self._ignored(i, event)
 
+    def _on_expanded(self, i: int, event: MapExpanded, actions: list[Action]) -> None:
+        """A mapped task's children are known: dispatch them all (none: it succeeds with ``[]``)."""
+        if event.attempt != self._attempt[i] or self._state[i] is not Q or self._children.expanded(i):
+            self._ignored(i, event)
+            return
+        first = len(self._names)
+        children = self._add_children(i, first, event.count)
+        actions.append(MapChildren(self._names[i], first, tuple(self._names[c] for c in children)))
+        if not children:
+            self._move(i, S, event.at, actions, "mapped over nothing")
+            return
+        self._move(i, R, event.at, actions, f"expanded into {event.count} children")
+        for child in children:
+            self._move(child, Q, event.at, actions, "mapped from {}", because_of=i)
+
+    def _add_children(self, i: int, first: int, count: int) -> range:
+        """Make room for ``count`` pending children of mapped task ``i``, numbered from ``first`` (the next
+        free number: expansions are replayed in the order they happened)."""
+        if first != len(self._names):
+            raise ValueError(f"children of {self._names[i]!r} numbered from {first}, expected {len(self._names)}")
+        if len(self._names) == self._graph_size:  # the first expansion: stop sharing the graph's name tables
+            self._names, self._index = list(self._names), dict(self._index)
+            self._total = array("i", self._total)
+        parent = self._specs[i]
+        for k in range(count):
+            name = child_name(self._names[i], k)
+            self._index[name] = len(self._names)
+            self._names.append(name)
+            self._specs.append(_ChildSpec(name, parent))
+        self._state.extend([P] * count)
+        self._attempt.extend([0] * count)
+        self._base.extend([0] * count)
+        for counts in (self._ok, self._bad, self._skip, self._total):
+            counts.extend(array("i", bytes(4 * count)))
+        self._counts[P] += count
+        self._unfinished += count
+        self._stories.grow(self._names, count)
+        return self._children.add(i, first, count)
+
+    def _child_ended(self, child: int, at: float, actions: list[Action]) -> None:
+        """Count a child's end; after the last one, its mapped task succeeds, or fails if a child failed."""
+        task = self._children.ended(child, self._state[child] is F)
+        if task is None or self._state[task] is not R:
+            return
+        failed = self._children.failed(task)
+        if not failed:
+            self._move(task, S, at, actions, "all its children ended")
+            return
+        first = min(failed)
+        self._error[task] = (f"{len(failed)} of {len(self._children.of(task))} mapped children failed "
+                             f"(first: {self._names[first]}: {self._error.get(first, 'failed')})")
+        self._move(task, F, at, actions, "a child failed")
+
     def _cancel(self, event: RunCancelled, actions: list[Action]) -> None:
         if self.cancelled_by is None and self._unfinished:
             self.cancelled_by = event.by
@@ -386,7 +477,10 @@ class Scheduler:
 
     def _queue(self, i: int, at: float, actions: list[Action]) -> None:
         self._attempt[i] += 1
-        actions.append(Dispatch(self._names[i], self._attempt[i]))
+        if i in self._mapped:
+            actions.append(ExpandMap(self._names[i], self._attempt[i]))
+        else:
+            actions.append(Dispatch(self._names[i], self._attempt[i]))
 
     def _nothing(self, i: int, at: float, actions: list[Action]) -> None:
         pass
@@ -432,6 +526,9 @@ class Scheduler:
         settled, state = self._settled, self._state
         while settled:
             i = settled.pop()
+            if i in self._children.parent:
+                self._child_ended(i, at, actions)
+                continue
             counter = self._counter_of(state[i])
             if counter is None:
                 continue
@@ -555,6 +652,7 @@ _RERUN = frozenset({F, C})
 """The final states a rerun from failure starts again by itself (skipped tasks only downstream of them)."""
 
 _EVENT_HANDLERS = {
+    MapExpanded: Scheduler._on_expanded,
     TaskStarted: Scheduler._on_started,
     TaskSucceeded: Scheduler._on_succeeded,
     TaskFailed: Scheduler._on_failed,

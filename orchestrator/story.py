@@ -37,6 +37,11 @@ class Stories:
         self._templates: list[tuple[str, int]] = []
         self._codes: dict[tuple[str, int], int] = {}
 
+    def grow(self, names: Sequence[str], count: int) -> None:
+        """Room for ``count`` more tasks (a mapped task's children); ``names`` now names them all."""
+        self._names = names
+        self._latest.extend(array("i", [-1]) * count)
+
     def add(self, task: int, cause: str, start: TaskState, finish: TaskState, at: float,
             argument: Optional[int] = None, kind: int = TEXT) -> None:
         """Record a move of ``task``. With ``kind`` NUMBER or TASK, ``cause`` is a

@@ -8,6 +8,7 @@ from typing import Any, Callable, Iterable, Mapping, Optional, Union
 
 from orchestrator.trigger_rules import TriggerRule, rule_of
 from shared.errors import InvalidTaskError
+from shared.upstream import Mapped, mapped_over
 from shared.refs import import_reference, is_reference
 from shared.states import TaskState
 
@@ -61,7 +62,7 @@ class Task:
     __slots__ = ("name", "func", "dependencies", "max_retries", "retry_delay", "retry_backoff", "timeout",
                  "args", "kwargs", "queue", "state", "result", "error", "traceback", "attempts", "started_at",
                  "finished_at", "worker", "retry_at", "attempt_base", "history", "trigger_rule", "retry_on",
-                 "retry_jitter", "max_retry_delay", "log_reader", "__weakref__")
+                 "retry_jitter", "max_retry_delay", "log_reader", "map_over", "map_parent", "__weakref__")
 
     def __init__(
         self,
@@ -80,6 +81,7 @@ class Task:
         retry_on: Union[None, type, str, Iterable[Union[type, str]]] = None,
         retry_jitter: float = 0.0,
         max_retry_delay: Optional[float] = None,
+        map_over: Union[str, Iterable[str], None] = None,
     ) -> None:
         if not isinstance(name, str) or not name.strip():
             raise InvalidTaskError(str(name), "the name must be a non-empty string")
@@ -106,12 +108,34 @@ class Task:
         self.timeout = None if timeout is None else float(timeout)
         self.args = tuple(args)
         self.kwargs = dict(kwargs or {})
+        if map_over is not None:
+            self._map_over(map_over)
+        self.map_over = mapped_over(self.args, self.kwargs)
+        """The upstream tasks this task maps over: one child per item of their results (zipped)."""
+        self.map_parent: Optional[str] = None
+        """For a child of a mapped task (``transform[3]``), the mapped task's name."""
         if not isinstance(queue, str) or not queue:
             raise InvalidTaskError(name, f"queue must be a non-empty string, not {queue!r}")
         self.queue = queue
         self.trigger_rule, self.retry_on, self.retry_jitter, self.max_retry_delay = _policy(
             name, trigger_rule, retry_on, retry_jitter, max_retry_delay)
         self.reset()
+
+    def _map_over(self, names: Union[str, Iterable[str]]) -> None:
+        """The classic API's ``map_over="extract"``: each child gets its item(s) as its first argument(s)."""
+        names = [names] if isinstance(names, str) else list(names)
+        if not names or not all(isinstance(name, str) and name for name in names):
+            raise InvalidTaskError(self.name, f"map_over must name one or more upstream tasks, not {names!r}")
+        self.dependencies += [name for name in names if name not in self.dependencies]
+        self.args = (*map(Mapped, names), *self.args)
+
+    def child(self, name: str, args: tuple, kwargs: dict) -> "Task":
+        """Child ``name`` of this mapped task, with its own arguments and this task's settings."""
+        made = Task(name, self.func, (), self.max_retries, self.retry_delay, self.timeout, args=args, kwargs=kwargs,
+                    retry_backoff=self.retry_backoff, queue=self.queue, retry_on=self.retry_on,
+                    retry_jitter=self.retry_jitter, max_retry_delay=self.max_retry_delay)
+        made.map_parent = self.name
+        return made
 
     @property
     def retry_on_refs(self) -> Optional[tuple[str, ...]]:

@@ -90,8 +90,10 @@ class Workflow:
 
     @property
     def results(self) -> dict[str, Any]:
-        """``{name: result}`` of the tasks that succeeded in the last run."""
-        return {name: t.result for name, t in self.tasks.items() if t.state is TaskState.SUCCESS}
+        """``{name: result}`` of the tasks that succeeded in the last run (a mapped task's children are
+        in ``tasks``, their results in the mapped task's list)."""
+        return {name: t.result for name, t in self.tasks.items()
+                if t.state is TaskState.SUCCESS and t.map_parent is None}
 
     def run(
         self,
@@ -113,6 +115,8 @@ class Workflow:
         starts the last one again from where it failed.
         """
         checked = round_trip(params)
+        for name in [name for name, task in self.tasks.items() if task.map_parent is not None]:
+            del self.tasks[name]  # a mapped task's children of an earlier run
         for task in self.tasks.values():
             task.reset()
         self.params, self.retries = checked, 0
@@ -156,7 +160,9 @@ class Workflow:
             self._retry_distributed(redis_url, names, on_progress)
             return self.results
         restored = {name: (t.state, t.attempts, t.error, t.attempt_base) for name, t in self.tasks.items()}
-        scheduler, _ = Scheduler.restore(self.tasks.values(), restored, 0.0, self.validate())
+        graph_tasks = [task for task in self.tasks.values() if task.map_parent is None]
+        scheduler, _ = Scheduler.restore(graph_tasks, restored, 0.0, dag.validate({t.name: t for t in graph_tasks}),
+                                         expansions(self.tasks.values(), len(graph_tasks)))
         if not scheduler.finished:
             raise WorkflowError("retry() needs a finished run; the last run of this workflow did not finish")
         actions = scheduler.rerun(names, time.time())
@@ -218,6 +224,20 @@ class Workflow:
             raise NoSuchAttemptError(name, attempt, task.attempts)
         return self._attempt_text(name, attempt)
 
+
+
+def expansions(tasks: Iterable[Task], first: int) -> list[tuple[str, int, int]]:
+    """The expansions of mapped tasks as ``Scheduler.restore`` takes them, from the children among
+    ``tasks`` (in the order they were made), numbered from ``first``."""
+    counts: dict[str, int] = {}
+    for task in tasks:
+        if task.map_parent is not None:
+            counts[task.map_parent] = counts.get(task.map_parent, 0) + 1
+    out = []
+    for name, count in counts.items():
+        out.append((name, first, count))
+        first += count
+    return out
 
 
 def _default_workers() -> int:

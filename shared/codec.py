@@ -21,7 +21,7 @@ import json
 from typing import Any
 
 from shared.errors import SerializationError
-from shared.upstream import Upstream
+from shared.upstream import Mapped, Upstream
 
 TAG = "__orch__"
 
@@ -60,6 +60,8 @@ def _encode(value: Any, where: str) -> Any:
         return {TAG: "decimal", "v": str(value)}
     if isinstance(value, Upstream):
         return {TAG: "upstream", "v": value.task}
+    if isinstance(value, Mapped):
+        return {TAG: "mapped", "v": value.task}
     raise SerializationError(
         f"{where} is a {type(value).__module__}.{type(value).__qualname__}, which the orch codec cannot "
         "serialize (use JSON types, tuple, set, bytes, datetime, date or Decimal)"
@@ -76,6 +78,7 @@ _DECODERS = {
     "date": _dt.date.fromisoformat,
     "decimal": decimal.Decimal,
     "upstream": lambda v: Upstream(v) if isinstance(v, str) else _malformed("an upstream task name must be a string"),
+    "mapped": lambda v: Mapped(v) if isinstance(v, str) else _malformed("a mapped task name must be a string"),
 }
 
 

@@ -24,6 +24,11 @@ def max_result_bytes() -> int:
     return _env_int("ORCH_MAX_RESULT_BYTES", 16 * 1024 * 1024)
 
 
+def max_map_length() -> int:
+    """``ORCH_MAX_MAP_LENGTH``: the most children a mapped task may expand into (10,000)."""
+    return _env_int("ORCH_MAX_MAP_LENGTH", 10_000)
+
+
 def retention() -> int:
     """``ORCH_RETENTION`` alone: seconds a finished run's keys stay in Redis (7 days)."""
     return _env_int("ORCH_RETENTION", 7 * 24 * 3600)

@@ -219,3 +219,8 @@ def class_refs(cls: type) -> tuple[str, ...]:
     """``cls`` and its bases as ``module:qualname``, most derived first, without ``object`` and
     ``BaseException``: how an attempt reports the exception it raised, and what ``retry_on`` matches."""
     return tuple(f"{c.__module__}:{c.__qualname__}" for c in cls.__mro__ if c not in (object, BaseException))
+
+
+class MapError(WorkflowError):
+    """A mapped task whose input cannot be mapped: not a list, lists of different lengths, too long.
+    The mapped task fails for good with it (the input will not change by retrying)."""

@@ -55,10 +55,21 @@ class RetryDue:
 
 
 @dataclass(frozen=True, slots=True)
+class MapExpanded:
+    """Attempt ``attempt`` of mapped task ``task`` expands into ``count`` children (the coordinator
+    worked them out from the upstream results, answering ``ExpandMap``)."""
+
+    task: str
+    attempt: int
+    at: float
+    count: int
+
+
+@dataclass(frozen=True, slots=True)
 class RunCancelled:
     at: float
     by: str = "user"
 
 
-TaskEvent = Union[TaskStarted, TaskSucceeded, TaskFailed, RetryDue]
-Event = Union[TaskStarted, TaskSucceeded, TaskFailed, RetryDue, RunCancelled]
+TaskEvent = Union[TaskStarted, TaskSucceeded, TaskFailed, RetryDue, MapExpanded]
+Event = Union[TaskStarted, TaskSucceeded, TaskFailed, RetryDue, MapExpanded, RunCancelled]

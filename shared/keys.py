@@ -24,6 +24,9 @@ key                                 type    contents
 ``orch:run:{id}:attempts``          hash    ``{attempt}:{task}`` -> JSON record of one earlier attempt
                                             (state, error, worker, started_at, finished_at): each
                                             failed attempt, and a succeeded one a rerun superseded
+``orch:run:{id}:maps``              hash    mapped task name -> JSON {"first": number of its first child,
+                                            "payloads": each child's encoded [args, kwargs]}: its
+                                            expansion, written with the children's first dispatch
 ``orch:run:{id}:results``           hash    task name -> codec-encoded result (successes only)
 ``orch:run:{id}:tracebacks``        hash    task name -> traceback text of its last failure
 ``orch:run:{id}:events``            stream  outcomes reported by workers, and cancel requests;
@@ -72,6 +75,11 @@ def tasks(run_id: str) -> str:
 
 def results(run_id: str) -> str:
     return f"{PREFIX}:run:{run_id}:results"
+
+
+def maps(run_id: str) -> str:
+    """The expansions of a run's mapped tasks (their children's arguments)."""
+    return f"{PREFIX}:run:{run_id}:maps"
 
 
 def tracebacks(run_id: str) -> str:
@@ -146,7 +154,7 @@ def all_of_run(run_id: str) -> list[str]:
     """Every key of one run with a fixed name (for retention and deletion); the run's log keys
     are those its log index (:func:`logs`, in this list) names."""
     return [run(run_id), tasks(run_id), results(run_id), tracebacks(run_id), events(run_id), attempts(run_id),
-            logs(run_id)]
+            logs(run_id), maps(run_id)]
 
 
 def job_id(run_id: str, task_index: int, attempt: int) -> str:

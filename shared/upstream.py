@@ -24,6 +24,21 @@ class Upstream:
     task: str
 
 
+@dataclass(frozen=True, slots=True)
+class Mapped:
+    """In a mapped task's arguments: one item of task ``task``'s result, a different one for each of
+    the children the mapped task expands into (``transform.map(rows)``). The coordinator puts the
+    items in place when it expands the task, so a child's job carries its item, never the list."""
+
+    task: str
+
+
+def mapped_over(args: tuple, kwargs: dict) -> tuple[str, ...]:
+    """The upstream tasks a task's arguments map over (its top-level :class:`Mapped` arguments)."""
+    found = [value.task for value in (*args, *kwargs.values()) if isinstance(value, Mapped)]
+    return tuple(dict.fromkeys(found))
+
+
 def replace(value: Any, leaf: Callable[[Any], Any]) -> Any:
     """``value`` with ``leaf(x)`` in place of every item ``x`` that is not a list, tuple, set or dict
     (dict keys stay as they are). The one traversal of arguments: the flow builder uses it to turn

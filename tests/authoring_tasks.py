@@ -142,3 +142,46 @@ def policies(marker_dir: str = ""):
     cleanup(marker_dir, found, wrong, refused)
     alert.with_options(name="alert_on_wrong")(marker_dir, wrong)
     alert.with_options(name="alert_on_found")(marker_dir, found)
+
+
+# ------------------------------------------------------------------ dynamic fan-out (tests/test_map.py)
+@task
+def numbers(n: int) -> list[int]:
+    return list(range(n))
+
+
+@task
+def letters(n: int) -> list[str]:
+    return [chr(ord("a") + i % 26) for i in range(n)]
+
+
+@task(max_retries=1)
+def square(x: int, offset: int = 0, marker_dir: str = "") -> int:
+    """Fails the first attempt of item 1 when ``marker_dir`` is given (a marker file per item and run)."""
+    if marker_dir:
+        marker = Path(marker_dir) / f"square-{x}"
+        with open(marker, "a") as f:
+            f.write("ran\n")
+        if x == 1 and len(marker.read_text().splitlines()) == 1:
+            raise RuntimeError("item 1 fails once")
+    return x * x + offset
+
+
+@task
+def pair(x: int, letter: str) -> str:
+    return f"{letter}{x}"
+
+
+@task
+def total(values: list) -> int:
+    return sum(values)
+
+
+@flow
+def squares(n: int = 3, marker_dir: str = ""):
+    total(square.map(numbers(n), offset=1, marker_dir=marker_dir))
+
+
+@flow
+def zipped(n: int = 3, m: int = 3):
+    pair.map(numbers(n), letters(m))

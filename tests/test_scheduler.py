@@ -34,6 +34,7 @@ class Spec:
     retry_on_refs: Optional[tuple[str, ...]] = None
     retry_jitter: float = 0.0
     max_retry_delay: Optional[float] = None
+    map_over: Sequence[str] = ()
 
 
 class Harness:

@@ -1,0 +1,159 @@
+"""Dynamic fan-out: a mapped task expands at run time into a child per item of an upstream's result.
+
+Embedded and on real workers of both kinds; the flows are in tests/authoring_tasks.py (square
+leaves a marker file per item and run, so "no child ran twice" is counted, not assumed).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+import authoring_tasks as at
+from orchestrator import Task, Workflow, flow
+from orchestrator.cli import main
+from orchestrator.scheduler import Scheduler
+from shared import keys
+from shared.errors import FlowError
+from shared.events import MapExpanded, TaskSucceeded
+from shared.states import TaskState
+from shared.upstream import Mapped
+from test_scheduler import Spec
+
+
+def square_runs(marker_dir: Path) -> dict[int, int]:
+    return {int(p.name.split("-")[1]): len(p.read_text().splitlines()) for p in marker_dir.glob("square-*")}
+
+
+# ------------------------------------------------------------------ building
+def test_map_records_one_task_with_a_mapped_argument() -> None:
+    workflow = at.squares.build(n=3)
+    square = workflow.get_task("square")
+    assert square.map_over == ("numbers",) and square.dependencies == ["numbers"]
+    assert square.args == (Mapped("numbers"),) and square.kwargs == {"offset": 1, "marker_dir": ""}
+    assert workflow.get_task("total").dependencies == ["square"]
+
+
+def test_map_needs_a_handle_and_a_flow() -> None:
+    @flow
+    def nothing_to_map():
+        at.square.map(3)
+
+    with pytest.raises(FlowError, match=r"square.map\(\) needs a task handle to map over"):
+        nothing_to_map.build()
+    with pytest.raises(FlowError, match=r"call it inside a @flow function"):
+        at.square.map([1, 2])
+
+
+# ------------------------------------------------------------------ embedded
+@pytest.mark.parametrize("n", [0, 3, 2000])
+def test_a_map_over_n_items_embedded(n, tmp_path) -> None:
+    results = at.squares.run(n=n, marker_dir=str(tmp_path))
+    expected = [x * x + 1 for x in range(n)]
+    assert results["square"] == expected and results["total"] == sum(expected)
+    workflow = at.squares.last_workflow
+    children = [t for t in workflow.tasks.values() if t.map_parent == "square"]
+    assert [t.name for t in children] == [f"square[{k}]" for k in range(n)]
+    assert all(t.state is TaskState.SUCCESS for t in children)
+    runs = square_runs(tmp_path)
+    assert runs == ({k: (2 if k == 1 else 1) for k in range(n)})  # item 1 failed once and was retried
+    if n > 1:
+        assert workflow.get_task("square[1]").attempts == 2
+    assert "square[0]" not in results  # children are tasks; their results are the mapped task's list
+
+
+def test_zipped_maps_must_have_equal_lengths() -> None:
+    assert at.zipped.run(n=3, m=3)["pair"] == ["a0", "b1", "c2"]
+    assert at.zipped.run(n=2, m=3) == {"numbers": [0, 1], "letters": ["a", "b", "c"]}
+    pair = at.zipped.last_workflow.get_task("pair")
+    assert pair.state is TaskState.FAILURE and pair.error == (
+        "MapError: task 'pair' maps over results of different lengths ('numbers': 2, 'letters': 3); they must "
+        "be equal")
+
+
+def test_a_map_past_the_limit_fails_naming_the_length_and_the_limit(monkeypatch) -> None:
+    monkeypatch.setenv("ORCH_MAX_MAP_LENGTH", "5")
+    results = at.squares.run(n=6)
+    square = at.squares.last_workflow.get_task("square")
+    assert square.state is TaskState.FAILURE and "square" not in results
+    assert square.error.startswith("MapError: task 'square' would expand into 6 children, over the limit of 5")
+    assert at.squares.last_workflow.get_task("total").error == "upstream task 'square' failed"
+
+
+def test_a_child_that_fails_for_good_fails_the_mapped_task_after_the_others_finished() -> None:
+    workflow = Workflow("classic")
+    workflow.add_task(Task("items", "authoring_tasks:numbers", args=(4,)))
+    workflow.add_task(Task("inverse", "tests.map_helpers:inverse", ["items"], map_over="items"))
+    workflow.add_task(Task("cleanup", "authoring_tasks:total", ["inverse"], args=([],), trigger_rule="all_done"))
+    workflow.run()
+    inverse = workflow.get_task("inverse")
+    children = {name: t for name, t in workflow.tasks.items() if t.map_parent == "inverse"}
+    assert {name: t.state for name, t in children.items()} == {
+        "inverse[0]": TaskState.FAILURE, "inverse[1]": TaskState.SUCCESS, "inverse[2]": TaskState.SUCCESS,
+        "inverse[3]": TaskState.SUCCESS}
+    assert inverse.state is TaskState.FAILURE
+    assert inverse.error == "1 of 4 mapped children failed (first: inverse[0]: ZeroDivisionError: division by zero)"
+    assert workflow.get_task("cleanup").state is TaskState.SUCCESS  # all_done: its rule still applies
+
+
+def test_the_classic_map_over_passes_the_item_first() -> None:
+    workflow = Workflow("classic")
+    workflow.add_task(Task("items", "authoring_tasks:numbers", args=(3,)))
+    workflow.add_task(Task("plus", "authoring_tasks:square", ["items"], map_over="items", kwargs={"offset": 10}))
+    assert workflow.run()["plus"] == [10, 11, 14]
+
+
+def test_an_expansion_is_a_scheduler_event_and_children_run_once() -> None:
+    s = Scheduler([Spec("a"), Spec("m", ("a",), map_over=("a",)), Spec("z", ("m",))])
+    s.start(0.0)
+    out = s.handle(TaskSucceeded("a", 1, 1.0))
+    assert [type(x).__name__ for x in out if type(x).__name__ == "ExpandMap"] == ["ExpandMap"]
+    out = s.handle(MapExpanded("m", 1, 2.0, 2))
+    assert [a.task for a in out if type(a).__name__ == "Dispatch"] == ["m[0]", "m[1]"]
+    s.validate_state()
+    assert s.handle(MapExpanded("m", 1, 2.5, 2)) == [] or s.state("m[0]") is TaskState.QUEUED  # a repeat is ignored
+    s.handle(TaskSucceeded("m[0]", 1, 3.0))
+    s.handle(TaskSucceeded("m[1]", 1, 3.0))
+    s.validate_state()
+    assert s.state("m") is TaskState.SUCCESS and s.state("z") is TaskState.QUEUED
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_status_collapses_more_than_twenty_children(redis_server, orch_workers) -> None:
+    orch_workers(2)
+    at.squares.run(n=30, redis_url=redis_server.url)
+    run_id = at.squares.last_workflow.last_run_id
+    result = CliRunner().invoke(main, ["status", run_id, "--redis-url", redis_server.url])
+    assert result.exit_code == 0, result.output
+    assert "square[0..29]" in result.output and "30 success" in result.output
+    assert "square[5]" not in result.output
+    shown = json.loads(CliRunner().invoke(main, ["status", run_id, "--json", "--redis-url", redis_server.url]).output)
+    assert len([t for t in shown["tasks"] if t["name"].startswith("square[")]) == 30
+
+
+# ------------------------------------------------------------------ on workers
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("mode", ["lean", "rq"])
+def test_a_map_on_workers(redis_server, orch_workers, mode, tmp_path) -> None:
+    orch_workers(2, mode=mode)
+    results = at.squares.run(n=40, marker_dir=str(tmp_path), redis_url=redis_server.url)
+    assert results["square"] == [x * x + 1 for x in range(40)] and results["total"] == sum(x * x + 1 for x in range(40))
+    assert square_runs(tmp_path) == {k: (2 if k == 1 else 1) for k in range(40)}
+    client = redis_server.client()
+    run_id = at.squares.last_workflow.last_run_id
+    stored = json.loads(client.hget(keys.maps(run_id), "square"))
+    assert len(stored["payloads"]) == 40 and client.ttl(keys.maps(run_id)) > 0
+    assert at.squares.run(n=0, redis_url=redis_server.url)["square"] == []
+
+
+def test_orch_graph_draws_a_mapped_task_as_one_node() -> None:
+    result = CliRunner().invoke(main, ["graph", "tests/authoring_tasks.py:squares"])
+    assert result.exit_code == 0 and '["square [map]"]' in result.output, result.output
+    at.squares.run(n=3)
+    from orchestrator.graph import to_mermaid
+    drawn = to_mermaid(at.squares.last_workflow)
+    assert "square [map x 3]" in drawn and "square[0]" not in drawn
