@@ -185,3 +185,18 @@ def squares(n: int = 3, marker_dir: str = ""):
 @flow
 def zipped(n: int = 3, m: int = 3):
     pair.map(numbers(n), letters(m))
+
+
+@task
+def slow_square(x: int, marker_dir: str) -> int:
+    """0.3 s per item, and a marker line per run of each item."""
+    import time
+    with open(Path(marker_dir) / f"square-{x}", "a") as f:
+        f.write("ran\n")
+    time.sleep(0.3)
+    return x * x
+
+
+@flow
+def slow_squares(n: int = 8, marker_dir: str = ""):
+    total(slow_square.map(numbers(n), marker_dir=marker_dir))

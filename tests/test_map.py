@@ -6,9 +6,11 @@ leaves a marker file per item and run, so "no child ran twice" is counted, not a
 from __future__ import annotations
 
 import json
+import signal
 from pathlib import Path
 
 import pytest
+import redis
 from click.testing import CliRunner
 
 import authoring_tasks as at
@@ -20,6 +22,7 @@ from shared.errors import FlowError
 from shared.events import MapExpanded, TaskSucceeded
 from shared.states import TaskState
 from shared.upstream import Mapped
+from fault_helpers import procs, run_id_from, wait_for  # noqa: F401  (procs: a fixture)
 from test_scheduler import Spec
 
 
@@ -157,3 +160,31 @@ def test_orch_graph_draws_a_mapped_task_as_one_node() -> None:
     from orchestrator.graph import to_mermaid
     drawn = to_mermaid(at.squares.last_workflow)
     assert "square [map x 3]" in drawn and "square[0]" not in drawn
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("mode", ["lean", "rq"])
+def test_a_coordinator_killed_mid_map_resumes_with_its_children(procs, mode, tmp_path) -> None:
+    procs.workers(2, mode=mode)
+    client = redis.Redis.from_url(procs.redis_url)
+    marker_dir = tmp_path / "markers"
+    marker_dir.mkdir()
+    submit = procs.start("submit", ["submit", "tests/authoring_tasks.py:slow_squares", "--param", "n=10",
+                                    "--param", f"marker_dir={marker_dir}", "--redis-url", procs.redis_url, "-q"])
+    run_id = run_id_from(submit)
+
+    def midway() -> bool:
+        done = [r for name, r in ((k.decode(), json.loads(v)) for k, v in client.hgetall(keys.tasks(run_id)).items())
+                if name.startswith("slow_square[") and r["state"] == "success"]
+        return client.hexists(keys.maps(run_id), "slow_square") and len(done) >= 2
+
+    wait_for(midway, 30, "the map to expand and two children to succeed")
+    submit.signal_all(signal.SIGKILL)
+    submit.wait(5)
+    wait_for(lambda: client.get(keys.lease(run_id)) is None, 10, "the dead coordinator's lease to lapse")
+    resumed = procs.orch(["resume", run_id, "-q"], timeout=60)
+    assert resumed.returncode == 0, resumed.stderr + resumed.stdout
+    assert json.loads(client.hget(keys.results(run_id), "total")) == sum(x * x for x in range(10))
+    assert square_runs(marker_dir) == dict.fromkeys(range(10), 1), "a child ran twice, or not at all"
+    assert json.loads(client.hget(keys.results(run_id), "slow_square")) == [x * x for x in range(10)]
