@@ -26,15 +26,14 @@ from collections import Counter
 from operator import attrgetter
 from typing import Any, Callable, Iterable, Mapping, NamedTuple, Optional, Sequence
 
-from orchestrator.actions import (Action, Dispatch, ExpandMap, MapChildren, RunFinished, RunRerun, ScheduleRetry,
-                                  StopTask, Transition)
-from orchestrator.children import Children
+from orchestrator.actions import Action, Dispatch, ExpandMap, RunFinished, ScheduleRetry, StopTask, Transition
+from orchestrator.children import Children, MapMoves
+from orchestrator.rerun import RerunMoves
 from orchestrator.dag import Graph, analyse
-from orchestrator.mapping import child_name
 from orchestrator.retry_policy import RetrySpec, failure_types, is_skip, not_retried, retry_delay
 from orchestrator.story import NUMBER, TASK, Stories
 from orchestrator.trigger_rules import TriggerRule, Verdict, verdict
-from shared.errors import InvalidTransition, NothingToRerunError, UnknownTaskError, WorkflowError
+from shared.errors import InvalidTransition, UnknownTaskError
 from shared.events import Event, MapExpanded, RetryDue, RunCancelled, TaskFailed, TaskStarted, TaskSucceeded
 from shared.states import TERMINAL_STATES, FailureKind, RunState, TaskState
 
@@ -59,21 +58,6 @@ class TaskSpec(RetrySpec):
     map_over: Sequence[str]
 
 
-class _ChildSpec:
-    """A child of a mapped task (``transform[3]``): no dependencies, its parent's retry policy."""
-
-    __slots__ = ("name", "parent")
-    dependencies: Sequence[str] = ()
-    map_over: Sequence[str] = ()
-    trigger_rule = TriggerRule.ALL_SUCCESS
-
-    def __init__(self, name: str, parent: TaskSpec) -> None:
-        self.name, self.parent = name, parent
-
-    def __getattr__(self, attribute: str) -> Any:
-        return getattr(self.parent, attribute)
-
-
 class Restored(NamedTuple):
     """A task as a persisted run left it (:meth:`Scheduler.restore`). ``base``: the attempts it had
     made before the run's latest rerun (0 if never rerun); its budget counts from there."""
@@ -84,7 +68,7 @@ class Restored(NamedTuple):
     base: int = 0
 
 
-class Scheduler:
+class Scheduler(MapMoves, RerunMoves):
     """Holds the state of every task of one run and decides every move.
 
     The DAG is validated here unless the caller passes the :class:`Graph` its
@@ -289,52 +273,6 @@ class Scheduler:
             actions.extend(self.handle(event))
         return actions
 
-    def rerun(self, tasks: Iterable[str] = (), at: float = 0.0) -> list[Action]:
-        """Start a finished run again from where it failed; return what must happen.
-
-        Reruns every task that failed (or failed upstream) or was cancelled, every task
-        named in ``tasks`` even if it succeeded, and everything downstream of those.
-        A task that was skipped is rerun only when it is downstream of a rerun task.
-        The other succeeded tasks keep their results and never run again. Each rerun task
-        goes back to pending with a fresh budget of ``max_retries + 1`` attempts; attempt
-        numbers keep growing. Raises :class:`UnknownTaskError` for a name not in the run,
-        :class:`NothingToRerunError` if that set is empty, ``RuntimeError`` if the run has
-        not finished; in every case nothing changed.
-        """
-        if not self.finished:
-            raise RuntimeError("Scheduler.rerun() before the run finished")
-        named = {self._number(task) for task in ([tasks] if isinstance(tasks, str) else tasks)}
-        rerun = self._downstream_closure(named | {i for i, state in enumerate(self._state) if state in _RERUN})
-        if not rerun:
-            raise NothingToRerunError()
-        expanded = [i for i in rerun if self._children.expanded(i) or i in self._children.parent]
-        if expanded:
-            task = self._names[self._children.parent.get(expanded[0], expanded[0])]
-            raise WorkflowError(f"a rerun from failure would run mapped task {task!r} again, which this version "
-                                "cannot do yet: submit the workflow again")
-        actions: list[Action] = [RunRerun(at)]
-        self._finish_reported = False
-        self.cancelled_by = self.cancelled_at = None
-        for i in rerun:
-            self._move(i, P, at, actions, "rerun")
-        for i in rerun:
-            if self._state[i] is P:
-                self._decide(i, at, actions, None)
-        self._drain(at, actions)
-        self._check_finished(at, actions)
-        return actions
-
-    def _downstream_closure(self, seeds: set[int]) -> list[int]:
-        """``seeds`` and all their transitive dependents, in task-number order."""
-        seen = set(seeds)
-        stack = [i for i in seeds if i < self._graph_size]
-        while stack:
-            for dependent in self._dependents_of(stack.pop()):
-                if dependent not in seen:
-                    seen.add(dependent)
-                    stack.append(dependent)
-        return sorted(seen)
-
     def _is_current(self, i: int, event: TaskStarted | TaskSucceeded | TaskFailed, allowed: frozenset) -> bool:
         if event.attempt == self._attempt[i] and self._state[i] in allowed:
             return True
@@ -378,59 +316,6 @@ class Scheduler:
             self._move(i, Q, event.at, actions, "retry due")
         else:
             self._ignored(i, event)
-
-    def _on_expanded(self, i: int, event: MapExpanded, actions: list[Action]) -> None:
-        """A mapped task's children are known: dispatch them all (none: it succeeds with ``[]``)."""
-        if event.attempt != self._attempt[i] or self._state[i] is not Q or self._children.expanded(i):
-            self._ignored(i, event)
-            return
-        first = len(self._names)
-        children = self._add_children(i, first, event.count)
-        actions.append(MapChildren(self._names[i], first, tuple(self._names[c] for c in children)))
-        if not children:
-            self._move(i, S, event.at, actions, "mapped over nothing")
-            return
-        self._move(i, R, event.at, actions, f"expanded into {event.count} children")
-        for child in children:
-            self._move(child, Q, event.at, actions, "mapped from {}", because_of=i)
-
-    def _add_children(self, i: int, first: int, count: int) -> range:
-        """Make room for ``count`` pending children of mapped task ``i``, numbered from ``first`` (the next
-        free number: expansions are replayed in the order they happened)."""
-        if first != len(self._names):
-            raise ValueError(f"children of {self._names[i]!r} numbered from {first}, expected {len(self._names)}")
-        if len(self._names) == self._graph_size:  # the first expansion: stop sharing the graph's name tables
-            self._names, self._index = list(self._names), dict(self._index)
-            self._total = array("i", self._total)
-        parent = self._specs[i]
-        for k in range(count):
-            name = child_name(self._names[i], k)
-            self._index[name] = len(self._names)
-            self._names.append(name)
-            self._specs.append(_ChildSpec(name, parent))
-        self._state.extend([P] * count)
-        self._attempt.extend([0] * count)
-        self._base.extend([0] * count)
-        for counts in (self._ok, self._bad, self._skip, self._total):
-            counts.extend(array("i", bytes(4 * count)))
-        self._counts[P] += count
-        self._unfinished += count
-        self._stories.grow(self._names, count)
-        return self._children.add(i, first, count)
-
-    def _child_ended(self, child: int, at: float, actions: list[Action]) -> None:
-        """Count a child's end; after the last one, its mapped task succeeds, or fails if a child failed."""
-        task = self._children.ended(child, self._state[child] is F)
-        if task is None or self._state[task] is not R:
-            return
-        failed = self._children.failed(task)
-        if not failed:
-            self._move(task, S, at, actions, "all its children ended")
-            return
-        first = min(failed)
-        self._error[task] = (f"{len(failed)} of {len(self._children.of(task))} mapped children failed "
-                             f"(first: {self._names[first]}: {self._error.get(first, 'failed')})")
-        self._move(task, F, at, actions, "a child failed")
 
     def _cancel(self, event: RunCancelled, actions: list[Action]) -> None:
         if self.cancelled_by is None and self._unfinished:
@@ -489,28 +374,6 @@ class Scheduler:
         attempt = self._attempt[i]
         delay = retry_delay(self._specs[i], attempt - self._base[i], self._random)
         actions.append(ScheduleRetry(self._names[i], attempt + 1, at + delay))
-
-    def _reset(self, i: int, at: float, actions: list[Action]) -> None:
-        """A rerun from a failure or a cancel: a fresh attempt budget from the attempts made so far."""
-        self._base[i] = self._attempt[i]
-
-    def _unsucceed(self, i: int, at: float, actions: list[Action]) -> None:
-        """A rerun of a task that had succeeded: its dependents no longer count it as ended."""
-        self._uncount(i, self._ok)
-
-    def _unfail(self, i: int, at: float, actions: list[Action]) -> None:
-        """A rerun of a task that had failed (or failed upstream)."""
-        self._culprit.pop(i, None)
-        self._uncount(i, self._bad)
-
-    def _unskip(self, i: int, at: float, actions: list[Action]) -> None:
-        """A rerun of a task that had been skipped."""
-        self._uncount(i, self._skip)
-
-    def _uncount(self, i: int, counter: array) -> None:
-        self._base[i] = self._attempt[i]
-        for dependent in self._dependents_of(i):
-            counter[dependent] -= 1
 
     def _settle(self, i: int, at: float, actions: list[Action]) -> None:
         """Task ``i`` ended success, failure or skipped: its dependents are told by :meth:`_drain`."""
@@ -647,9 +510,6 @@ TRANSITIONS: dict[tuple[TaskState, TaskState], Callable[[Scheduler, int, float, 
 ended; :meth:`Scheduler._drain` then decides its dependents by their trigger rules, in a loop (no
 recursion down a long chain). The only moves out of a final state are back to ``pending``, made
 by :meth:`Scheduler.rerun`."""
-
-_RERUN = frozenset({F, C})
-"""The final states a rerun from failure starts again by itself (skipped tasks only downstream of them)."""
 
 _EVENT_HANDLERS = {
     MapExpanded: Scheduler._on_expanded,

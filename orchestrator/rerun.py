@@ -1,0 +1,92 @@
+"""Rerun from failure, as scheduler moves: which tasks run again, and what their rerun undoes.
+
+:meth:`RerunMoves.rerun` is the scheduler's public call; the ``_un*`` handlers are the
+moves out of a final state back to ``pending`` in its transition table, each taking back
+what the task's end had counted for its dependents, and each giving the task a fresh
+attempt budget (attempt numbers keep growing).
+"""
+from __future__ import annotations
+
+from array import array
+from typing import TYPE_CHECKING, Iterable
+
+from orchestrator.actions import Action, RunRerun
+from shared.errors import NothingToRerunError, WorkflowError
+from shared.states import TaskState
+
+if TYPE_CHECKING:
+    from orchestrator.scheduler import Scheduler
+
+P, F, C = TaskState.PENDING, TaskState.FAILURE, TaskState.CANCELLED
+_RERUN = frozenset({F, C})
+"""The final states a rerun from failure starts again by itself (skipped tasks only downstream of them)."""
+
+
+class RerunMoves:
+    def rerun(self: "Scheduler", tasks: Iterable[str] = (), at: float = 0.0) -> list[Action]:
+        """Start a finished run again from where it failed; return what must happen.
+
+        Reruns every task that failed (or failed upstream) or was cancelled, every task
+        named in ``tasks`` even if it succeeded, and everything downstream of those.
+        A task that was skipped is rerun only when it is downstream of a rerun task.
+        The other succeeded tasks keep their results and never run again. Each rerun task
+        goes back to pending with a fresh budget of ``max_retries + 1`` attempts; attempt
+        numbers keep growing. Raises :class:`UnknownTaskError` for a name not in the run,
+        :class:`NothingToRerunError` if that set is empty, ``RuntimeError`` if the run has
+        not finished; in every case nothing changed.
+        """
+        if not self.finished:
+            raise RuntimeError("Scheduler.rerun() before the run finished")
+        named = {self._number(task) for task in ([tasks] if isinstance(tasks, str) else tasks)}
+        rerun = self._downstream_closure(named | {i for i, state in enumerate(self._state) if state in _RERUN})
+        if not rerun:
+            raise NothingToRerunError()
+        expanded = [i for i in rerun if self._children.expanded(i) or i in self._children.parent]
+        if expanded:
+            task = self._names[self._children.parent.get(expanded[0], expanded[0])]
+            raise WorkflowError(f"a rerun from failure would run mapped task {task!r} again, which this version "
+                                "cannot do yet: submit the workflow again")
+        actions: list[Action] = [RunRerun(at)]
+        self._finish_reported = False
+        self.cancelled_by = self.cancelled_at = None
+        for i in rerun:
+            self._move(i, P, at, actions, "rerun")
+        for i in rerun:
+            if self._state[i] is P:
+                self._decide(i, at, actions, None)
+        self._drain(at, actions)
+        self._check_finished(at, actions)
+        return actions
+
+    def _downstream_closure(self: "Scheduler", seeds: set[int]) -> list[int]:
+        """``seeds`` and all their transitive dependents, in task-number order."""
+        seen = set(seeds)
+        stack = [i for i in seeds if i < self._graph_size]
+        while stack:
+            for dependent in self._dependents_of(stack.pop()):
+                if dependent not in seen:
+                    seen.add(dependent)
+                    stack.append(dependent)
+        return sorted(seen)
+
+    def _reset(self: "Scheduler", i: int, at: float, actions: list[Action]) -> None:
+        """A rerun from a failure or a cancel: a fresh attempt budget from the attempts made so far."""
+        self._base[i] = self._attempt[i]
+
+    def _unsucceed(self: "Scheduler", i: int, at: float, actions: list[Action]) -> None:
+        """A rerun of a task that had succeeded: its dependents no longer count it as ended."""
+        self._uncount(i, self._ok)
+
+    def _unfail(self: "Scheduler", i: int, at: float, actions: list[Action]) -> None:
+        """A rerun of a task that had failed (or failed upstream)."""
+        self._culprit.pop(i, None)
+        self._uncount(i, self._bad)
+
+    def _unskip(self: "Scheduler", i: int, at: float, actions: list[Action]) -> None:
+        """A rerun of a task that had been skipped."""
+        self._uncount(i, self._skip)
+
+    def _uncount(self: "Scheduler", i: int, counter: array) -> None:
+        self._base[i] = self._attempt[i]
+        for dependent in self._dependents_of(i):
+            counter[dependent] -= 1
