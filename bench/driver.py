@@ -27,7 +27,7 @@ import redis
 
 from bench import tasks as bench_tasks
 from bench.procs import tree_cpu_seconds
-from bench.workloads import Dag, StreamedDag, chain, fanout, layered, sleeps, streamed_layered
+from bench.workloads import Dag, StreamedDag, chain, fanout, layered, mapped, sleeps, streamed_layered
 
 QUEUE = "bench"
 RESULT_TIMEOUT = 600
@@ -114,6 +114,8 @@ def make_dag(spec: dict[str, Any], streamed: bool = False) -> Dag | StreamedDag:
     kind = spec["kind"]
     if kind == "fanout":
         return fanout(spec.get("n", 500))
+    if kind == "map":
+        return mapped(spec.get("n", 10_000))
     if kind == "chain":
         return chain(spec.get("n", 200))
     if kind == "sleep":
@@ -202,8 +204,9 @@ class OrchDriver(Driver):
         from orchestrator import Task, Workflow
 
         wf = Workflow(f"bench-{dag.name}")
+        maps = getattr(dag, "maps", {})
         for name, deps, func, args in dag.entries():
-            wf.add_task(Task(name, getattr(bench_tasks, func), deps, args=args, queue=QUEUE))
+            wf.add_task(Task(name, getattr(bench_tasks, func), deps, args=args, queue=QUEUE, map_over=maps.get(name)))
         return wf
 
     def run(self, dag: Dag, tag: str) -> dict[str, Any]:
@@ -376,7 +379,7 @@ def measured(driver: Driver, dag: Dag, tag: str, counter: CommandCounter, worker
         commands["info"] = commands.get("info", 0) - 2  # the two INFO cpu
         commands = {name: n for name, n in commands.items() if n > 0}
     return {
-        "tasks": len(dag),
+        "tasks": getattr(dag, "jobs", 0) or len(dag),
         "wall_s": wall,
         "client_cpu_s": cpu,
         "workers_cpu_s": workers_cpu,

@@ -91,6 +91,10 @@ def workloads(size: str) -> list[Workload]:
         Workload("dag10k", "10,000-task layered DAG (100×100), 4 workers", "s", 4,
                  {"kind": "layered", "layers": 100, "width": 100}, False, _wall,
                  systems=("orch-lean", "dask")),
+        Workload("fan10k", "static fan-out root→10,000→join, 4 workers", "tasks/s", 4,
+                 {"kind": "fanout", "n": 10_000}, True, _tasks_per_s, systems=("orch-lean",)),
+        Workload("map10k", "mapped fan-out: root→.map() over 10,000 items→join, 4 workers", "tasks/s", 4,
+                 {"kind": "map", "n": 10_000}, True, _tasks_per_s, systems=("orch-lean",)),
     ]
 
 
@@ -394,6 +398,10 @@ def targets(results: dict[str, Any], scale: list[dict[str, Any]]) -> list[dict[s
         if "orch-rq" in results.get(workload, {}):
             at_least(f"RQ-compatible path: {what} vs raw RQ", "orch-rq", ratio(results, workload, "orch-rq", "rq"),
                      0.9, "≥ 0.9× raw RQ (within 10%)")
+    mapped, static = results.get("map10k", {}).get(lean), results.get("fan10k", {}).get(lean)
+    if mapped and static:
+        at_least("10k-item map throughput vs a static 10k fan-out", lean, mapped["median"] / static["median"], 0.8,
+                 "≥ 0.8× (within 20%)")
     big = [s for s in scale if s["tasks"] >= 100_000]
     if big:
         s = big[0]
@@ -452,7 +460,8 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
                         help="tiny sizes, one repeat, systems orch-lean,rq unless --systems: checks the suite works")
     parser.add_argument("--systems", default=None,
                         help="comma-separated, from: " + ",".join(SYSTEMS) + " (default: all installed)")
-    parser.add_argument("--workloads", default=None, help="comma-separated, from: fanout,chain,sleep,dag10k,scale")
+    parser.add_argument("--workloads", default=None,
+                        help="comma-separated, from: fanout,chain,sleep,dag10k,fan10k,map10k,scale")
     parser.add_argument("--with-100k", action="store_true", help="add the 100,000-task DAG to the scale workload")
     parser.add_argument("--no-interleave", action="store_true",
                         help="run all repeats of a system back to back (default: rounds, each system once a round)")

@@ -14,6 +14,11 @@ def noop(*args: Any, **kwargs: Any) -> None:
     return None
 
 
+def items(n: int) -> list[int]:
+    """The list a mapped task maps over (the map workload)."""
+    return list(range(n))
+
+
 def sleep_for(seconds: float, *args: Any) -> None:
     time.sleep(seconds)
     return None

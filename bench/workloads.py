@@ -23,6 +23,10 @@ class Dag:
     deps: dict[str, list[str]] = field(default_factory=dict)
     func: dict[str, str] = field(default_factory=dict)
     args: dict[str, tuple[Any, ...]] = field(default_factory=dict)
+    maps: dict[str, str] = field(default_factory=dict)
+    """Mapped tasks (only systems that expand tasks at run time run such a DAG): task -> upstream."""
+    jobs: int = 0
+    """Jobs a run dispatches, when it is not one per task (a mapped task dispatches its children)."""
 
     def add(self, name: str, deps: list[str] = (), func: str = "noop", args: tuple[Any, ...] = ()) -> None:  # type: ignore[assignment]
         self.order.append(name)
@@ -59,6 +63,18 @@ def fanout(n: int = 500) -> Dag:
     for i in range(n):
         dag.add(f"item{i}", ["root"])
     dag.add("join", [f"item{i}" for i in range(n)])
+    return dag
+
+
+def mapped(n: int = 10_000) -> Dag:
+    """root (returns ``list(range(n))``) -> a task mapped over it (n children at run time) -> join: the
+    dynamic counterpart of :func:`fanout`."""
+    dag = Dag("map")
+    dag.add("root", func="items", args=(n,))
+    dag.add("item", ["root"])
+    dag.maps["item"] = "root"
+    dag.add("join", ["item"])
+    dag.jobs = n + 2  # as many as fanout(n): root, the n children, join
     return dag
 
 
