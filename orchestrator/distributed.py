@@ -259,16 +259,10 @@ def resume_run(
     lease = Lease(connection, run_id, settings.lease_ttl)
     if not _acquire_within(lease, patience, on_wait):
         raise RunBusyError(run_id)
-    try:
+    with _released_on_error(lease):
         coordinator, tasks = restore_coordinator(connection, run_id, lease, settings=settings,
                                                  on_progress=on_progress, on_notice=on_notice)
         return coordinator.run(), tasks
-    except BaseException:
-        try:
-            lease.release()
-        except redis.RedisError:
-            pass
-        raise
 
 
 def retry_run(
@@ -307,7 +301,7 @@ def retry_run(
     rerun = coordinator.scheduler.rerun(tasks, time.time())  # refuses unknown names, nothing to rerun
     if not lease.acquire():
         raise RunStillRunningError(run_id)
-    try:
+    with _released_on_error(lease):
         finished_at = connection.hget(keys.run(run_id), "finished_at")
         if finished_at is None or finished_at.decode() != meta.get("finished_at"):
             raise RunStillRunningError(run_id)  # another retry reopened it meanwhile
@@ -316,6 +310,13 @@ def retry_run(
             lease.release()
             return RunState.RUNNING, loaded
         return coordinator.run(), loaded
+
+
+@contextlib.contextmanager
+def _released_on_error(lease: Lease) -> Iterator[None]:
+    """Give the run's lease up if driving it fails (Ctrl-C too), so another coordinator may take it at once."""
+    try:
+        yield
     except BaseException:
         try:
             lease.release()

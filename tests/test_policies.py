@@ -18,7 +18,7 @@ from orchestrator.trigger_rules import TriggerRule as R
 from shared.errors import Fail, Skip, TaskTimeout, class_refs
 from shared.events import RetryDue, TaskFailed, TaskSucceeded
 from shared.states import TERMINAL_STATES, FailureKind, RunState, TaskState
-from test_scheduler import Harness, Spec
+from test_scheduler import Harness, Spec, dags
 
 P, Q, S, F, K, W = (TaskState.PENDING, TaskState.QUEUED, TaskState.SUCCESS, TaskState.FAILURE,
                     TaskState.SKIPPED, TaskState.RETRYING)
@@ -204,19 +204,8 @@ def test_jitter_stays_within_its_bounds_and_the_cap_applies_first() -> None:
 
 
 # ----------------------------------------------------------------- properties
-@st.composite
-def ruled_dags(draw, max_nodes: int = 25):
-    n = draw(st.integers(1, max_nodes))
-    specs = []
-    for i in range(n):
-        deps = draw(st.lists(st.integers(0, i - 1), max_size=min(i, 3), unique=True)) if i else []
-        specs.append(Spec(f"t{i}", tuple(f"t{d}" for d in deps), max_retries=draw(st.integers(0, 2)),
-                          trigger_rule=draw(st.sampled_from(list(R)))))
-    return specs
-
-
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(specs=ruled_dags(), seed=st.integers(0, 2**32 - 1))
+@given(specs=dags(max_nodes=25, rules=True), seed=st.integers(0, 2**32 - 1))
 def test_random_rules_and_outcomes_keep_the_invariants(specs, seed) -> None:
     """Workers succeed, fail, skip, or raise Fail at random; every step keeps the scheduler's
     invariants (Harness), every task ends final, and no task dispatched more than its budget."""

@@ -491,7 +491,8 @@ def test_transition_table():
 
 
 @st.composite
-def dags(draw, max_nodes: int = 40):
+def dags(draw, max_nodes: int = 40, rules: bool = False):
+    """Random DAGs of Specs; with ``rules``, each task with a random trigger rule."""
     n = draw(st.integers(1, max_nodes))
     specs = []
     for i in range(n):
@@ -503,6 +504,7 @@ def dags(draw, max_nodes: int = 40):
                 max_retries=draw(st.integers(0, 3)),
                 retry_delay=draw(st.sampled_from([0.0, 0.5, 2.0])),
                 retry_backoff=draw(st.sampled_from([1.0, 2.0])),
+                trigger_rule=draw(st.sampled_from(list(TriggerRule))) if rules else TriggerRule.ALL_SUCCESS,
             )
         )
     return specs
