@@ -54,6 +54,13 @@ class Children:
             self._failed[task].append(child)
         return task if self._open[task] == 0 else None
 
+    def reopen(self, child: int, failed: bool) -> None:
+        """Undo :meth:`ended` for a child a rerun runs again."""
+        task = self.parent[child]
+        self._open[task] += 1
+        if failed:
+            self._failed[task].remove(child)
+
     def open(self, task: int) -> int:
         return self._open.get(task, 0)
 

@@ -41,11 +41,7 @@ class RerunMoves:
         rerun = self._downstream_closure(named | {i for i, state in enumerate(self._state) if state in _RERUN})
         if not rerun:
             raise NothingToRerunError()
-        expanded = [i for i in rerun if self._children.expanded(i) or i in self._children.parent]
-        if expanded:
-            task = self._names[self._children.parent.get(expanded[0], expanded[0])]
-            raise WorkflowError(f"a rerun from failure would run mapped task {task!r} again, which this version "
-                                "cannot do yet: submit the workflow again")
+        rerun = self._with_children(rerun, named)
         actions: list[Action] = [RunRerun(at)]
         self._finish_reported = False
         self.cancelled_by = self.cancelled_at = None
@@ -69,6 +65,21 @@ class RerunMoves:
                     stack.append(dependent)
         return sorted(seen)
 
+    def _with_children(self: "Scheduler", rerun: list[int], named: set[int]) -> list[int]:
+        """``rerun`` and the children of the expanded mapped tasks in it that run again: all of them for a
+        mapped task named, else those that failed or were cancelled (already in ``rerun``). A mapped task
+        whose upstream runs again would need a new expansion: refused (nothing changed yet)."""
+        out = set(rerun)
+        for task in [i for i in rerun if self._children.expanded(i)]:
+            upstream = next((d for d in self._specs[task].dependencies if self._index[d] in out), None)
+            if upstream is not None:
+                raise WorkflowError(f"a rerun of {upstream!r} would change the input of mapped task "
+                                    f"{self._names[task]!r}, which this version cannot expand again: rerun "
+                                    f"{self._names[task]!r} itself, or submit the workflow again")
+            if task in named:
+                out.update(self._children.of(task))
+        return sorted(out)
+
     def _reset(self: "Scheduler", i: int, at: float, actions: list[Action]) -> None:
         """A rerun from a failure or a cancel: a fresh attempt budget from the attempts made so far."""
         self._base[i] = self._attempt[i]
@@ -88,5 +99,8 @@ class RerunMoves:
 
     def _uncount(self: "Scheduler", i: int, counter: array) -> None:
         self._base[i] = self._attempt[i]
+        if i in self._children.parent:  # a child: its mapped task waits for it again
+            self._children.reopen(i, counter is self._bad)
+            return
         for dependent in self._dependents_of(i):
             counter[dependent] -= 1

@@ -362,7 +362,9 @@ class Scheduler(MapMoves, RerunMoves):
 
     def _queue(self, i: int, at: float, actions: list[Action]) -> None:
         self._attempt[i] += 1
-        if i in self._mapped:
+        if i in self._mapped and self._children.expanded(i):  # a rerun: its children run again, not a new map
+            self._move(i, R, at, actions, "its children run again")
+        elif i in self._mapped:
             actions.append(ExpandMap(self._names[i], self._attempt[i]))
         else:
             actions.append(Dispatch(self._names[i], self._attempt[i]))

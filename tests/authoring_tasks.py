@@ -200,3 +200,19 @@ def slow_square(x: int, marker_dir: str) -> int:
 @flow
 def slow_squares(n: int = 8, marker_dir: str = ""):
     total(slow_square.map(numbers(n), marker_dir=marker_dir))
+
+
+@task
+def checked_item(x: int, marker_dir: str) -> int:
+    """Fails for item 2 while ``marker_dir/bad`` exists; a marker line per run of each item."""
+    with open(Path(marker_dir) / f"square-{x}", "a") as f:
+        f.write("ran\n")
+    print(f"item {x}")
+    if x == 2 and (Path(marker_dir) / "bad").exists():
+        raise ValueError("item 2 is bad")
+    return x * 10
+
+
+@flow
+def checked(n: int = 4, marker_dir: str = ""):
+    total(checked_item.map(numbers(n), marker_dir=marker_dir))

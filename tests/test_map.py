@@ -18,8 +18,8 @@ from orchestrator import Task, Workflow, flow
 from orchestrator.cli import main
 from orchestrator.scheduler import Scheduler
 from shared import keys
-from shared.errors import FlowError
-from shared.events import MapExpanded, TaskSucceeded
+from shared.errors import FlowError, WorkflowError
+from shared.events import MapExpanded, TaskFailed, TaskSucceeded
 from shared.states import TaskState
 from shared.upstream import Mapped
 from fault_helpers import procs, run_id_from, wait_for  # noqa: F401  (procs: a fixture)
@@ -188,3 +188,68 @@ def test_a_coordinator_killed_mid_map_resumes_with_its_children(procs, mode, tmp
     assert json.loads(client.hget(keys.results(run_id), "total")) == sum(x * x for x in range(10))
     assert square_runs(marker_dir) == dict.fromkeys(range(10), 1), "a child ran twice, or not at all"
     assert json.loads(client.hget(keys.results(run_id), "slow_square")) == [x * x for x in range(10)]
+
+
+# ------------------------------------------------------------------ rerun from failure
+def test_a_rerun_runs_the_failed_children_again_and_keeps_the_others() -> None:
+    s = Scheduler([Spec("a"), Spec("m", ("a",), map_over=("a",)), Spec("z", ("m",))])
+    s.start(0.0)
+    s.handle(TaskSucceeded("a", 1, 1.0))
+    s.handle(MapExpanded("m", 1, 2.0, 3))
+    s.handle(TaskSucceeded("m[0]", 1, 3.0))
+    s.handle(TaskFailed("m[1]", 1, 3.0, "ValueError: x"))
+    s.handle(TaskSucceeded("m[2]", 1, 3.0))
+    assert s.state("m") is TaskState.FAILURE and s.state("z") is TaskState.FAILURE and s.finished
+    out = s.rerun((), 4.0)
+    s.validate_state()
+    assert [a.task for a in out if type(a).__name__ == "Dispatch"] == ["m[1]"]
+    assert not [a for a in out if type(a).__name__ == "ExpandMap"]
+    assert s.state("m") is TaskState.RUNNING and s.state("m[0]") is TaskState.SUCCESS
+    s.handle(TaskSucceeded("m[1]", 2, 5.0))
+    assert s.state("m") is TaskState.SUCCESS and s.state("z") is TaskState.QUEUED
+    s.validate_state()
+
+
+def test_naming_a_mapped_task_reruns_all_its_children_and_naming_its_upstream_is_refused() -> None:
+    s = Scheduler([Spec("a"), Spec("m", ("a",), map_over=("a",))])
+    s.start(0.0)
+    s.handle(TaskSucceeded("a", 1, 1.0))
+    s.handle(MapExpanded("m", 1, 2.0, 2))
+    s.handle(TaskSucceeded("m[0]", 1, 3.0))
+    s.handle(TaskSucceeded("m[1]", 1, 3.0))
+    with pytest.raises(WorkflowError, match=r"a rerun of 'a' would change the input of mapped task 'm'"):
+        s.rerun(["a"], 4.0)
+    assert s.state("a") is TaskState.SUCCESS and s.finished  # nothing changed
+    out = s.rerun(["m"], 4.0)
+    assert [a.task for a in out if type(a).__name__ == "Dispatch"] == ["m[0]", "m[1]"]
+    s.validate_state()
+
+
+def test_an_embedded_rerun_of_a_map_runs_only_the_failed_item_again(tmp_path) -> None:
+    (tmp_path / "bad").write_text("")
+    results = at.checked.run(n=4, marker_dir=str(tmp_path))
+    workflow = at.checked.last_workflow
+    assert workflow.get_task("checked_item").state is TaskState.FAILURE and "total" not in results
+    (tmp_path / "bad").unlink()
+    results = workflow.retry()
+    assert results["checked_item"] == [0, 10, 20, 30] and results["total"] == 60
+    assert square_runs(tmp_path) == {0: 1, 1: 1, 2: 2, 3: 1}
+    assert "ValueError: item 2 is bad" in workflow.task_log("checked_item[2]", 1)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_orch_retry_of_a_map_runs_only_the_failed_item_again(redis_server, orch_workers, tmp_path) -> None:
+    orch_workers(2)
+    (tmp_path / "bad").write_text("")
+    at.checked.run(n=4, marker_dir=str(tmp_path), redis_url=redis_server.url)
+    run_id = at.checked.last_workflow.last_run_id
+    (tmp_path / "bad").unlink()
+    retried = CliRunner().invoke(main, ["retry", run_id, "-q", "--redis-url", redis_server.url])
+    assert retried.exit_code == 0, retried.output
+    assert square_runs(tmp_path) == {0: 1, 1: 1, 2: 2, 3: 1}
+    client = redis_server.client()
+    assert json.loads(client.hget(keys.results(run_id), "total")) == 60
+    logs = CliRunner().invoke(main, ["logs", run_id, "checked_item[2]", "--attempt", "1", "--redis-url",
+                                     redis_server.url])
+    assert logs.exit_code == 0 and "item 2" in logs.output and "ValueError: item 2 is bad" in logs.output
