@@ -224,3 +224,7 @@ def class_refs(cls: type) -> tuple[str, ...]:
 class MapError(WorkflowError):
     """A mapped task whose input cannot be mapped: not a list, lists of different lengths, too long.
     The mapped task fails for good with it (the input will not change by retrying)."""
+
+
+class ScheduleError(DefinitionError):
+    """A schedule that cannot be: a bad cron expression, interval, time zone or policy."""

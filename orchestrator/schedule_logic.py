@@ -1,0 +1,193 @@
+"""The pure schedule logic: when a schedule fires, and what becomes of each tick.
+
+Everything here takes the time as an argument and does no I/O, so it is tested
+over years of ticks with fixed dates and no sleeping; the coordinator service
+only claims ticks, records them and submits runs.
+
+- Cron expressions (5 fields, or 6 with seconds first) are evaluated in an IANA
+  time zone by ``cronsim``, which follows Debian cron across daylight-saving
+  changes: a local time that does not exist (spring forward) fires once, at the
+  first valid instant after it; one that occurs twice (fall back) fires once, at
+  its first occurrence. Interval schedules count real seconds from their start,
+  so DST does not touch them.
+- Ticks missed while no coordinator ran are decided by the catch-up policy
+  (``latest``, ``all`` up to ``max_catchup``, ``none``) and the grace period.
+- A tick that comes while the previous run still goes is decided by the overlap
+  policy (Temporal's words: skip, buffer one, allow all, cancel other).
+"""
+from __future__ import annotations
+
+import enum
+import hashlib
+import re
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Iterator, Optional
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from cronsim import CronSim, CronSimError
+
+from shared.errors import ScheduleError
+
+MIN_INTERVAL = 1.0
+MAX_GRACE = 3600.0
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+_EPOCH = datetime(2000, 1, 1, tzinfo=timezone.utc)
+_EVERY = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd])\s*$")
+
+
+class Overlap(str, enum.Enum):
+    SKIP = "skip"      # the tick is recorded as skipped
+    QUEUE = "queue"    # at most one tick waits, started when the previous run ends
+    ALLOW = "allow"    # runs overlap
+    CANCEL = "cancel"  # the running one is cancelled, then the tick starts
+
+
+class Catchup(str, enum.Enum):
+    LATEST = "latest"  # one run, for the most recent missed tick
+    ALL = "all"        # every missed tick in order, at most max_catchup (the most recent ones)
+    NONE = "none"      # missed ticks are only recorded
+
+
+class TickAction(str, enum.Enum):
+    FIRE = "fire"
+    SKIP = "skip"
+    QUEUE = "queue"
+    CANCEL_AND_FIRE = "cancel_and_fire"
+
+
+def parse_every(text: str) -> float:
+    """``"30s"``, ``"15m"``, ``"1h"``, ``"2d"`` as seconds (at least 1 s)."""
+    match = _EVERY.match(text) if isinstance(text, str) else None
+    if not match:
+        raise ScheduleError(f"interval {text!r} is not a number with a unit s, m, h or d (e.g. 30s, 15m, 1h)")
+    seconds = float(match.group(1)) * _UNITS[match.group(2)]
+    if seconds < MIN_INTERVAL:
+        raise ScheduleError(f"interval {text!r} is shorter than {MIN_INTERVAL:g} s")
+    return seconds
+
+
+def zone(name: str) -> ZoneInfo:
+    try:
+        return ZoneInfo(name)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise ScheduleError(f"unknown time zone {name!r} (give an IANA name such as Europe/Paris or UTC)") from None
+
+
+@dataclass(frozen=True)
+class Timing:
+    """When a schedule fires: a cron expression in a zone, or an interval in seconds; ``start`` and
+    ``end`` (epoch seconds) bound it; ``jitter`` (seconds) spreads each tick's fire time."""
+
+    cron: Optional[str] = None
+    tz: str = "UTC"
+    every: Optional[float] = None
+    start: float = 0.0
+    end: Optional[float] = None
+    jitter: float = 0.0
+
+    def __post_init__(self) -> None:
+        if (self.cron is None) == (self.every is None):
+            raise ScheduleError("a schedule needs a cron expression or an interval (--cron or --every), not both")
+        if self.every is not None and self.every < MIN_INTERVAL:
+            raise ScheduleError(f"interval {self.every:g} s is shorter than {MIN_INTERVAL:g} s")
+        if self.jitter < 0:
+            raise ScheduleError("jitter cannot be negative")
+        zone(self.tz)
+        if self.cron is not None:
+            try:
+                CronSim(self.cron, _EPOCH)
+            except CronSimError as exc:
+                raise ScheduleError(f"cron expression {self.cron!r}: {exc}") from None
+            if len(self.cron.split()) not in (5, 6):
+                raise ScheduleError(f"cron expression {self.cron!r} has {len(self.cron.split())} fields, not 5 (or 6)")
+
+    def ticks(self, after: float) -> Iterator[float]:
+        """The ticks strictly after ``after`` (epoch seconds), in order, up to ``end``."""
+        after = max(after, self.start - 1e-6)
+        if self.every is not None:
+            k = int((after - self.start) // self.every) + 1
+            while True:
+                tick = self.start + k * self.every
+                if self.end is not None and tick > self.end:
+                    return
+                yield tick
+                k += 1
+        tz = zone(self.tz)
+        for moment in CronSim(self.cron, datetime.fromtimestamp(after, tz)):  # type: ignore[arg-type]
+            tick = moment.timestamp()
+            if tick <= after or datetime.fromtimestamp(tick, tz).fold:
+                continue  # fold: the second occurrence of a local time (fall back), which fired at the first
+            if self.end is not None and tick > self.end:
+                return
+            yield tick
+
+    def next_tick(self, after: float) -> Optional[float]:
+        return next(self.ticks(after), None)
+
+    def between(self, after: float, until: float) -> list[float]:
+        """The ticks in ``(after, until]``."""
+        out = []
+        for tick in self.ticks(after):
+            if tick > until:
+                break
+            out.append(tick)
+        return out
+
+    def grace(self) -> float:
+        """How late a tick may fire and still count as on time: the interval (a cron's, its typical gap),
+        at most one hour."""
+        if self.every is not None:
+            return min(self.every, MAX_GRACE)
+        first = self.next_tick(self.start or 0.0) or 0.0
+        second = self.next_tick(first) or first + MAX_GRACE
+        return min(max(second - first, MIN_INTERVAL), MAX_GRACE)
+
+
+def fire_at(name: str, tick: float, jitter: float) -> float:
+    """When tick ``tick`` of schedule ``name`` fires: the tick plus a pseudo-random offset in
+    ``[0, jitter)`` that is the same every time it is asked (any coordinator computes the same)."""
+    if jitter <= 0:
+        return tick
+    digest = hashlib.sha256(f"{name}\0{tick!r}".encode()).digest()
+    return tick + jitter * (int.from_bytes(digest[:8], "big") / 2**64)
+
+
+@dataclass(frozen=True)
+class DueTicks:
+    """What to do with the ticks that came since the last one handled: fire these, record those as missed."""
+
+    fire: list[float]
+    missed: list[float]
+
+
+def due_ticks(timing: Timing, last: float, now: float, catchup: Catchup = Catchup.LATEST,
+              max_catchup: int = 100, grace: Optional[float] = None) -> DueTicks:
+    """The ticks in ``(last, now]``: those within ``grace`` of ``now`` fire; the late ones (a downtime)
+    fire or are missed by the catch-up policy."""
+    grace = timing.grace() if grace is None else grace
+    ticks = timing.between(last, now)
+    on_time = [tick for tick in ticks if now - tick <= grace]
+    late = [tick for tick in ticks if now - tick > grace]
+    if not late:
+        return DueTicks(on_time, [])
+    if catchup is Catchup.NONE:
+        return DueTicks(on_time, late)
+    if catchup is Catchup.LATEST:
+        if on_time:
+            return DueTicks(on_time, late)
+        return DueTicks(late[-1:], late[:-1])
+    kept = late[-max_catchup:] if max_catchup > 0 else []
+    return DueTicks(kept + on_time, late[:len(late) - len(kept)])
+
+
+def on_tick(overlap: Overlap, previous_running: bool, tick_waiting: bool) -> TickAction:
+    """What a tick does given the schedule's previous run (still going or not) and whether a tick
+    already waits for it (``queue`` keeps at most one)."""
+    if not previous_running or overlap is Overlap.ALLOW:
+        return TickAction.FIRE
+    if overlap is Overlap.CANCEL:
+        return TickAction.CANCEL_AND_FIRE
+    if overlap is Overlap.QUEUE and not tick_waiting:
+        return TickAction.QUEUE
+    return TickAction.SKIP

@@ -1,0 +1,155 @@
+"""The pure schedule logic (orchestrator/schedule_logic.py) over fixed dates: cron in zones across
+daylight-saving changes both ways, intervals, catch-up, grace, overlap and jitter. No clock, no sleep."""
+from __future__ import annotations
+
+from collections import Counter
+from datetime import datetime, timedelta, timezone
+from zoneinfo import ZoneInfo
+
+import pytest
+
+from orchestrator.schedule_logic import (Catchup, Overlap, TickAction, Timing, due_ticks, fire_at, on_tick,
+                                         parse_every)
+from shared.errors import ScheduleError
+
+PARIS, NEW_YORK = ZoneInfo("Europe/Paris"), ZoneInfo("America/New_York")
+
+
+def at(zone, *fields) -> float:
+    return datetime(*fields, tzinfo=zone).timestamp()
+
+
+def local(tick: float, zone) -> str:
+    return datetime.fromtimestamp(tick, zone).strftime("%Y-%m-%d %H:%M %z")
+
+
+def first_ticks(timing: Timing, after: float, n: int) -> list[float]:
+    out, ticks = [], timing.ticks(after)
+    for _ in range(n):
+        out.append(next(ticks))
+    return out
+
+
+def test_a_daily_cron_fires_at_its_local_time_in_its_zone() -> None:
+    timing = Timing(cron="30 2 * * *", tz="Europe/Paris")
+    ticks = first_ticks(timing, at(PARIS, 2026, 1, 10, 12, 0), 3)
+    assert [local(t, PARIS) for t in ticks] == ["2026-01-11 02:30 +0100", "2026-01-12 02:30 +0100",
+                                                 "2026-01-13 02:30 +0100"]
+
+
+@pytest.mark.parametrize("zone, name, day", [(PARIS, "Europe/Paris", (2026, 3, 29)),
+                                             (NEW_YORK, "America/New_York", (2026, 3, 8))])
+def test_spring_forward_a_time_that_does_not_exist_fires_once_at_the_next_valid_instant(zone, name, day) -> None:
+    timing = Timing(cron="30 2 * * *", tz=name)
+    ticks = first_ticks(timing, at(zone, *day, 0, 0) - 86400, 3)
+    shown = [local(t, zone) for t in ticks]
+    assert shown[1].startswith(f"{day[0]}-{day[1]:02d}-{day[2]:02d} 03:00")  # 02:30 does not exist that day
+    assert shown[0].endswith("02:30 " + shown[0][-5:]) and shown[2].split()[1] == "02:30"
+    assert len(set(t // 86400 for t in ticks)) == 3
+
+
+@pytest.mark.parametrize("zone, name, day", [(PARIS, "Europe/Paris", (2026, 10, 25)),
+                                             (NEW_YORK, "America/New_York", (2026, 11, 1))])
+def test_fall_back_a_time_that_occurs_twice_fires_once_at_its_first_occurrence(zone, name, day) -> None:
+    hour = 2 if zone is PARIS else 1
+    timing = Timing(cron=f"30 {hour} * * *", tz=name)
+    ticks = timing.between(at(zone, *day, 0, 0), at(zone, *day, 23, 0))
+    assert len(ticks) == 1
+    moment = datetime.fromtimestamp(ticks[0], zone)
+    assert (moment.hour, moment.minute, moment.fold) == (hour, 30, 0)
+    assert moment.utcoffset() == (timedelta(hours=2) if zone is PARIS else timedelta(hours=-4))  # summer time
+
+
+def test_an_hourly_cron_counts_23_and_24_ticks_on_the_days_the_clock_changes() -> None:
+    timing = Timing(cron="0 * * * *", tz="Europe/Paris")
+    spring = timing.between(at(PARIS, 2026, 3, 29, 0, 0) - 1, at(PARIS, 2026, 3, 29, 23, 59))
+    fall = timing.between(at(PARIS, 2026, 10, 25, 0, 0) - 1, at(PARIS, 2026, 10, 25, 23, 59))
+    assert len(spring) == 23 and len(fall) == 24  # 02:00 does not exist, then occurs twice but fires once
+    assert sorted(Counter(local(t, PARIS)[11:16] for t in fall).values()) == [1] * 24
+
+
+def test_three_years_of_a_daily_cron_fire_once_a_day_never_twice() -> None:
+    timing = Timing(cron="15 2 * * *", tz="America/New_York")
+    start = at(NEW_YORK, 2025, 1, 1, 0, 0)
+    ticks = timing.between(start, start + 3 * 365 * 86400)
+    days = Counter(datetime.fromtimestamp(t, NEW_YORK).date() for t in ticks)
+    assert len(ticks) == 3 * 365 and set(days.values()) == {1}
+    assert all(b > a for a, b in zip(ticks, ticks[1:]))
+
+
+def test_an_interval_counts_real_seconds_across_dst() -> None:
+    start = at(PARIS, 2026, 3, 29, 0, 0)
+    timing = Timing(every=3600, start=start)
+    ticks = timing.between(start, start + 24 * 3600)
+    assert len(ticks) == 24 and all(b - a == 3600 for a, b in zip(ticks, ticks[1:]))
+    assert timing.next_tick(start + 10) == start + 3600
+
+
+def test_six_field_cron_has_seconds_and_start_and_end_bound_the_ticks() -> None:
+    utc = timezone.utc
+    timing = Timing(cron="*/20 * * * * *", start=at(utc, 2026, 1, 1, 0, 0), end=at(utc, 2026, 1, 1, 0, 1))
+    ticks = timing.between(0, 2e9)
+    assert [t - at(utc, 2026, 1, 1, 0, 0) for t in ticks] == [0, 20, 40, 60]  # start and end inclusive
+
+
+@pytest.mark.parametrize("text, seconds", [("30s", 30), ("15m", 900), ("1h", 3600), ("2d", 172800), ("1.5s", 1.5)])
+def test_intervals_parse(text, seconds) -> None:
+    assert parse_every(text) == seconds
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"cron": "61 * * * *"}, "cron expression '61 * * * *'"),
+    ({"cron": "* * *"}, "cron expression"),
+    ({"every": 0.5}, "shorter than 1 s"),
+    ({"cron": "* * * * *", "tz": "Mars/Olympus"}, "unknown time zone 'Mars/Olympus'"),
+    ({}, "needs a cron expression or an interval"),
+    ({"cron": "* * * * *", "every": 5}, "not both"),
+])
+def test_bad_schedules_are_refused_naming_what_to_fix(kwargs, message) -> None:
+    with pytest.raises(ScheduleError, match=message.replace("*", r"\*").replace("(", r"\(")):
+        Timing(**kwargs)
+    with pytest.raises(ScheduleError, match="not a number with a unit"):
+        parse_every("often")
+
+
+def test_on_time_ticks_fire_and_a_downtime_is_caught_up_by_policy() -> None:
+    timing = Timing(every=60, start=0.0)
+    assert due_ticks(timing, last=0, now=125) == due_ticks(timing, 0, 125, Catchup.LATEST)
+    # 10 ticks missed while no coordinator ran (grace 30 s)
+    late = [60.0 * k for k in range(1, 11)]
+    now = 640
+    assert due_ticks(timing, 0, now, Catchup.LATEST, grace=30).fire == [600.0]
+    assert due_ticks(timing, 0, now, Catchup.LATEST, grace=30).missed == late[:-1]
+    none = due_ticks(timing, 0, now, Catchup.NONE, grace=30)
+    assert none.fire == [] and none.missed == late
+    caught = due_ticks(timing, 0, now, Catchup.ALL, max_catchup=4, grace=30)
+    assert caught.fire == late[-4:] and caught.missed == late[:-4]
+    on_time = due_ticks(timing, 0, 620, Catchup.NONE, grace=30)  # 600 is 20 s late: within the grace, it fires
+    assert on_time.fire == [600.0] and on_time.missed == late[:-1]
+
+
+def test_grace_is_the_interval_at_most_an_hour() -> None:
+    assert Timing(every=30).grace() == 30
+    assert Timing(every=7200).grace() == 3600
+    assert Timing(cron="*/5 * * * *").grace() == 300
+    assert Timing(cron="0 3 * * *").grace() == 3600
+
+
+@pytest.mark.parametrize("overlap, running, waiting, action", [
+    (Overlap.SKIP, False, False, TickAction.FIRE),
+    (Overlap.SKIP, True, False, TickAction.SKIP),
+    (Overlap.QUEUE, True, False, TickAction.QUEUE),
+    (Overlap.QUEUE, True, True, TickAction.SKIP),
+    (Overlap.ALLOW, True, True, TickAction.FIRE),
+    (Overlap.CANCEL, True, False, TickAction.CANCEL_AND_FIRE),
+    (Overlap.CANCEL, False, False, TickAction.FIRE),
+])
+def test_overlap_policies(overlap, running, waiting, action) -> None:
+    assert on_tick(overlap, running, waiting) is action
+
+
+def test_jitter_is_deterministic_within_bounds_and_spreads_schedules() -> None:
+    offsets = [fire_at(f"job-{k}", 1000.0, 30.0) - 1000.0 for k in range(500)]
+    assert all(0 <= offset < 30 for offset in offsets) and max(offsets) - min(offsets) > 25
+    assert fire_at("job-1", 1000.0, 30.0) == fire_at("job-1", 1000.0, 30.0)
+    assert fire_at("job-1", 1000.0, 0.0) == 1000.0
