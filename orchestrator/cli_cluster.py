@@ -25,6 +25,7 @@ from orchestrator.run_views import find_runs, run_summary, status_document, wait
 from orchestrator.workflow import Workflow
 from shared import keys
 from shared.allow import Allowlist, worker_allowlist
+from shared.signing import Signer, configured_signer
 from shared.config import Settings
 from shared.connection import connect
 from shared.states import RunState
@@ -95,6 +96,8 @@ def worker(options: CliOptions, queues: str, concurrency: int, burst: bool, path
         click.echo(f"warning: {allowlist.startup_warning()}", err=True)
     else:
         click.echo(f"allowed task modules: {allowlist.describe()}", err=True)
+    if configured_signer() is not None:
+        click.echo("signed jobs only (ORCH_SIGNING_KEY): unsigned or wrongly signed jobs are refused", err=True)
     if mode == "lean":
         from worker.lean import LeanWorker
 
@@ -117,6 +120,7 @@ def coordinator(options: CliOptions, poll: float) -> None:
     Run one or more: a lease makes exactly one drive each run.
     """
     connection = _redis(options, "coordinator")
+    Signer.from_environment()  # a bad key setting: one error line now, not one per run adopted
     logging.basicConfig(level="INFO", format="%(asctime)s %(name)s %(levelname)s %(message)s")
     click.echo(f"orch coordinator on {socket.gethostname()} (pid {os.getpid()}) watching for runs", err=True)
     try:

@@ -22,6 +22,7 @@ from orchestrator.task import Task
 from shared import codec, keys
 from shared.errors import CorruptRunError, RunNotFoundError, WorkflowError
 from shared.messages import cancel_fields
+from shared.signing import Signer
 from shared.states import RunState, TaskState
 
 
@@ -74,10 +75,11 @@ def create_run(connection: redis.Redis, run_id: str, workflow: str, spec: RunSpe
 
 
 def request_cancel(connection: redis.Redis, run_id: str, by: str) -> None:
-    """Ask the run's coordinator to cancel it; it wakes on the stream entry at once."""
+    """Ask the run's coordinator to cancel it; it wakes on the stream entry at once. Signed with this
+    process's key when signing is on (a coordinator with a key ignores unsigned requests)."""
     if not connection.exists(keys.run(run_id)):
         raise RunNotFoundError(run_id)
-    connection.xadd(keys.events(run_id), cancel_fields(by))
+    connection.xadd(keys.events(run_id), cancel_fields(by, run_id, Signer.from_environment()))
 
 
 def load_tasks(connection: redis.Redis, run_id: str, with_results: bool = True

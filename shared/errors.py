@@ -139,3 +139,13 @@ class TaskRefused(WorkflowError):
     def __init__(self, ref: str, worker: str, why: str) -> None:
         self.ref, self.worker, self.why = ref, worker, why
         super().__init__(f"{ref!r} is not allowed on worker {worker} ({why})")
+
+
+class SigningKeyError(WorkflowError, ValueError):
+    """The signing key setting (``ORCH_SIGNING_KEY`` / ``ORCH_SIGNING_KEY_FILE``) is unusable; the
+    message names the setting to fix."""
+
+
+class LimitExceededError(WorkflowError, ValueError):
+    """A submission goes past one of the limits against a hostile or careless submitter
+    (``ORCH_MAX_PAYLOAD_BYTES``, ``ORCH_MAX_TASKS``); nothing was written."""

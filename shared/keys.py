@@ -34,7 +34,10 @@ key                             type    contents
 ``orch:stop`` (pub/sub)         channel lean mode: "stop this attempt" requests (cancellation)
 ==============================  ======  ==================================================
 
-All keys of a run get the run's retention as TTL when the run finishes.
+All keys of a run get the run's retention as TTL when the run finishes. A run's event stream
+that a worker writes while the run has no record (a forged job's made-up run, or a report that
+comes after the run's retention) gets :data:`ORPHAN_TTL` instead (``shared.messages.REPORT_LUA``),
+so that nothing a forged entry makes a worker write stays forever.
 """
 from __future__ import annotations
 
@@ -44,6 +47,8 @@ ACTIVE = f"{PREFIX}:active"
 STOP_CHANNEL = f"{PREFIX}:stop"
 LEAN_WORKERS = f"{PREFIX}:lean-workers"
 WORKERS = f"{PREFIX}:workers"
+ORPHAN_TTL = 24 * 3600
+"""Seconds the event stream of a run with no record lives (see the table above)."""
 
 
 def run(run_id: str) -> str:

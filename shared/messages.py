@@ -11,7 +11,9 @@ import sys
 from dataclasses import dataclass
 from typing import Mapping, Optional
 
+from shared import keys
 from shared.errors import SerializationError
+from shared.signing import Signer, sign_fields
 from shared.states import FailureKind
 
 STARTED = "started"
@@ -19,11 +21,38 @@ SUCCEEDED = "succeeded"
 FAILED = "failed"
 CANCEL = "cancel"
 _KINDS = {STARTED, SUCCEEDED, FAILED}
+OUTCOME_KIND = "outcome"
+"""What an outcome's signature says it signs (:meth:`~shared.signing.Signer.sign`)."""
+CANCEL_KIND = "cancel"
+"""What a cancel request's signature says it signs (its attempt is 0)."""
 
 
-def cancel_fields(by: str) -> dict[str, str]:
-    """A stream entry asking the run's coordinator to cancel the run."""
-    return {"status": CANCEL, "by": by}
+REPORT_LUA = f"""
+local function report(stream, fields, first, last)
+  redis.call('XADD', stream, '*', unpack(fields, first, last))
+  if redis.call('EXISTS', string.sub(stream, 1, -{len(keys.events('')) - len(keys.run('')) + 1})) == 0 then
+    redis.call('EXPIRE', stream, {keys.ORPHAN_TTL})
+  end
+end
+"""
+"""A Lua function every script that reports to a run's event stream uses: ``XADD`` of
+``fields[first..last]``, and the stream of a run with no record (``orch:run:{{id}}`` missing: a
+forged job's, or a report after the run's retention) gets :data:`~shared.keys.ORPHAN_TTL`."""
+
+REPORT_SCRIPT = REPORT_LUA + "report(KEYS[1], ARGV, 1, #ARGV)\n"
+"""One report as a script of its own: ``EVAL REPORT_SCRIPT 1 <stream> <field> <value> ...``. Sent
+as ``EVAL`` (Redis caches it by its SHA1), so that it joins a transaction with no round trip to
+load it."""
+
+
+def report_command(outcome_fields: dict[str, bytes | str], run_id: str) -> list[bytes | str]:
+    """The arguments of the command that reports ``outcome_fields`` to run ``run_id``'s stream."""
+    return ["EVAL", REPORT_SCRIPT, "1", keys.events(run_id), *(x for pair in outcome_fields.items() for x in pair)]
+
+
+def cancel_fields(by: str, run_id: str = "", signer: Optional[Signer] = None) -> dict[str, bytes | str]:
+    """A stream entry asking the coordinator of run ``run_id`` to cancel it (signed by ``signer``)."""
+    return sign_fields(signer, CANCEL_KIND, run_id, 0, {"status": CANCEL, "by": by})
 
 
 def cancel_requester(raw: Mapping[bytes | str, bytes | str]) -> Optional[str]:
@@ -62,7 +91,8 @@ class Outcome:
     started_at: Optional[float] = None
     log: Optional[str] = None
 
-    def to_fields(self) -> dict[str, bytes | str]:
+    def to_fields(self, signer: Optional[Signer] = None) -> dict[str, bytes | str]:
+        """The stream entry's fields, signed by ``signer`` if given."""
         fields: dict[str, bytes | str] = {
             "run": self.run_id,
             "task": self.task,
@@ -80,7 +110,7 @@ class Outcome:
             "log": self.log,
         }
         fields.update({k: v for k, v in optional.items() if v is not None})
-        return fields
+        return sign_fields(signer, OUTCOME_KIND, self.run_id, self.attempt, fields)
 
     @classmethod
     def from_fields(cls, raw: Mapping[bytes | str, bytes | str]) -> "Outcome":

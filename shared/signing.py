@@ -14,17 +14,16 @@ first); ``ORCH_SIGNING_KEY_FILE`` names a file with one key per line.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 import os
 from typing import Mapping, Optional, Sequence
 
+from shared.errors import SigningKeyError
+
 SIGNATURE_CHARS = 64
 """Length of a signature: SHA-256 in hex."""
-
-
-class SigningKeyError(ValueError):
-    """The signing key setting is unusable; the message names the setting to fix."""
 
 
 class Signer:
@@ -74,15 +73,49 @@ class Signer:
                    for key in self._keys)
 
 
-def fields_bytes(fields: Mapping[str, bytes | str], *, leave_out: str = "sig") -> bytes:
+SIGNATURE_FIELD = "sig"
+"""The field of a stream entry (an outcome, a cancel request) that holds its signature."""
+
+
+@functools.cache
+def configured_signer() -> Optional[Signer]:
+    """This worker process's signer (``None``: signing is off), read once from its settings (the
+    ``orch worker`` command reads it before any work process or work horse starts, so that a bad
+    key is one ``error:`` line at start, and they all share it)."""
+    return Signer.from_environment()
+
+
+def _raw(text: bytes | str) -> bytes:
+    return text if isinstance(text, bytes) else str(text).encode("utf-8", "surrogatepass")
+
+
+def fields_bytes(fields: Mapping[bytes | str, bytes | str], *, leave_out: str = SIGNATURE_FIELD) -> bytes:
     """A stream entry's fields as bytes, in a fixed order, each length-prefixed: what an outcome's
-    signature covers (every field but the signature itself)."""
+    signature covers (every field but the signature itself). The same bytes whether the names and
+    values are ``str`` (as a worker writes them) or ``bytes`` (as a coordinator reads them back)."""
+    pairs = sorted((_raw(name), _raw(value)) for name, value in fields.items())
+    skip = leave_out.encode()
     out = bytearray()
-    for name in sorted(fields):
-        if name == leave_out:
+    for raw_name, raw_value in pairs:
+        if raw_name == skip:
             continue
-        value = fields[name]
-        raw_value = value if isinstance(value, bytes) else str(value).encode("utf-8", "surrogatepass")
-        raw_name = name.encode()
         out += len(raw_name).to_bytes(4, "big") + raw_name + len(raw_value).to_bytes(4, "big") + raw_value
     return bytes(out)
+
+
+def sign_fields(signer: Optional[Signer], kind: str, run_id: str, attempt: int,
+                fields: dict[str, bytes | str]) -> dict[str, bytes | str]:
+    """``fields`` with their signature added (unchanged when ``signer`` is ``None``)."""
+    if signer is not None:
+        fields[SIGNATURE_FIELD] = signer.sign(kind, run_id, attempt, fields_bytes(fields))
+    return fields
+
+
+def fields_verified(signer: Signer, kind: str, run_id: str, attempt: int,
+                    raw: Mapping[bytes | str, bytes | str]) -> bool:
+    """Whether ``raw`` (a stream entry as read back) carries a good signature of ``kind`` for
+    ``run_id`` and ``attempt``."""
+    signature = raw.get(SIGNATURE_FIELD.encode(), raw.get(SIGNATURE_FIELD))
+    if isinstance(signature, bytes):
+        signature = signature.decode("ascii", "replace")
+    return signer.verify(kind, run_id, attempt, fields_bytes(raw), signature)

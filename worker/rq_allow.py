@@ -8,15 +8,25 @@ first: a refused name raises :class:`~shared.errors.TaskRefused` in the work
 horse, which RQ files as the job's failure; the worker goes on serving. orch's
 own job function is let through: the task it names is checked by
 :func:`worker.rq_job.attempt_outcome` the same way, before its import.
+
+A job whose data is longer than a job entry may be (:func:`shared.config.max_job_entry_bytes`),
+stored or once decompressed (a small zlib "bomb" may expand a thousandfold), is not read: the
+worker drops it with one log line, as RQ drops a job whose hash is gone.
 """
 from __future__ import annotations
 
+import logging
+import zlib
 from typing import Any, Optional
 
+from rq.exceptions import NoSuchJobError
 from rq.job import Job
 
 from shared.allow import worker_allowlist
+from shared.config import max_job_entry_bytes
 from shared.jobs import JOB_FUNCTION
+
+log = logging.getLogger("orch.worker")
 
 
 def _check(name: Optional[str], job: Job) -> None:
@@ -33,8 +43,35 @@ def _checked(name_attribute: str, callback: property) -> property:
     return property(get)
 
 
+def _oversized(raw: Any, limit: int) -> Optional[str]:
+    """Why job data ``raw`` (as stored, maybe zlib-compressed) is not to be read, or ``None``."""
+    if not isinstance(raw, (bytes, str)):
+        return None
+    if len(raw) > limit:
+        return f"its data is {len(raw)} bytes"
+    if isinstance(raw, bytes):
+        try:
+            inflater = zlib.decompressobj()
+            inflater.decompress(raw, limit + 1)
+            if inflater.unconsumed_tail:
+                return f"its data expands past {limit} bytes"
+        except zlib.error:
+            pass  # stored uncompressed: its length was checked
+    return None
+
+
 class CheckedJob(Job):
-    """A :class:`rq.job.Job` that imports nothing its worker does not allow."""
+    """A :class:`rq.job.Job` that imports nothing its worker does not allow, and reads no job data
+    longer than a job entry may be."""
+
+    def restore(self, raw_data: Any) -> Any:
+        limit = max_job_entry_bytes()
+        why = _oversized(raw_data.get(b"data", raw_data.get("data")), limit)
+        if why is not None:
+            log.error("dropped job %s unread: %s, over this worker's limit of %d bytes (ORCH_MAX_PAYLOAD_BYTES)",
+                      self.id, why, limit)
+            raise NoSuchJobError(f"job {self.id} is over the size limit")
+        return super().restore(raw_data)
 
     @property
     def func(self) -> Any:

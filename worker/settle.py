@@ -20,8 +20,10 @@ from typing import Optional
 import redis
 
 from shared import keys
-from shared.jobs import MalformedJob, parse_job_message
-from shared.messages import FAILED, STARTED, Outcome
+from shared.config import max_job_entry_bytes
+from shared.jobs import JobRefused, MalformedJob, parse_job_message
+from shared.messages import FAILED, REPORT_LUA, STARTED, Outcome
+from shared.signing import configured_signer
 from shared.states import FailureKind
 from worker.execute import death_error, timeout_error
 from worker.slot_record import Snapshot, State, attempt_id
@@ -32,7 +34,7 @@ START_REPORT_DELAY = 0.05
 """Seconds an attempt taken while the worker was idle may run before the parent reports its start
 (a shorter one has its start reported with its outcome, by the work process)."""
 
-_SETTLE = """
+_SETTLE = REPORT_LUA + """
 -- KEYS[1]: a slot's in-flight list; KEYS[2]: a run's event stream, or a queue.
 -- ARGV[1]: an entry of the list; ARGV[2]: the mode:
 --   'report': ARGV[3] = n, then n start fields (n = 0: no start to report), then the outcome's fields;
@@ -40,7 +42,7 @@ _SETTLE = """
 --   'requeue': the entry goes back to the front of the queue; 'drop': it is removed.
 if ARGV[2] == 'start' then
   if redis.call('LPOS', KEYS[1], ARGV[1]) then
-    redis.call('XADD', KEYS[2], '*', unpack(ARGV, 3))
+    report(KEYS[2], ARGV, 3, #ARGV)
     return 1
   end
   return 0
@@ -51,9 +53,9 @@ end
 if ARGV[2] == 'report' then
   local n = tonumber(ARGV[3])
   if n > 0 then
-    redis.call('XADD', KEYS[2], '*', unpack(ARGV, 4, 3 + n))
+    report(KEYS[2], ARGV, 4, 3 + n)
   end
-  redis.call('XADD', KEYS[2], '*', unpack(ARGV, 4 + n))
+  report(KEYS[2], ARGV, 4 + n, #ARGV)
 elseif ARGV[2] == 'requeue' then
   redis.call('LPUSH', KEYS[2], ARGV[1])
 end
@@ -107,9 +109,11 @@ def verdict(raw: bytes, death: Death, queues: int, worker: str) -> Verdict:
     dropped.
     """
     try:
-        job = parse_job_message(raw)
+        job = parse_job_message(raw, configured_signer(), max_job_entry_bytes())
         run_id, task, attempt = job.run_id, job.task, job.attempt
     except MalformedJob as exc:
+        if isinstance(exc, JobRefused):
+            return Verdict("drop", message=f"dropped a refused job from a dead work process: {exc}")
         if exc.attempt_key is None:
             return Verdict("drop", message=f"dropped an unreadable job from a dead work process: {exc}")
         run_id, task, attempt = exc.attempt_key
@@ -141,7 +145,7 @@ def _known_queue(snapshot: Optional[Snapshot], in_hand: bool, queues: int) -> Op
 
 
 def _flat(outcome: Outcome) -> list:
-    return [item for pair in outcome.to_fields().items() for item in pair]
+    return [item for pair in outcome.to_fields(configured_signer()).items() for item in pair]
 
 
 class Settler:
@@ -173,7 +177,7 @@ class Settler:
         (else the work process has reported it already, with its outcome)."""
         for raw in self.connection.lrange(inflight, 0, -1):
             try:
-                job = parse_job_message(raw)
+                job = parse_job_message(raw, configured_signer(), max_job_entry_bytes())
             except MalformedJob:
                 continue
             if attempt_id(job.run_id, job.task, job.attempt) == snapshot.attempt:
