@@ -20,7 +20,7 @@ from orchestrator import report
 from orchestrator.cli import (EXIT_FAILED, EXIT_OK, CliOptions, _exit, exit_code_of, handle_errors, main,
                               pass_options, redis_url_option)
 from orchestrator.distributed import cancel_run, resume_run, serve_coordinator, who
-from orchestrator.run_store import load_tasks
+from orchestrator.run_store import epoch, load_tasks
 from orchestrator.run_views import find_runs, run_summary, status_document, wait_until_final
 from orchestrator.workflow import Workflow
 from shared import keys
@@ -47,8 +47,12 @@ def _allowlist(given: tuple[str, ...]) -> Allowlist:
     return allowlist
 
 
-def _when(epoch: Optional[float]) -> str:
-    return "-" if not epoch else datetime.fromtimestamp(float(epoch)).strftime("%Y-%m-%d %H:%M:%S")
+def _when(value: Optional[float | str]) -> str:
+    number = epoch(value)
+    try:
+        return "-" if not number else datetime.fromtimestamp(number).strftime("%Y-%m-%d %H:%M:%S")
+    except (OverflowError, OSError, ValueError):
+        return "-"
 
 
 @main.command()

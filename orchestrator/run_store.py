@@ -9,6 +9,7 @@ and encoded arguments, in the compact form of :mod:`orchestrator.run_spec`
 from __future__ import annotations
 
 import json
+import math
 import secrets
 import time
 from dataclasses import dataclass, field
@@ -138,6 +139,16 @@ def _text(value: Any) -> Optional[str]:
     return value.decode("utf-8", "replace") if isinstance(value, bytes) else value
 
 
+def epoch(value: Any) -> Optional[float]:
+    """A time field of a run record as a number, ``None`` when absent or damaged (anything may be
+    written to Redis: a reader shows what it can and never fails on one field)."""
+    try:
+        number = float(value) if value not in (None, "") else None
+    except (TypeError, ValueError):
+        return None
+    return number if number is None or math.isfinite(number) else None
+
+
 def read_run(connection: redis.Redis, run_id: str) -> RunSnapshot:
     """The run's metadata and task counts (as of its last step), without its tasks."""
     meta = {_text(k): _text(v) for k, v in connection.hgetall(keys.run(run_id)).items()}
@@ -147,8 +158,8 @@ def read_run(connection: redis.Redis, run_id: str) -> RunSnapshot:
         run_id=run_id,
         workflow=meta.get("workflow", "?"),
         state=meta.get("state", "?"),
-        created_at=float(meta.get("created_at") or 0),
-        finished_at=float(meta["finished_at"]) if meta.get("finished_at") else None,
+        created_at=epoch(meta.get("created_at")) or 0.0,
+        finished_at=epoch(meta.get("finished_at")),
         cancelled_by=meta.get("cancelled_by"),
     )
     try:
@@ -156,8 +167,9 @@ def read_run(connection: redis.Redis, run_id: str) -> RunSnapshot:
         snapshot.counts = {str(k): int(v) for k, v in counts.items()}
     except (ValueError, TypeError, AttributeError):
         snapshot.counts = {}
-    if not snapshot.counts and meta.get("total"):
-        snapshot.counts = {"pending": int(meta["total"])}
+    total = meta.get("total") or ""
+    if not snapshot.counts and total.isdigit():
+        snapshot.counts = {"pending": int(total)}
     return snapshot
 
 

@@ -13,7 +13,7 @@ from typing import Any, Iterator, Optional
 import redis
 
 from orchestrator import dag
-from orchestrator.run_store import RunSnapshot, read_run
+from orchestrator.run_store import RunSnapshot, epoch as _epoch, read_run
 from orchestrator.task import Task
 from shared import keys
 from shared.errors import RunNotFoundError
@@ -21,13 +21,6 @@ from shared.states import RunState
 
 PAGE = 200
 """Run ids read from the newest-first index in one go while filtering."""
-
-
-def _epoch(value: Any) -> Optional[float]:
-    try:
-        return float(value) if value not in (None, "") else None
-    except (TypeError, ValueError):
-        return None
 
 
 def task_document(task: Task) -> dict[str, Any]:
