@@ -31,9 +31,10 @@ class Signer:
 
     def __init__(self, keys: Sequence[bytes]) -> None:
         if not keys or not all(keys):
-            raise SigningKeyError("a signing key may not be empty")
+            raise SigningKeyError("a signing key may not be empty (ORCH_SIGNING_KEY, ORCH_SIGNING_KEY_FILE)")
         if len(keys) > 2:
-            raise SigningKeyError("at most two signing keys at once (the new one first, then the old one)")
+            raise SigningKeyError("at most two signing keys at once in ORCH_SIGNING_KEY or ORCH_SIGNING_KEY_FILE "
+                                  "(the new one first, then the old one)")
         self._keys = tuple(keys)
 
     @classmethod

@@ -75,6 +75,7 @@ def test_forged_jobs_naming_the_standard_library_are_refused(redis_server, orch_
     assert "--allow" in failure.error
     time.sleep(0.5)
     assert not marker.exists(), "the forged job ran"
+    assert 0 < client.ttl(keys.events(run_id)) <= keys.ORPHAN_TTL, "the forged run's event stream never expires"
     assert worker.alive()
     assert dist_tasks.make_example().run(redis_url=redis_server.url) == dist_tasks.EXAMPLE_RESULTS
 
