@@ -97,8 +97,27 @@ def test_unsigned_and_replayed_jobs_are_refused_and_signed_runs_complete(redis_s
         assert signature and Signer([KEY.encode()]).verify(
             "outcome", run_id, outcomes(client, run_id)[-1].attempt,
             _fields_bytes(outcomes_raw(client, run_id)[-1]), signature.decode()), "the refusal is signed"
+    if mode == "rq":  # plain RQ jobs and callbacks carry no signature: refused, allowed module or not
+        queue = Queue("default", connection=client, serializer=JSONSerializer)
+        plain = queue.enqueue("marker_on_import.run", 1)
+        callback = queue.enqueue(JOB_FUNCTION, *job_args_signed(signing, "callback-run"),
+                                 on_success="marker_on_import.run", job_id="with-callback")
+        deadline = time.monotonic() + 20
+        while plain.get_status(refresh=True) != "failed" or callback.get_status(refresh=True) not in ("failed",
+                                                                                                     "finished"):
+            assert time.monotonic() < deadline, (plain.get_status(), callback.get_status())
+            time.sleep(0.05)
+        assert "only orch's own signed jobs" in (plain.latest_result().exc_string or "")
+        assert callback.get_status(refresh=True) == "failed"
+        assert not marker.exists()
     assert worker.alive()
     assert dist_tasks.make_example().run(redis_url=redis_server.url) == dist_tasks.EXAMPLE_RESULTS
+
+
+def job_args_signed(signer: Signer, run_id: str) -> tuple:
+    """An honest, signed job's arguments (a function the worker allows)."""
+    args = (run_id, "t", 1, "dist_tasks:identity", forged_payload(1), None, None)
+    return (*args, job_signature(signer, args))
 
 
 def outcomes_raw(client, run_id: str) -> list[dict]:

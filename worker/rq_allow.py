@@ -7,7 +7,10 @@ the names of its success, failure and stopped callbacks. An ``orch worker
 first: a refused name raises :class:`~shared.errors.TaskRefused` in the work
 horse, which RQ files as the job's failure; the worker goes on serving. orch's
 own job function is let through: the task it names is checked by
-:func:`worker.rq_job.attempt_outcome` the same way, before its import.
+:func:`worker.rq_job.attempt_outcome` the same way, before its import. With
+signing on, nothing but orch's own (signed) job function is let through: a plain
+RQ job or a callback name carries no signature, and a callback added to a signed
+job's hash is outside what its signature covers.
 
 A job whose data is longer than a job entry may be (:func:`shared.config.max_job_entry_bytes`),
 stored or once decompressed (a small zlib "bomb" may expand a thousandfold), is not read: the
@@ -24,14 +27,20 @@ from rq.job import Job
 
 from shared.allow import worker_allowlist
 from shared.config import max_job_entry_bytes
+from shared.errors import TaskRefused
 from shared.jobs import JOB_FUNCTION
+from shared.signing import configured_signer
 
 log = logging.getLogger("orch.worker")
 
 
 def _check(name: Optional[str], job: Job) -> None:
     if name is not None and name != JOB_FUNCTION:
-        worker_allowlist().check(name, job.worker_name or "this worker")
+        worker = job.worker_name or "this worker"
+        if configured_signer() is not None:
+            raise TaskRefused(name, worker, "with ORCH_SIGNING_KEY set it runs only orch's own signed jobs, "
+                                            "not plain RQ jobs or callbacks, which carry no signature")
+        worker_allowlist().check(name, worker)
 
 
 def _checked(name_attribute: str, callback: property) -> property:

@@ -105,8 +105,8 @@ def verdict(raw: bytes, death: Death, queues: int, worker: str) -> Verdict:
     The attempt the record shows in hand fails as the parent's reason says (a timeout, a stop
     request; else a crash), or goes back to its queue in a cold shutdown. An entry taken and not
     shown in hand yet never ran: it goes back to its queue if that is known (a blocking take names
-    its queue; a worker with one queue knows it), else it fails as a crash. An unreadable entry is
-    dropped.
+    its queue; a worker with one queue knows it), else it fails as a crash. An unreadable entry, and
+    with signing on one whose signature is missing or wrong, is dropped.
     """
     try:
         job = parse_job_message(raw, configured_signer(), max_job_entry_bytes())
