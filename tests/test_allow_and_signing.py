@@ -76,6 +76,15 @@ def test_a_signature_binds_kind_run_attempt_and_bytes() -> None:
     assert signer.sign("job", "run-1", 11, b"") != signer.sign("job", "run-11", 1, b"")
 
 
+@pytest.mark.parametrize("key", [b"k", b"x" * 64, b"long" * 40])
+def test_a_signature_is_the_standard_hmac_sha256(key: bytes) -> None:
+    import hashlib
+    import hmac
+
+    expected = hmac.new(key, b"3:job5:run-12:" + b"data", hashlib.sha256).hexdigest()
+    assert Signer([key]).sign("job", "run-1", 2, b"data") == expected
+
+
 def test_rotation_signs_with_the_first_key_and_verifies_with_either(tmp_path) -> None:
     old, new = Signer([b"old"]), Signer.from_environment({"ORCH_SIGNING_KEY": "new,old"})
     assert new is not None

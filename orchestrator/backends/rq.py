@@ -401,8 +401,7 @@ class RQBackend:
             log.error("run %s: ignored an event for run %.80r task %.80r", self.run_id, outcome.run_id, outcome.task)
             return None
         watched = outcome.worker
-        if self.signer is not None and not fields_verified(self.signer, OUTCOME_KIND, self.run_id, outcome.attempt,
-                                                           fields):
+        if self.signer is not None and not self._verified(outcome, fields):
             if outcome.status != STARTED or SIGNATURE_FIELD in outcome_field_names(fields):
                 log.error("run %s: ignored a %s outcome of task %.80r attempt %s with a missing or wrong signature",
                           self.run_id, outcome.status, outcome.task, outcome.attempt)
@@ -422,6 +421,12 @@ class RQBackend:
             return TaskFailed(outcome.task, outcome.attempt, now, outcome.error or "failed", outcome.kind,
                               outcome.traceback, outcome.started_at)
         return None
+
+    def _verified(self, outcome: Outcome, fields: Mapping[Any, Any]) -> bool:
+        if outcome.status == STARTED and SIGNATURE_FIELD.encode() not in fields:
+            return False  # a hint (see below): no signature to check
+        assert self.signer is not None
+        return fields_verified(self.signer, OUTCOME_KIND, self.run_id, outcome.attempt, fields)
 
     def close(self) -> None:
         self.connection.close()
