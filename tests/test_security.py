@@ -76,6 +76,8 @@ def test_forged_jobs_naming_the_standard_library_are_refused(redis_server, orch_
     time.sleep(0.5)
     assert not marker.exists(), "the forged job ran"
     assert 0 < client.ttl(keys.events(run_id)) <= keys.ORPHAN_TTL, "the forged run's event stream never expires"
+    left = {key.decode(): client.ttl(key) for key in client.scan_iter(match=f"*{run_id}*")}
+    assert left and all(ttl > 0 for ttl in left.values()), f"what the forged job made the worker write: {left}"
     assert worker.alive()
     assert dist_tasks.make_example().run(redis_url=redis_server.url) == dist_tasks.EXAMPLE_RESULTS
 

@@ -14,7 +14,9 @@ job's hash is outside what its signature covers.
 
 A job whose data is longer than a job entry may be (:func:`shared.config.max_job_entry_bytes`),
 stored or once decompressed (a small zlib "bomb" may expand a thousandfold), is not read: the
-worker drops it with one log line, as RQ drops a job whose hash is gone.
+worker drops it with one log line, as RQ drops a job whose hash is gone. A job
+without a failure TTL (none of orch's) gets :data:`shared.keys.ORPHAN_TTL`, so that
+the result RQ files for its failure does not stay forever.
 """
 from __future__ import annotations
 
@@ -25,6 +27,7 @@ from typing import Any, Optional
 from rq.exceptions import NoSuchJobError
 from rq.job import Job
 
+from shared import keys
 from shared.allow import worker_allowlist
 from shared.config import max_job_entry_bytes
 from shared.errors import TaskRefused
@@ -80,7 +83,10 @@ class CheckedJob(Job):
             log.error("dropped job %s unread: %s, over this worker's limit of %d bytes (ORCH_MAX_PAYLOAD_BYTES)",
                       self.id, why, limit)
             raise NoSuchJobError(f"job {self.id} is over the size limit")
-        return super().restore(raw_data)
+        restored = super().restore(raw_data)
+        if self.failure_ttl is None:  # not orch's (it sets one): RQ would keep its failure's result forever
+            self.failure_ttl = keys.ORPHAN_TTL
+        return restored
 
     @property
     def func(self) -> Any:
