@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import subprocess
 import threading
 import time
@@ -28,7 +29,7 @@ from shared import codec, keys
 from shared.errors import LimitExceededError
 from shared.jobs import JOB_FUNCTION, job_message, job_signature
 from shared.messages import SUCCEEDED, Outcome
-from shared.signing import Signer
+from shared.signing import Signer, fields_verified
 from tests.test_security import forged_payload, outcomes, wait_for_failure
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
@@ -93,10 +94,8 @@ def test_unsigned_and_replayed_jobs_are_refused_and_signed_runs_complete(redis_s
     assert not marker.exists(), "a refused job's module was imported"
     for run_id in (f"unsigned-{mode}", f"replayed-{mode}", f"attempt-{mode}"):
         assert 0 < client.ttl(keys.events(run_id)) <= keys.ORPHAN_TTL, "a forged run's stream never expires"
-        signature = outcomes_raw(client, run_id)[-1].get(b"sig")
-        assert signature and Signer([KEY.encode()]).verify(
-            "outcome", run_id, outcomes(client, run_id)[-1].attempt,
-            _fields_bytes(outcomes_raw(client, run_id)[-1]), signature.decode()), "the refusal is signed"
+        assert fields_verified(signing, "outcome", run_id, outcomes(client, run_id)[-1].attempt,
+                               outcomes_raw(client, run_id)[-1]), "the refusal is signed"
     if mode == "rq":  # plain RQ jobs and callbacks carry no signature: refused, allowed module or not
         queue = Queue("default", connection=client, serializer=JSONSerializer)
         plain = queue.enqueue("marker_on_import.run", 1)
@@ -122,12 +121,6 @@ def job_args_signed(signer: Signer, run_id: str) -> tuple:
 
 def outcomes_raw(client, run_id: str) -> list[dict]:
     return [fields for _, fields in client.xrange(keys.events(run_id))]
-
-
-def _fields_bytes(fields: dict) -> bytes:
-    from shared.signing import fields_bytes
-
-    return fields_bytes(fields)
 
 
 @pytest.mark.parametrize("mode", ["lean", "rq"])
@@ -208,7 +201,7 @@ def test_an_oversized_entry_is_dropped_unread(redis_server, orch_workers, tmp_pa
 
 def test_submit_refuses_too_many_tasks_and_too_large_arguments_before_writing(redis_server, monkeypatch) -> None:
     refused = subprocess.run([*orch_command(), "submit", EXAMPLE, "--redis-url", redis_server.url],
-                             capture_output=True, text=True, timeout=60, env={**_env(), "ORCH_MAX_TASKS": "1"})
+                             capture_output=True, text=True, timeout=60, env={**os.environ, "ORCH_MAX_TASKS": "1"})
     assert refused.returncode == 2, refused.stderr
     lines = refused.stderr.strip().splitlines()
     assert lines == ["error: workflow 'example' has 2 tasks, over the limit of 1 tasks per run (ORCH_MAX_TASKS); "
@@ -223,9 +216,3 @@ def test_submit_refuses_too_many_tasks_and_too_large_arguments_before_writing(re
     assert str(info.value).startswith(f"task 'large': its arguments encode to {size} bytes, over the limit of 100 "
                                       f"bytes (ORCH_MAX_PAYLOAD_BYTES)"), str(info.value)
     assert redis_server.client().keys("orch:run*") == []
-
-
-def _env() -> dict[str, str]:
-    import os
-
-    return dict(os.environ)

@@ -10,6 +10,11 @@ outcome, in the same script, unless the parent reported it first (it does for
 an attempt still running after ``START_REPORT_DELAY``): a short task then costs
 the coordinator one wake-up, not two.
 
+Before it decodes a job any further than its run, task and attempt, a work process refuses an
+entry longer than any honest one (``ORCH_MAX_PAYLOAD_BYTES``) and, with a signing key, one whose
+signature is missing or wrong (:func:`shared.jobs.parse_job_message`); it signs every report it
+makes (the start the take script reports is a hint the coordinator trusts for nothing).
+
 Nothing goes through the parent: the work process only keeps its
 :class:`~worker.slot_record.SlotRecord` current, from which the parent times
 attempts out, finds the attempt a stop request names and learns, after a

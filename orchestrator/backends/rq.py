@@ -21,6 +21,10 @@ reads (at most a second apart) it renews its lease on the run and checks the
 heartbeat keys of the workers running its attempts: an attempt whose worker's
 heartbeat lapsed fails as "worker lost" and is retried like any failure.
 
+With a signing key (:mod:`shared.signing`) every job sent is signed, and an outcome or cancel
+request whose signature is missing or wrong is ignored with one log line; a "started" report
+without a signature (a lean take, reported in Lua) only marks the task running.
+
 Every Redis call here survives an outage of up to ``Settings.outage`` seconds:
 a step is written again whole after a reconnect (its writes are idempotent;
 an attempt enqueued twice is reported twice, and the scheduler takes one).
