@@ -30,7 +30,7 @@ from orchestrator.coordinator import Coordinator, ProgressCallback
 from orchestrator.dag import Graph
 from orchestrator.lease import Lease, LeaseLost
 from orchestrator.run_spec import RunSpec
-from orchestrator.run_store import create_run, load_tasks, new_run_id, request_cancel
+from orchestrator.run_store import create_run, ensure_event_stream, load_tasks, new_run_id, request_cancel
 from orchestrator.scheduler import Scheduler
 from orchestrator.task import Task
 from shared import keys
@@ -217,6 +217,7 @@ def restore_coordinator(
     """Rebuild a run's coordinator from Redis alone, with its lease already held by ``lease``."""
     settings = settings or Settings()
     meta, specs, tasks = load_tasks(connection, run_id)
+    ensure_event_stream(connection, run_id)
     states = {name: (task.state, task.attempts, task.error) for name, task in tasks.items()
               if task.state is not TaskState.PENDING or task.attempts}
     now = time.time()

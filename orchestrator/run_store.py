@@ -72,7 +72,22 @@ def create_run(connection: redis.Redis, run_id: str, workflow: str, spec: RunSpe
     })
     pipe.zadd(keys.RUNS, {run_id: now})
     pipe.sadd(keys.ACTIVE, run_id)
+    open_event_stream(pipe, run_id)
     pipe.execute()
+
+
+def open_event_stream(connection: Any, run_id: str) -> None:
+    """Create the run's event stream, empty (an entry added and trimmed at once): workers report
+    only to a stream that exists (``XADD NOMKSTREAM``). Call only for a stream that does not exist
+    yet (it would drop what is in it): see :func:`ensure_event_stream`."""
+    connection.xadd(keys.events(run_id), {"status": "opened"}, maxlen=0)
+
+
+def ensure_event_stream(connection: redis.Redis, run_id: str) -> None:
+    """Open the run's event stream if it is not there (a run written before streams were opened
+    with the run, whose workers have reported nothing yet). No worker can create it meanwhile."""
+    if not connection.exists(keys.events(run_id)):
+        open_event_stream(connection, run_id)
 
 
 def request_cancel(connection: redis.Redis, run_id: str, by: str) -> None:

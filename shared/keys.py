@@ -20,7 +20,8 @@ key                             type    contents
 ``orch:run:{id}:results``       hash    task name -> codec-encoded result (successes only)
 ``orch:run:{id}:tracebacks``    hash    task name -> traceback text of its last failure
 ``orch:run:{id}:events``        stream  outcomes reported by workers, and cancel requests;
-                                        read by the coordinator, trimmed once applied
+                                        read by the coordinator, trimmed once applied;
+                                        opened (empty) with the run, workers add only to it
 ``orch:run:{id}:lease``         string  token of the coordinator driving the run (TTL: lease)
 ``orch:active``                 set     ids of runs not finished yet (what coordinators adopt)
 ``orch:alive:{worker}``         string  a worker's heartbeat, its descriptor (JSON: kind, queues,
@@ -34,10 +35,11 @@ key                             type    contents
 ``orch:stop`` (pub/sub)         channel lean mode: "stop this attempt" requests (cancellation)
 ==============================  ======  ==================================================
 
-All keys of a run get the run's retention as TTL when the run finishes. A run's event stream
-that a worker writes while the run has no record (a forged job's made-up run, or a report that
-comes after the run's retention) gets :data:`ORPHAN_TTL` instead (``shared.messages.REPORT_LUA``),
-so that nothing a forged entry makes a worker write stays forever.
+All keys of a run get the run's retention as TTL when the run finishes. The coordinator opens a
+run's event stream (empty) when it writes the run; workers add to a stream only if it exists
+(``XADD NOMKSTREAM``), so that a forged job naming a made-up run, or a report after the run's
+retention, writes nothing. (RQ's own keys for a job that is not orch's, e.g. the result it files
+for a refused one, get :data:`ORPHAN_TTL`.)
 """
 from __future__ import annotations
 
@@ -48,7 +50,7 @@ STOP_CHANNEL = f"{PREFIX}:stop"
 LEAN_WORKERS = f"{PREFIX}:lean-workers"
 WORKERS = f"{PREFIX}:workers"
 ORPHAN_TTL = 24 * 3600
-"""Seconds the event stream of a run with no record lives (see the table above)."""
+"""Seconds RQ keeps what it files for a job without a failure TTL of its own (none of orch's)."""
 
 
 def run(run_id: str) -> str:

@@ -11,7 +11,6 @@ import sys
 from dataclasses import dataclass
 from typing import Mapping, Optional
 
-from shared import keys
 from shared.errors import SerializationError
 from shared.signing import Signer, sign_fields
 from shared.states import FailureKind
@@ -25,29 +24,6 @@ OUTCOME_KIND = "outcome"
 """What an outcome's signature says it signs (:meth:`~shared.signing.Signer.sign`)."""
 CANCEL_KIND = "cancel"
 """What a cancel request's signature says it signs (its attempt is 0)."""
-
-
-REPORT_LUA = f"""
-local function report(stream, fields, first, last)
-  redis.call('XADD', stream, '*', unpack(fields, first, last))
-  if redis.call('EXISTS', string.sub(stream, 1, -{len(keys.events('')) - len(keys.run('')) + 1})) == 0 then
-    redis.call('EXPIRE', stream, {keys.ORPHAN_TTL})
-  end
-end
-"""
-"""A Lua function every script that reports to a run's event stream uses: ``XADD`` of
-``fields[first..last]``, and the stream of a run with no record (``orch:run:{{id}}`` missing: a
-forged job's, or a report after the run's retention) gets :data:`~shared.keys.ORPHAN_TTL`."""
-
-REPORT_SCRIPT = REPORT_LUA + "report(KEYS[1], ARGV, 1, #ARGV)\n"
-"""One report as a script of its own: ``EVAL REPORT_SCRIPT 1 <stream> <field> <value> ...``. Sent
-as ``EVAL`` (Redis caches it by its SHA1), so that it joins a transaction with no round trip to
-load it."""
-
-
-def report_command(outcome_fields: dict[str, bytes | str], run_id: str) -> list[bytes | str]:
-    """The arguments of the command that reports ``outcome_fields`` to run ``run_id``'s stream."""
-    return ["EVAL", REPORT_SCRIPT, "1", keys.events(run_id), *(x for pair in outcome_fields.items() for x in pair)]
 
 
 def cancel_fields(by: str, run_id: str = "", signer: Optional[Signer] = None) -> dict[str, bytes | str]:

@@ -25,6 +25,7 @@ import dist_tasks
 from bench.procs import orch_command
 from orchestrator import Task, Workflow
 from orchestrator.distributed import cancel_run
+from orchestrator.run_store import open_event_stream
 from shared import codec, keys
 from shared.errors import LimitExceededError
 from shared.jobs import JOB_FUNCTION, job_message, job_signature
@@ -58,9 +59,12 @@ def enqueue_rq(client, args: tuple, job_id: str) -> None:
 
 
 def forge(client, mode: str, run_id: str, attempt: int = 1, *, signer: Signer | None = None,
-          signed_for: tuple[str, int] | None = None, payload: str | None = None) -> None:
+          signed_for: tuple[str, int] | None = None, payload: str | None = None, made_up: bool = False) -> None:
     """A job of task 'evil' (function ``marker_on_import:run``) of ``run_id``/``attempt``, unsigned, or
-    carrying the signature ``signer`` made for ``signed_for`` (another run id and attempt)."""
+    carrying the signature ``signer`` made for ``signed_for`` (another run id and attempt). The run
+    exists (its stream is open) unless ``made_up``."""
+    if not made_up:
+        open_event_stream(client, run_id)
     payload = payload if payload is not None else forged_payload("pwned")
     args = (run_id, "evil", attempt, "marker_on_import:run", payload, None, None)
     if mode == "lean":
@@ -93,7 +97,6 @@ def test_unsigned_and_replayed_jobs_are_refused_and_signed_runs_complete(redis_s
         assert refused.error.startswith("TaskRefused: job signature does not match this worker's key"), refused.error
     assert not marker.exists(), "a refused job's module was imported"
     for run_id in (f"unsigned-{mode}", f"replayed-{mode}", f"attempt-{mode}"):
-        assert 0 < client.ttl(keys.events(run_id)) <= keys.ORPHAN_TTL, "a forged run's stream never expires"
         assert fields_verified(signing, "outcome", run_id, outcomes(client, run_id)[-1].attempt,
                                outcomes_raw(client, run_id)[-1]), "the refusal is signed"
     if mode == "rq":  # plain RQ jobs and callbacks carry no signature: refused, allowed module or not
@@ -146,6 +149,29 @@ def test_keys_that_differ_commit_nothing(redis_server, orch_workers, tmp_path, s
     assert worker.alive()
 
 
+@pytest.mark.parametrize("mode", ["lean", "rq"])
+def test_a_forged_job_of_a_made_up_run_leaves_nothing_behind(redis_server, orch_workers, tmp_path, mode) -> None:
+    """Workers report only to a run's stream that exists (its coordinator opens it): a job naming a
+    run that does not exist writes nothing that stays (before: a stream that never expired)."""
+    marker = tmp_path / "imported"
+    worker, = orch_workers(1, mode=mode, env={"ORCH_ALLOW": "dist_tasks", "ORCH_TEST_IMPORT_MARKER": str(marker)})
+    client = redis_server.client()
+    forge(client, mode, f"made-up-{mode}", made_up=True)  # refused: outside the allowlist
+    forged_args = (f"made-up-ok-{mode}", "t", 1, "dist_tasks:identity", forged_payload(1), None, None)
+    if mode == "lean":
+        push_lean(client, job_message(*forged_args))  # allowed: it runs, and its reports go nowhere
+    else:
+        enqueue_rq(client, forged_args, job_id=f"forged-ok-{mode}")
+    assert dist_tasks.make_example().run(redis_url=redis_server.url) == dist_tasks.EXAMPLE_RESULTS  # queued after
+    time.sleep(0.5)
+    left = {key.decode(): client.ttl(key) for key in client.scan_iter(match="*made-up*")}
+    left.update({key.decode(): client.ttl(key) for key in client.scan_iter(match="*forged-*")})
+    assert not [key for key in left if key.startswith("orch:")], left
+    assert all(ttl > 0 for ttl in left.values()), left  # RQ's own job hashes and results of them
+    assert not marker.exists()
+    assert worker.alive()
+
+
 def slow_workflow(seconds: float) -> Workflow:
     wf = Workflow("slow")
     wf.add_task(Task("slow", dist_tasks.sleep_for, args=(seconds,)))
@@ -195,8 +221,7 @@ def test_an_oversized_entry_is_dropped_unread(redis_server, orch_workers, tmp_pa
     assert not marker.exists()
     assert worker.alive()
     assert dist_tasks.make_example().run(redis_url=redis_server.url) == dist_tasks.EXAMPLE_RESULTS
-    forged_keys = [k for k in client.keys(f"orch:run:huge-{mode}*")]
-    assert all(client.ttl(k) > 0 for k in forged_keys), forged_keys
+    assert client.xlen(keys.events(f"huge-{mode}")) == 0, "an entry refused unread is not reported either"
 
 
 def test_submit_refuses_too_many_tasks_and_too_large_arguments_before_writing(redis_server, monkeypatch) -> None:

@@ -29,7 +29,7 @@ from shared.config import max_result_bytes
 from shared.context import TaskContext, running
 from shared.errors import WorkflowError
 from shared.jobs import JobRefused, check_job_args
-from shared.messages import FAILED, STARTED, Outcome, report_command
+from shared.messages import FAILED, STARTED, Outcome
 from shared.signing import configured_signer
 from shared.allow import worker_allowlist
 from shared.refs import import_reference
@@ -51,8 +51,9 @@ class TaskFailedOnWorker(WorkflowError):
 
 def publish(connection: Any, outcome: Outcome) -> None:
     """Append ``outcome`` to its run's event stream, signed with this worker's key if it has one:
-    one command, sent now (a client) or queued (a pipeline). See :data:`shared.messages.REPORT_SCRIPT`."""
-    connection.execute_command(*report_command(outcome.to_fields(configured_signer()), outcome.run_id))
+    one XADD, sent now (a client) or queued (a pipeline). Only to a stream that exists (the
+    coordinator opens it with the run): a forged job naming a made-up run leaves nothing behind."""
+    connection.xadd(keys.events(outcome.run_id), outcome.to_fields(configured_signer()), nomkstream=True)
 
 
 @contextlib.contextmanager

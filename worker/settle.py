@@ -22,7 +22,7 @@ import redis
 from shared import keys
 from shared.config import max_job_entry_bytes
 from shared.jobs import JobRefused, MalformedJob, parse_job_message
-from shared.messages import FAILED, REPORT_LUA, STARTED, Outcome
+from shared.messages import FAILED, STARTED, Outcome
 from shared.signing import configured_signer
 from shared.states import FailureKind
 from worker.execute import death_error, timeout_error
@@ -34,7 +34,7 @@ START_REPORT_DELAY = 0.05
 """Seconds an attempt taken while the worker was idle may run before the parent reports its start
 (a shorter one has its start reported with its outcome, by the work process)."""
 
-_SETTLE = REPORT_LUA + """
+_SETTLE = """
 -- KEYS[1]: a slot's in-flight list; KEYS[2]: a run's event stream, or a queue.
 -- ARGV[1]: an entry of the list; ARGV[2]: the mode:
 --   'report': ARGV[3] = n, then n start fields (n = 0: no start to report), then the outcome's fields;
@@ -42,7 +42,7 @@ _SETTLE = REPORT_LUA + """
 --   'requeue': the entry goes back to the front of the queue; 'drop': it is removed.
 if ARGV[2] == 'start' then
   if redis.call('LPOS', KEYS[1], ARGV[1]) then
-    report(KEYS[2], ARGV, 3, #ARGV)
+    redis.call('XADD', KEYS[2], 'NOMKSTREAM', '*', unpack(ARGV, 3))
     return 1
   end
   return 0
@@ -53,9 +53,9 @@ end
 if ARGV[2] == 'report' then
   local n = tonumber(ARGV[3])
   if n > 0 then
-    report(KEYS[2], ARGV, 4, 3 + n)
+    redis.call('XADD', KEYS[2], 'NOMKSTREAM', '*', unpack(ARGV, 4, 3 + n))
   end
-  report(KEYS[2], ARGV, 4 + n, #ARGV)
+  redis.call('XADD', KEYS[2], 'NOMKSTREAM', '*', unpack(ARGV, 4 + n))
 elseif ARGV[2] == 'requeue' then
   redis.call('LPUSH', KEYS[2], ARGV[1])
 end

@@ -43,7 +43,7 @@ from shared import keys
 from shared.config import max_job_entry_bytes
 from shared.connection import connect
 from shared.jobs import JobRefused, MalformedJob, parse_job_message
-from shared.messages import FAILED, REPORT_LUA, STARTED, Outcome
+from shared.messages import FAILED, STARTED, Outcome
 from shared.signing import configured_signer
 from worker.rq_job import attempt_outcome
 from worker.slot_record import ParentWords, SlotRecord, State, attempt_id
@@ -60,31 +60,35 @@ MIN_BLOCK_SECONDS = 0.01
 PARENT_WAIT_SECONDS = 0.1
 """Pause between two looks at the parent's heartbeat while it does not stand."""
 
-FINISH_AND_TAKE = REPORT_LUA + """
+FINISH_AND_TAKE = """
 -- KEYS[1]: this slot's in-flight list; KEYS[2..]: queues, in the order to try.
 -- ARGV: finished job ('' for none), its run's event stream, worker name, now,
--- event stream key prefix and suffix, the number n of the finished job's start fields
--- (0: its start was reported), those n fields, then its outcome fields.
+-- event stream key prefix and suffix, the longest entry to decode, the number n of the finished
+-- job's start fields (0: its start was reported), those n fields, then its outcome fields.
+-- Reports go only to a stream that exists (NOMKSTREAM): the coordinator opens it with the run.
 if ARGV[1] ~= '' then
-  local n = tonumber(ARGV[7])
+  local n = tonumber(ARGV[8])
   if n > 0 then
-    report(ARGV[2], ARGV, 8, 7 + n)
+    redis.call('XADD', ARGV[2], 'NOMKSTREAM', '*', unpack(ARGV, 9, 8 + n))
   end
-  if #ARGV > 7 + n then
-    report(ARGV[2], ARGV, 8 + n, #ARGV)
+  if #ARGV > 8 + n then
+    redis.call('XADD', ARGV[2], 'NOMKSTREAM', '*', unpack(ARGV, 9 + n))
   end
   redis.call('LREM', KEYS[1], 1, ARGV[1])
 end
 for i = 2, #KEYS do
   local job = redis.call('LMOVE', KEYS[i], KEYS[1], 'LEFT', 'RIGHT')
   if job then
-    local ok, decoded = pcall(cjson.decode, job)
+    local ok, decoded = false, nil
+    if #job <= tonumber(ARGV[7]) then  -- a longer one no coordinator wrote: not decoded, not reported
+      ok, decoded = pcall(cjson.decode, job)
+    end
     if ok and type(decoded) == 'table' and type(decoded[1]) == 'string' and type(decoded[2]) == 'string'
         and type(decoded[3]) == 'number' and decoded[3] >= 1 and decoded[3] < 1e9
         and decoded[3] == math.floor(decoded[3]) then
-      local start = {'run', decoded[1], 'task', decoded[2], 'attempt', string.format('%d', decoded[3]),
-                     'status', 'started', 'at', ARGV[4], 'worker', ARGV[3]}
-      report(ARGV[5] .. decoded[1] .. ARGV[6], start, 1, #start)
+      redis.call('XADD', ARGV[5] .. decoded[1] .. ARGV[6], 'NOMKSTREAM', '*', 'run', decoded[1],
+                 'task', decoded[2], 'attempt', string.format('%d', decoded[3]), 'status', 'started',
+                 'at', ARGV[4], 'worker', ARGV[3])
     end
     return {i - 2, job}
   end
@@ -246,7 +250,7 @@ class _Loop:
         reply = self._finish_and_take(
             keys=[self.inflight, *(self.config.queue_keys[i] for i in order)],
             args=[raw, keys.events(outcome.run_id) if outcome is not None else "", self.config.worker,
-                  repr(time.time()), *self._stream_affixes, len(started), *started,
+                  repr(time.time()), *self._stream_affixes, self.max_entry, len(started), *started,
                   *(_flat(outcome.to_fields(self.signer)) if outcome is not None else [])])
         if not reply:
             return None
