@@ -11,45 +11,21 @@ from __future__ import annotations
 import argparse
 import os
 import resource
-import shutil
 import signal
 import statistics
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 
 import redis
 
-from bench.procs import free_port, orch_command
+from bench.procs import RedisServer, orch_command, tree_cpu_seconds
 from bench.tasks import noop
 from orchestrator import Task, Workflow
 
 ROOT = Path(__file__).resolve().parent.parent
 KEY = "bench-signing-key-0123456789"
-
-
-def _tree_cpu(pid: int) -> float:
-    """CPU seconds of ``pid`` and its descendants, living and reaped."""
-    ticks = os.sysconf("SC_CLK_TCK")
-    parents: dict[int, int] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                parents[int(entry)] = int(Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-    tree, frontier = [pid], [pid]
-    while frontier:
-        frontier = [child for child, parent in parents.items() if parent in frontier]
-        tree += frontier
-    total = 0.0
-    for member in tree:
-        try:
-            fields = Path(f"/proc/{member}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        total += sum(int(x) for x in fields[11:15]) / ticks
-    return total
 
 
 def _fanout(n: int) -> Workflow:
@@ -75,11 +51,11 @@ def _one(url: str, client: redis.Redis, tasks: int, signed: bool, name: str) -> 
             time.sleep(0.05)
         time.sleep(0.5)
         wf = _fanout(tasks)
-        worker_before, own_before, started = _tree_cpu(worker.pid), resource.getrusage(resource.RUSAGE_SELF), \
+        worker_before, own_before, started = tree_cpu_seconds([worker.pid]), resource.getrusage(resource.RUSAGE_SELF), \
             time.monotonic()
         wf.run(redis_url=url)
         wall = time.monotonic() - started
-        own_after, worker_after = resource.getrusage(resource.RUSAGE_SELF), _tree_cpu(worker.pid)
+        own_after, worker_after = resource.getrusage(resource.RUSAGE_SELF), tree_cpu_seconds([worker.pid])
     finally:
         worker.send_signal(signal.SIGTERM)
         worker.wait(20)
@@ -94,19 +70,12 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--tasks", type=int, default=3000)
     options = parser.parse_args()
-    port = free_port()
-    server = subprocess.Popen([shutil.which("redis-server") or "redis-server", "--port", str(port), "--save", "",
-                               "--appendonly", "no"], stdout=subprocess.DEVNULL, start_new_session=True)
-    url = f"redis://127.0.0.1:{port}/0"
-    client = redis.Redis.from_url(url)
+    server = RedisServer(Path(tempfile.mkdtemp(prefix="orch-signing-cost-")))
+    url = server.url
+    client = server.client()
     runs: dict[str, list[tuple[float, float, float]]] = {"off": [], "on": []}
     try:
-        while True:
-            try:
-                client.ping()
-                break
-            except redis.ConnectionError:
-                time.sleep(0.05)
+        _one(url, client, 50, False, "warm-up")  # the coordinator's imports and first connections, unmeasured
         for round_number in range(options.rounds):
             for mode in ("off", "on"):
                 result = _one(url, client, options.tasks, mode == "on", f"cost-{mode}-{round_number}")
@@ -114,8 +83,8 @@ def main() -> None:
                 print(f"{mode}: coordinator {result[0]:.1f} µs/task, worker {result[1]:.1f} µs/task, "
                       f"{result[2]:.0f} tasks/s", flush=True)
     finally:
-        server.terminate()
-        server.wait(10)
+        client.close()
+        server.stop()
     for mode, results in runs.items():
         print(f"{mode} (median of {len(results)}): coordinator {statistics.median(r[0] for r in results):.1f} µs/task, "
               f"worker {statistics.median(r[1] for r in results):.1f} µs/task, "
