@@ -18,15 +18,16 @@ from typing import Optional
 import click
 
 from orchestrator import report
-from orchestrator.cli import (EXIT_FAILED, EXIT_OK, CliOptions, _exit, exit_code_of, handle_errors,
-                              interrupting_signals, main, pass_options, redis_url_option, say_cancelled)
+from orchestrator.cli import (EXIT_FAILED, CliOptions, _exit, exit_code_of, handle_errors, interrupting_signals, main,
+                              pass_options, redis_url_option, say_cancelled)
 from orchestrator.distributed import cancel_run, resume_run, retry_run, serve_coordinator, stored_run, who
-from orchestrator.run_store import load_history, load_tasks, read_run, run_params, run_retries
+from orchestrator.run_store import epoch, load_history, load_tasks, read_run, run_params, run_retries
 from orchestrator.run_views import find_runs, run_summary, status_document, wait_until_final
 from orchestrator.workflow import Workflow
 from shared import keys
 from shared.allow import Allowlist, worker_allowlist
 from shared.config import Settings, check_log_settings
+from shared.signing import Signer, configured_signer
 from shared.connection import connect
 from shared.states import RunState
 
@@ -47,8 +48,12 @@ def _allowlist(given: tuple[str, ...]) -> Allowlist:
     return allowlist
 
 
-def _when(epoch: Optional[float]) -> str:
-    return "-" if not epoch else datetime.fromtimestamp(float(epoch)).strftime("%Y-%m-%d %H:%M:%S")
+def _when(value: Optional[float | str]) -> str:
+    number = epoch(value)
+    try:
+        return "-" if not number else datetime.fromtimestamp(number).strftime("%Y-%m-%d %H:%M:%S")
+    except (OverflowError, OSError, ValueError):
+        return "-"
 
 
 @main.command()
@@ -97,6 +102,8 @@ def worker(options: CliOptions, queues: str, concurrency: int, burst: bool, path
         click.echo(f"warning: {allowlist.startup_warning()}", err=True)
     else:
         click.echo(f"allowed task modules: {allowlist.describe()}", err=True)
+    if configured_signer() is not None:
+        click.echo("signed jobs only (ORCH_SIGNING_KEY): unsigned or wrongly signed jobs are refused", err=True)
     if mode == "lean":
         from worker.lean import LeanWorker
 
@@ -119,6 +126,7 @@ def coordinator(options: CliOptions, poll: float) -> None:
     Run one or more: a lease makes exactly one drive each run.
     """
     connection = _redis(options, "coordinator")
+    Signer.from_environment()  # a bad key setting: one error line now, not one per run adopted
     logging.basicConfig(level="INFO", format="%(asctime)s %(name)s %(levelname)s %(message)s")
     click.echo(f"orch coordinator on {socket.gethostname()} (pid {os.getpid()}) watching for runs", err=True)
     try:

@@ -30,17 +30,18 @@ from orchestrator.coordinator import Coordinator, ProgressCallback
 from orchestrator.dag import Graph
 from orchestrator.lease import Lease, LeaseLost
 from orchestrator.run_spec import RunSpec
-from orchestrator.run_store import create_run, load_tasks, new_run_id, request_cancel, run_retries
+from orchestrator.run_store import create_run, ensure_event_stream, load_tasks, new_run_id, request_cancel, run_retries
 from orchestrator.scheduler import Scheduler
 from orchestrator.task import Task
 from shared import keys
 from shared.allow import Allowlist, refused
-from shared.config import Settings
+from shared.config import Settings, max_payload_bytes, max_tasks
 from shared.connection import connect
-from shared.errors import (CorruptRunError, RunExpiredError, RunNotFoundError, RunStillRunningError,
-                           UnimportableTasksError, WorkflowError)
+from shared.errors import (CorruptRunError, LimitExceededError, RunExpiredError, RunNotFoundError,
+                           RunStillRunningError, UnimportableTasksError, WorkflowError)
 from shared.params import encode_params
 from shared.refs import reference_of
+from shared.signing import Signer
 from shared.states import RunState, TaskState
 
 log = logging.getLogger("orch.coordinator")
@@ -131,10 +132,13 @@ def _no_cyclic_gc() -> Iterator[None]:
 def _submit(workflow: Any, connection: redis.Redis, lease: Optional[Lease], settings: Settings,
             transport: str, params: Optional[bytes]) -> Submission:
     tasks: dict[str, Task] = workflow.tasks
+    Signer.from_environment()  # a bad key setting: one error before anything is written
+    _check_task_count(workflow.name, len(tasks), max_tasks())
     graph = workflow.validate()
     refs = task_references(tasks)
     _check_allowed(tasks, refs, Allowlist.from_settings())
     specs = RunSpec.build(list(tasks.values()), graph, refs)
+    _check_payloads(list(tasks), specs, max_payload_bytes())
     run_id = new_run_id(workflow.name)
     if lease is not None:
         lease.run_id, lease.key, lease.held = run_id, keys.lease(run_id), True
@@ -142,6 +146,24 @@ def _submit(workflow: Any, connection: redis.Redis, lease: Optional[Lease], sett
                lease_token=lease.token if lease else None, lease_ttl=settings.lease_ttl, transport=transport,
                params=params)
     return Submission(run_id, specs)
+
+
+def _check_task_count(workflow: str, count: int, limit: int) -> None:
+    if count > limit:
+        raise LimitExceededError(f"workflow {workflow!r} has {count} tasks, over the limit of {limit} tasks per run "
+                                 f"(ORCH_MAX_TASKS); split it into several runs or raise the limit")
+
+
+def _check_payloads(names: list[str], specs: RunSpec, limit: int) -> None:
+    """Refuse a run in which a task's encoded arguments are over ``limit`` bytes, naming the first."""
+    sizes = [len(payload.encode("utf-8", "surrogatepass")) for payload in specs.payloads]
+    if max(sizes, default=0) <= limit:
+        return
+    for i, code in enumerate(specs.payload_of):
+        if sizes[code] > limit:
+            raise LimitExceededError(f"task {names[i]!r}: its arguments encode to {sizes[code]} bytes, over the "
+                                     f"limit of {limit} bytes (ORCH_MAX_PAYLOAD_BYTES); pass large data by "
+                                     f"reference (a path, a URL) or raise the limit")
 
 
 def _check_allowed(tasks: dict[str, Task], refs: list[str], allowlist: Allowlist) -> None:
@@ -217,6 +239,7 @@ def _restore(connection: redis.Redis, run_id: str, lease: Lease, settings: Optio
     """The coordinator, tasks, repairs still to apply and metadata of a stored run; writes nothing."""
     settings = settings or Settings()
     meta, specs, tasks = load_tasks(connection, run_id)
+    ensure_event_stream(connection, run_id)
     states = {name: (task.state, task.attempts, task.error, task.attempt_base) for name, task in tasks.items()
               if task.state is not TaskState.PENDING or task.attempts}
     now = time.time()

@@ -9,6 +9,7 @@ and encoded arguments, in the compact form of :mod:`orchestrator.run_spec`
 from __future__ import annotations
 
 import json
+import math
 import secrets
 import time
 from dataclasses import dataclass, field
@@ -23,6 +24,7 @@ from shared import codec, keys
 from shared.errors import CorruptRunError, RunNotFoundError, WorkflowError
 from shared.messages import cancel_fields
 from shared.params import PARAMS_FIELD, decode_params
+from shared.signing import Signer
 from shared.states import RunState, TaskState
 
 
@@ -75,6 +77,7 @@ def create_run(connection: redis.Redis, run_id: str, workflow: str, spec: RunSpe
     pipe.hset(keys.run(run_id), mapping=meta)
     pipe.zadd(keys.RUNS, {run_id: now})
     pipe.sadd(keys.ACTIVE, run_id)
+    open_event_stream(pipe, run_id)
     pipe.execute()
 
 
@@ -84,11 +87,26 @@ def run_keys(connection: redis.Redis, run_id: str) -> list[Any]:
     return [*keys.all_of_run(run_id), *connection.smembers(keys.logs(run_id))]
 
 
+def open_event_stream(connection: Any, run_id: str) -> None:
+    """Create the run's event stream, empty (an entry added and trimmed at once): workers report
+    only to a stream that exists (``XADD NOMKSTREAM``). Call only for a stream that does not exist
+    yet (it would drop what is in it): see :func:`ensure_event_stream`."""
+    connection.xadd(keys.events(run_id), {"status": "opened"}, maxlen=0)
+
+
+def ensure_event_stream(connection: redis.Redis, run_id: str) -> None:
+    """Open the run's event stream if it is not there (a run written before streams were opened
+    with the run, whose workers have reported nothing yet). No worker can create it meanwhile."""
+    if not connection.exists(keys.events(run_id)):
+        open_event_stream(connection, run_id)
+
+
 def request_cancel(connection: redis.Redis, run_id: str, by: str) -> None:
-    """Ask the run's coordinator to cancel it; it wakes on the stream entry at once."""
+    """Ask the run's coordinator to cancel it; it wakes on the stream entry at once. Signed with this
+    process's key when signing is on (a coordinator with a key ignores unsigned requests)."""
     if not connection.exists(keys.run(run_id)):
         raise RunNotFoundError(run_id)
-    connection.xadd(keys.events(run_id), cancel_fields(by))
+    connection.xadd(keys.events(run_id), cancel_fields(by, run_id, Signer.from_environment()))
 
 
 def load_tasks(connection: redis.Redis, run_id: str, with_results: bool = True
@@ -207,6 +225,16 @@ def _text(value: Any) -> Optional[str]:
     return value.decode("utf-8", "replace") if isinstance(value, bytes) else value
 
 
+def epoch(value: Any) -> Optional[float]:
+    """A time field of a run record as a number, ``None`` when absent or damaged (anything may be
+    written to Redis: a reader shows what it can and never fails on one field)."""
+    try:
+        number = float(value) if value not in (None, "") else None
+    except (TypeError, ValueError):
+        return None
+    return number if number is None or math.isfinite(number) else None
+
+
 def read_run(connection: redis.Redis, run_id: str) -> RunSnapshot:
     """The run's metadata and task counts (as of its last step), without its tasks."""
     meta = {_text(k): _text(v) for k, v in connection.hgetall(keys.run(run_id)).items()}
@@ -216,8 +244,8 @@ def read_run(connection: redis.Redis, run_id: str) -> RunSnapshot:
         run_id=run_id,
         workflow=meta.get("workflow", "?"),
         state=meta.get("state", "?"),
-        created_at=float(meta.get("created_at") or 0),
-        finished_at=float(meta["finished_at"]) if meta.get("finished_at") else None,
+        created_at=epoch(meta.get("created_at")) or 0.0,
+        finished_at=epoch(meta.get("finished_at")),
         cancelled_by=meta.get("cancelled_by"),
     )
     try:
@@ -225,8 +253,9 @@ def read_run(connection: redis.Redis, run_id: str) -> RunSnapshot:
         snapshot.counts = {str(k): int(v) for k, v in counts.items()}
     except (ValueError, TypeError, AttributeError):
         snapshot.counts = {}
-    if not snapshot.counts and meta.get("total"):
-        snapshot.counts = {"pending": int(meta["total"])}
+    total = meta.get("total") or ""
+    if not snapshot.counts and total.isdigit():
+        snapshot.counts = {"pending": int(total)}
     return snapshot
 
 

@@ -15,7 +15,7 @@ from typing import Any, Iterator, Optional
 import redis
 
 from orchestrator import dag
-from orchestrator.run_store import RunSnapshot, read_run, run_retries
+from orchestrator.run_store import RunSnapshot, epoch as _epoch, read_run, run_retries
 from orchestrator.task import Task
 from shared import keys
 from shared.errors import RunNotFoundError
@@ -23,13 +23,6 @@ from shared.states import RunState
 
 PAGE = 200
 """Run ids read from the newest-first index in one go while filtering."""
-
-
-def _epoch(value: Any) -> Optional[float]:
-    try:
-        return float(value) if value not in (None, "") else None
-    except (TypeError, ValueError):
-        return None
 
 
 def task_document(task: Task) -> dict[str, Any]:
@@ -94,7 +87,10 @@ def find_runs(connection: redis.Redis, *, state: Optional[str] = None, workflow:
         try:
             snapshot = read_run(connection, run_id)
         except RunNotFoundError:
-            connection.zrem(keys.RUNS, run_id)
+            try:
+                connection.zrem(keys.RUNS, run_id)
+            except redis.exceptions.NoPermissionError:
+                pass  # a read-only ACL user: the index keeps the id until a coordinator's cleanup
             continue
         if (state is None or snapshot.state == state) and (workflow is None or snapshot.workflow == workflow):
             found.append(snapshot)

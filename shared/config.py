@@ -66,6 +66,27 @@ def check_log_settings() -> None:
     max_log_bytes()
 
 
+def max_payload_bytes() -> int:
+    """``ORCH_MAX_PAYLOAD_BYTES``: the largest encoded arguments of one task (1 MiB), refused at submit."""
+    return _env_int("ORCH_MAX_PAYLOAD_BYTES", 1024 * 1024)
+
+
+def max_tasks() -> int:
+    """``ORCH_MAX_TASKS``: the most tasks one run may have (1,000,000), refused at submit."""
+    return _env_int("ORCH_MAX_TASKS", 1_000_000)
+
+
+JOB_ENTRY_OVERHEAD = 64 * 1024
+"""Room in a job entry for what is not the payload (run id, task name, function, signature)."""
+
+
+def max_job_entry_bytes() -> int:
+    """The longest job entry a worker reads: twice ``ORCH_MAX_PAYLOAD_BYTES`` (embedding the payload
+    in the entry escapes its quotes and backslashes, at most doubling it) plus
+    :data:`JOB_ENTRY_OVERHEAD`. A longer one no honest coordinator wrote: refused unread."""
+    return 2 * max_payload_bytes() + JOB_ENTRY_OVERHEAD
+
+
 @dataclass(frozen=True)
 class Settings:
     """Tunables, each read from its environment variable when not given.

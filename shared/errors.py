@@ -228,3 +228,13 @@ class MapError(WorkflowError):
 
 class ScheduleError(DefinitionError):
     """A schedule that cannot be: a bad cron expression, interval, time zone or policy."""
+
+
+class SigningKeyError(WorkflowError, ValueError):
+    """The signing key setting (``ORCH_SIGNING_KEY`` / ``ORCH_SIGNING_KEY_FILE``) is unusable; the
+    message names the setting to fix."""
+
+
+class LimitExceededError(WorkflowError, ValueError):
+    """A submission goes past one of the limits against a hostile or careless submitter
+    (``ORCH_MAX_PAYLOAD_BYTES``, ``ORCH_MAX_TASKS``); nothing was written."""

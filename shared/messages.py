@@ -13,6 +13,7 @@ from typing import Mapping, Optional
 
 from shared.errors import SerializationError
 from shared.events import TaskFailed, TaskSucceeded
+from shared.signing import Signer, sign_fields
 from shared.states import FailureKind
 
 STARTED = "started"
@@ -20,11 +21,15 @@ SUCCEEDED = "succeeded"
 FAILED = "failed"
 CANCEL = "cancel"
 _KINDS = {STARTED, SUCCEEDED, FAILED}
+OUTCOME_KIND = "outcome"
+"""What an outcome's signature says it signs (:meth:`~shared.signing.Signer.sign`)."""
+CANCEL_KIND = "cancel"
+"""What a cancel request's signature says it signs (its attempt is 0)."""
 
 
-def cancel_fields(by: str) -> dict[str, str]:
-    """A stream entry asking the run's coordinator to cancel the run."""
-    return {"status": CANCEL, "by": by}
+def cancel_fields(by: str, run_id: str = "", signer: Optional[Signer] = None) -> dict[str, bytes | str]:
+    """A stream entry asking the coordinator of run ``run_id`` to cancel it (signed by ``signer``)."""
+    return sign_fields(signer, CANCEL_KIND, run_id, 0, {"status": CANCEL, "by": by})
 
 
 def cancel_requester(raw: Mapping[bytes | str, bytes | str]) -> Optional[str]:
@@ -64,7 +69,8 @@ class Outcome:
     started_at: Optional[float] = None
     types: Optional[str] = None
 
-    def to_fields(self) -> dict[str, bytes | str]:
+    def to_fields(self, signer: Optional[Signer] = None) -> dict[str, bytes | str]:
+        """The stream entry's fields, signed by ``signer`` if given."""
         fields: dict[str, bytes | str] = {
             "run": self.run_id,
             "task": self.task,
@@ -82,7 +88,7 @@ class Outcome:
             "types": self.types,
         }
         fields.update({k: v for k, v in optional.items() if v is not None})
-        return fields
+        return sign_fields(signer, OUTCOME_KIND, self.run_id, self.attempt, fields)
 
     @classmethod
     def from_fields(cls, raw: Mapping[bytes | str, bytes | str]) -> "Outcome":

@@ -85,7 +85,10 @@ def live_workers(connection: redis.Redis) -> list[WorkerInfo]:
         except ValueError:
             continue  # an old worker's "1", or a forged value: not a worker this registry knows
     if gone:
-        connection.srem(keys.WORKERS, *gone)
+        try:
+            connection.srem(keys.WORKERS, *gone)
+        except redis.exceptions.NoPermissionError:
+            pass  # a read-only ACL user (orch status): the next worker or coordinator cleans up
     return live
 
 

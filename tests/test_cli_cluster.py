@@ -85,7 +85,10 @@ def test_lean_worker_burst_runs_what_is_queued_then_exits(redis_server) -> None:
     from shared.messages import Outcome
     from shared.jobs import job_message
 
+    from orchestrator.run_store import open_event_stream
+
     client = redis_server.client()
+    open_event_stream(client, "burst-run")  # as the run's coordinator does: workers report only to it
     client.rpush(keys.lean_queue("default"), job_message("burst-run", "t", 1, "dist_tasks:identity",
                                                          '[[41],{}]', None, None))
     done = subprocess.run([sys.executable, "-m", "orchestrator", "worker", "--mode", "lean", "--burst",

@@ -42,6 +42,7 @@ from fault_helpers import (FAST_ENV, Background, Processes, counters, descendant
                            wait_for)
 from fault_helpers import procs  # noqa: E402,F401  (a fixture)
 from orchestrator import Task, Workflow  # noqa: E402
+from orchestrator.run_store import open_event_stream  # noqa: E402
 from shared import keys  # noqa: E402
 from shared.jobs import job_message  # noqa: E402
 from shared.states import FailureKind  # noqa: E402
@@ -362,6 +363,7 @@ def test_work_processes_take_no_job_while_their_parent_cannot_heartbeat(procs: P
     try:
         wait_for(lambda: not client.exists(keys.alive(worker.worker_name)), 5 * TTL, "the heartbeat to lapse")
         # the coordinator now counts this worker lost: a job it took would be failed and run twice
+        open_event_stream(client, "stalled")  # as its coordinator would: workers report only to it
         client.rpush(keys.lean_queue("default"), job_message("stalled", "t", 1, "fault_tasks:echo", "[[5],{}]",
                                                              None, None))
         time.sleep(1.5)

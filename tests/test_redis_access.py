@@ -85,15 +85,16 @@ def started(tmp_path: Path) -> Iterator[list]:
             thing.wait(10)
 
 
-def start_worker(url: str, tmp_path: Path, started: list, env: dict | None = None) -> Path:
-    log = tmp_path / "worker.log"
+def start_worker(url: str, tmp_path: Path, started: list, env: dict | None = None, mode: str = "lean",
+                 name: str = "access-worker") -> Path:
+    log = tmp_path / f"{name}.log"
     process = subprocess.Popen([*orch_command(), "worker", "--redis-url", url, "--path", str(TESTS), "--name",
-                                "access-worker"], stdout=open(log, "wb"), stderr=subprocess.STDOUT,
+                                name, "--mode", mode], stdout=open(log, "wb"), stderr=subprocess.STDOUT,
                                env={**os.environ, **(env or {})}, start_new_session=True, cwd=str(tmp_path))
     started.append(process)
     client = connect(url, environ={**os.environ, **(env or {})})
     deadline = time.monotonic() + 30
-    while not client.exists("orch:alive:access-worker"):
+    while not client.exists(f"orch:alive:{name}"):
         assert process.poll() is None, log.read_text()
         assert time.monotonic() < deadline, "the worker did not register"
         time.sleep(0.05)

@@ -19,6 +19,7 @@ from rq import Queue, Worker
 from rq.job import Job, JobStatus
 from rq.serializers import JSONSerializer
 
+from orchestrator.run_store import open_event_stream
 from shared import codec, keys
 from shared.connection import connect
 from shared.jobs import JOB_FUNCTION
@@ -34,7 +35,10 @@ QUEUE = "reports"
 
 
 def _enqueue(client: Any, jobs: dict[str, tuple[str, tuple]]) -> Queue:
-    """Enqueue one orch job per task, ``{task: (ref, args)}``, as the coordinator does."""
+    """Enqueue one orch job per task, ``{task: (ref, args)}``, as the coordinator does (the run's
+    stream opened first: workers report only to it)."""
+    if not client.exists(keys.events(RUN)):
+        open_event_stream(client, RUN)
     queue = Queue(QUEUE, connection=client, serializer=JSONSerializer)
     queue.enqueue_many([
         Queue.prepare_data(JOB_FUNCTION, args=(RUN, task, 1, ref, codec.encode([list(args), {}]).decode(), None, None),

@@ -23,6 +23,7 @@ from bench.procs import orch_command
 from shared import codec, keys
 from shared.jobs import JOB_FUNCTION, job_message
 from shared.messages import Outcome
+from orchestrator.run_store import open_event_stream
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]
 TESTS = Path(__file__).parent
@@ -47,11 +48,16 @@ def wait_for_failure(client, run_id: str, seconds: float = 20) -> Outcome:
 
 
 def forge_lean(client, run_id: str, ref: str, *args) -> None:
+    """A job of run ``run_id``, which exists (its event stream is open, as its coordinator opens it):
+    the worker's refusal is reported there."""
+    open_event_stream(client, run_id)
     client.rpush(keys.lean_queue("default"), job_message(run_id, "evil", 1, ref, forged_payload(*args), None, None))
 
 
 def forge_orch_rq_job(client, run_id: str, ref: str, *args) -> None:
-    """An RQ job of orch's own job function, its task reference the attacker's."""
+    """An RQ job of orch's own job function, its task reference the attacker's, of run ``run_id``
+    (which exists: see :func:`forge_lean`)."""
+    open_event_stream(client, run_id)
     Queue("default", connection=client, serializer=JSONSerializer).enqueue(
         JOB_FUNCTION, run_id, "evil", 1, ref, forged_payload(*args), None, None, job_id=f"forged-{run_id}")
 
@@ -75,6 +81,8 @@ def test_forged_jobs_naming_the_standard_library_are_refused(redis_server, orch_
     assert "--allow" in failure.error
     time.sleep(0.5)
     assert not marker.exists(), "the forged job ran"
+    left = {key.decode(): client.ttl(key) for key in client.scan_iter(match=f"*{run_id}*")}
+    assert all(ttl > 0 for key, ttl in left.items() if key != keys.events(run_id)), left
     assert worker.alive()
     assert dist_tasks.make_example().run(redis_url=redis_server.url) == dist_tasks.EXAMPLE_RESULTS
 

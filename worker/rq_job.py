@@ -28,8 +28,10 @@ from shared import codec, keys, upstream
 from shared.config import max_result_bytes
 from shared.context import TaskContext, running
 from shared.errors import TaskTimeout, WorkflowError
+from shared.jobs import JobRefused, check_job_args
 from shared.messages import FAILED, STARTED, Outcome
 from shared.params import ParamsCache
+from shared.signing import configured_signer
 from shared.allow import worker_allowlist
 from shared.refs import import_reference
 from worker import task_log
@@ -51,9 +53,10 @@ class TaskFailedOnWorker(WorkflowError):
 
 
 def publish(connection: Any, outcome: Outcome) -> None:
-    """Append ``outcome`` to its run's event stream: one XADD, sent now (a client) or queued
-    (a pipeline)."""
-    connection.xadd(keys.events(outcome.run_id), outcome.to_fields())
+    """Append ``outcome`` to its run's event stream, signed with this worker's key if it has one:
+    one XADD, sent now (a client) or queued (a pipeline). Only to a stream that exists (the
+    coordinator opens it with the run): a forged job naming a made-up run leaves nothing behind."""
+    connection.xadd(keys.events(outcome.run_id), outcome.to_fields(configured_signer()), nomkstream=True)
 
 
 @contextlib.contextmanager
@@ -77,17 +80,31 @@ def run_task(
     payload: str,
     timeout: Optional[float] = None,
     max_result_bytes: Optional[int] = None,
+    signature: Optional[str] = None,
 ) -> None:
     """Run attempt ``attempt`` of ``task`` (function ``ref``, arguments in ``payload``) and report it
-    (or, within :func:`holding_outcomes`, hold its outcome for the worker to send)."""
+    (or, within :func:`holding_outcomes`, hold its outcome for the worker to send).
+
+    With signing on, a job whose ``signature`` is missing or wrong is refused (a ``TaskRefused``
+    failure) before anything is imported or decoded."""
     job = get_current_job()
     connection = job.connection
     worker = job.worker_name
+    if not (isinstance(run_id, str) and isinstance(task, str) and type(attempt) is int and attempt >= 1):
+        raise TaskFailedOnWorker("not a job of orch: run id and task must be strings, attempt a positive integer")
     held = _held
-    if held is None:
-        publish(connection, Outcome(run_id=run_id, task=task, attempt=attempt, status=STARTED, at=time.time(),
-                                    worker=worker))
-    outcome = attempt_outcome(connection, run_id, task, attempt, ref, payload, timeout, max_result_bytes, worker)
+    try:
+        check_job_args(configured_signer(), (run_id, task, attempt, ref, payload, timeout, max_result_bytes),
+                       signature)
+    except JobRefused as exc:
+        outcome = Outcome(run_id=run_id, task=task, attempt=attempt, status=FAILED, at=time.time(),
+                          error=f"TaskRefused: {exc}", worker=worker)
+    else:
+        if held is None:
+            publish(connection, Outcome(run_id=run_id, task=task, attempt=attempt, status=STARTED, at=time.time(),
+                                        worker=worker))
+        outcome = attempt_outcome(connection, run_id, task, attempt, ref, payload, timeout, max_result_bytes,
+                                  worker)
     if held is None:
         publish(connection, outcome)
     else:

@@ -39,7 +39,8 @@ from rq.serializers import JSONSerializer
 from rq.worker import WorkerStatus
 
 from shared.config import Settings
-from shared.jobs import JOB_FUNCTION
+from shared.jobs import JOB_FUNCTION, JobRefused, check_job_args
+from shared.signing import configured_signer
 from shared.messages import FAILED, STARTED, Outcome
 from shared.states import FailureKind
 from shared.workers import RQ, WorkerInfo, beat, retire
@@ -56,16 +57,21 @@ def attempt_of(job: Job) -> Optional[tuple[str, str, int, Optional[float]]]:
     """``(run_id, task, attempt, timeout)`` of an orch job, or ``None`` for any other job.
 
     Also ``None`` for an orch job whose arguments no coordinator wrote (forged or
-    damaged): its work horse fails it, and this parent process must not crash on it.
+    damaged, or with signing on, not signed with this worker's key): its work horse
+    fails it, and this parent process must not crash on it nor vouch for it.
     """
     try:
         if job.func_name != JOB_FUNCTION:
             return None
-        args = list(job.args) + [None] * 6
+        args = list(job.args) + [None] * 8
     except Exception:  # undecodable job data: RQ fails the job itself
         return None
     run_id, task, attempt, _ref, _payload, timeout = args[:6]
     if not isinstance(run_id, str) or not isinstance(task, str) or isinstance(attempt, bool):
+        return None
+    try:
+        check_job_args(configured_signer(), tuple(args[:7]), args[7])
+    except JobRefused:  # its work horse refuses it; nothing to report for it from here
         return None
     try:
         attempt = int(attempt)

@@ -20,8 +20,10 @@ from typing import Optional
 import redis
 
 from shared import keys
-from shared.jobs import MalformedJob, parse_job_message
+from shared.config import max_job_entry_bytes
+from shared.jobs import JobRefused, MalformedJob, parse_job_message
 from shared.messages import FAILED, STARTED, Outcome
+from shared.signing import configured_signer
 from shared.states import FailureKind
 from worker.execute import death_error, timeout_error
 from worker.slot_record import Snapshot, State, attempt_id
@@ -40,7 +42,7 @@ _SETTLE = """
 --   'requeue': the entry goes back to the front of the queue; 'drop': it is removed.
 if ARGV[2] == 'start' then
   if redis.call('LPOS', KEYS[1], ARGV[1]) then
-    redis.call('XADD', KEYS[2], '*', unpack(ARGV, 3))
+    redis.call('XADD', KEYS[2], 'NOMKSTREAM', '*', unpack(ARGV, 3))
     return 1
   end
   return 0
@@ -51,9 +53,9 @@ end
 if ARGV[2] == 'report' then
   local n = tonumber(ARGV[3])
   if n > 0 then
-    redis.call('XADD', KEYS[2], '*', unpack(ARGV, 4, 3 + n))
+    redis.call('XADD', KEYS[2], 'NOMKSTREAM', '*', unpack(ARGV, 4, 3 + n))
   end
-  redis.call('XADD', KEYS[2], '*', unpack(ARGV, 4 + n))
+  redis.call('XADD', KEYS[2], 'NOMKSTREAM', '*', unpack(ARGV, 4 + n))
 elseif ARGV[2] == 'requeue' then
   redis.call('LPUSH', KEYS[2], ARGV[1])
 end
@@ -103,13 +105,15 @@ def verdict(raw: bytes, death: Death, queues: int, worker: str) -> Verdict:
     The attempt the record shows in hand fails as the parent's reason says (a timeout, a stop
     request; else a crash), or goes back to its queue in a cold shutdown. An entry taken and not
     shown in hand yet never ran: it goes back to its queue if that is known (a blocking take names
-    its queue; a worker with one queue knows it), else it fails as a crash. An unreadable entry is
-    dropped.
+    its queue; a worker with one queue knows it), else it fails as a crash. An unreadable entry, and
+    with signing on one whose signature is missing or wrong, is dropped.
     """
     try:
-        job = parse_job_message(raw)
+        job = parse_job_message(raw, configured_signer(), max_job_entry_bytes())
         run_id, task, attempt = job.run_id, job.task, job.attempt
     except MalformedJob as exc:
+        if isinstance(exc, JobRefused):
+            return Verdict("drop", message=f"dropped a refused job from a dead work process: {exc}")
         if exc.attempt_key is None:
             return Verdict("drop", message=f"dropped an unreadable job from a dead work process: {exc}")
         run_id, task, attempt = exc.attempt_key
@@ -141,7 +145,7 @@ def _known_queue(snapshot: Optional[Snapshot], in_hand: bool, queues: int) -> Op
 
 
 def _flat(outcome: Outcome) -> list:
-    return [item for pair in outcome.to_fields().items() for item in pair]
+    return [item for pair in outcome.to_fields(configured_signer()).items() for item in pair]
 
 
 class Settler:
@@ -173,7 +177,7 @@ class Settler:
         (else the work process has reported it already, with its outcome)."""
         for raw in self.connection.lrange(inflight, 0, -1):
             try:
-                job = parse_job_message(raw)
+                job = parse_job_message(raw, configured_signer(), max_job_entry_bytes())
             except MalformedJob:
                 continue
             if attempt_id(job.run_id, job.task, job.attempt) == snapshot.attempt:

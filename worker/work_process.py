@@ -10,6 +10,11 @@ outcome, in the same script, unless the parent reported it first (it does for
 an attempt still running after ``START_REPORT_DELAY``): a short task then costs
 the coordinator one wake-up, not two.
 
+Before it decodes a job any further than its run, task and attempt, a work process refuses an
+entry longer than any honest one (``ORCH_MAX_PAYLOAD_BYTES``) and, with a signing key, one whose
+signature is missing or wrong (:func:`shared.jobs.parse_job_message`); it signs every report it
+makes (the start the take script reports is a hint the coordinator trusts for nothing).
+
 Nothing goes through the parent: the work process only keeps its
 :class:`~worker.slot_record.SlotRecord` current, from which the parent times
 attempts out, finds the attempt a stop request names and learns, after a
@@ -35,10 +40,12 @@ from typing import Any, Optional
 import redis
 
 from shared import keys
+from shared.config import max_job_entry_bytes
 from shared.connection import connect
-from shared.jobs import MalformedJob, parse_job_message
+from shared.jobs import JobRefused, MalformedJob, parse_job_message
 from shared.messages import FAILED, STARTED, Outcome
 from worker import task_log
+from shared.signing import configured_signer
 from worker.rq_job import attempt_outcome
 from worker.slot_record import ParentWords, SlotRecord, State, attempt_id
 from worker.wire import Wire
@@ -57,28 +64,32 @@ PARENT_WAIT_SECONDS = 0.1
 FINISH_AND_TAKE = """
 -- KEYS[1]: this slot's in-flight list; KEYS[2..]: queues, in the order to try.
 -- ARGV: finished job ('' for none), its run's event stream, worker name, now,
--- event stream key prefix and suffix, the number n of the finished job's start fields
--- (0: its start was reported), those n fields, then its outcome fields.
+-- event stream key prefix and suffix, the longest entry to decode, the number n of the finished
+-- job's start fields (0: its start was reported), those n fields, then its outcome fields.
+-- Reports go only to a stream that exists (NOMKSTREAM): the coordinator opens it with the run.
 if ARGV[1] ~= '' then
-  local n = tonumber(ARGV[7])
+  local n = tonumber(ARGV[8])
   if n > 0 then
-    redis.call('XADD', ARGV[2], '*', unpack(ARGV, 8, 7 + n))
+    redis.call('XADD', ARGV[2], 'NOMKSTREAM', '*', unpack(ARGV, 9, 8 + n))
   end
-  if #ARGV > 7 + n then
-    redis.call('XADD', ARGV[2], '*', unpack(ARGV, 8 + n))
+  if #ARGV > 8 + n then
+    redis.call('XADD', ARGV[2], 'NOMKSTREAM', '*', unpack(ARGV, 9 + n))
   end
   redis.call('LREM', KEYS[1], 1, ARGV[1])
 end
 for i = 2, #KEYS do
   local job = redis.call('LMOVE', KEYS[i], KEYS[1], 'LEFT', 'RIGHT')
   if job then
-    local ok, decoded = pcall(cjson.decode, job)
+    local ok, decoded = false, nil
+    if #job <= tonumber(ARGV[7]) then  -- a longer one no coordinator wrote: not decoded, not reported
+      ok, decoded = pcall(cjson.decode, job)
+    end
     if ok and type(decoded) == 'table' and type(decoded[1]) == 'string' and type(decoded[2]) == 'string'
         and type(decoded[3]) == 'number' and decoded[3] >= 1 and decoded[3] < 1e9
         and decoded[3] == math.floor(decoded[3]) then
-      redis.call('XADD', ARGV[5] .. decoded[1] .. ARGV[6], '*', 'run', decoded[1], 'task', decoded[2],
-                 'attempt', string.format('%d', decoded[3]), 'status', 'started', 'at', ARGV[4],
-                 'worker', ARGV[3])
+      redis.call('XADD', ARGV[5] .. decoded[1] .. ARGV[6], 'NOMKSTREAM', '*', 'run', decoded[1],
+                 'task', decoded[2], 'attempt', string.format('%d', decoded[3]), 'status', 'started',
+                 'at', ARGV[4], 'worker', ARGV[3])
     end
     return {i - 2, job}
   end
@@ -153,6 +164,8 @@ class _Loop:
         self._stream_affixes = tuple(keys.events("\0").split("\0"))
         self._unsure = False
         self._adopted: list[tuple[int, bytes]] = []
+        self.signer = configured_signer()
+        self.max_entry = max_job_entry_bytes()
 
     def _stopping(self) -> bool:
         return self.parent.halt or os.getppid() != self.config.parent_pid
@@ -233,14 +246,14 @@ class _Loop:
         raw, outcome, start = done if done is not None else (b"", None, None)
         if start is not None and self.record.claimed() == attempt_id(start.run_id, start.task, start.attempt):
             start = None  # the parent reported it
-        started = _flat(start.to_fields()) if start is not None and outcome is not None else []
+        started = _flat(start.to_fields(self.signer)) if start is not None and outcome is not None else []
         order = self._queues_in_turn() if take else []
         self.record.set(State.TAKING)
         reply = self._finish_and_take(
             keys=[self.inflight, *(self.config.queue_keys[i] for i in order)],
             args=[raw, keys.events(outcome.run_id) if outcome is not None else "", self.config.worker,
-                  repr(time.time()), *self._stream_affixes, len(started), *started,
-                  *(_flat(outcome.to_fields()) if outcome is not None else [])])
+                  repr(time.time()), *self._stream_affixes, self.max_entry, len(started), *started,
+                  *(_flat(outcome.to_fields(self.signer)) if outcome is not None else [])])
         if not reply:
             return None
         position, job = reply
@@ -272,15 +285,16 @@ class _Loop:
         runs longer than ``worker.settle.START_REPORT_DELAY``: the record says it is unreported)."""
         worker = self.config.worker
         try:
-            job = parse_job_message(raw)
+            job = parse_job_message(raw, self.signer, self.max_entry)
         except MalformedJob as exc:
             if exc.attempt_key is None:
                 log.error("dropped an unreadable job from %s: %s", self._queue_name(queue), exc)
                 return raw, None, None
             run_id, task, attempt = exc.attempt_key
-            log.error("job of task %r attempt %s in run %s is malformed: %s", task, attempt, run_id, exc)
+            log.error("job of task %.80r attempt %s in run %.80r refused: %s", task, attempt, run_id, exc)
+            error = f"TaskRefused: {exc}" if isinstance(exc, JobRefused) else f"SerializationError: malformed job: {exc}"
             return raw, Outcome(run_id=run_id, task=task, attempt=attempt, status=FAILED, at=time.time(),
-                                error=f"SerializationError: malformed job: {exc}", worker=worker), None
+                                error=error, worker=worker), None
         started = time.time()
         deadline = float("inf") if job.timeout is None else time.monotonic() + job.timeout
         self.record.set(State.RUNNING, queue=queue, attempt=attempt_id(job.run_id, job.task, job.attempt),

@@ -21,6 +21,10 @@ reads (at most a second apart) it renews its lease on the run and checks the
 heartbeat keys of the workers running its attempts: an attempt whose worker's
 heartbeat lapsed fails as "worker lost" and is retried like any failure.
 
+With a signing key (:mod:`shared.signing`) every job sent is signed, and an outcome or cancel
+request whose signature is missing or wrong is ignored with one log line; a "started" report
+without a signature (a lean take, reported in Lua) only marks the task running.
+
 Every Redis call here survives an outage of up to ``Settings.outage`` seconds:
 a step is written again whole after a reconnect (its writes are idempotent;
 an attempt enqueued twice is reported twice, and the scheduler takes one).
@@ -50,9 +54,10 @@ from orchestrator.task import Task
 from shared import keys
 from shared.config import NO_TIMEOUT, Settings
 from shared.errors import SerializationError
-from shared.jobs import JOB_FUNCTION, job_message
+from shared.jobs import JOB_FUNCTION, job_message, job_signature
 from shared.events import Event, RunCancelled, TaskStarted
-from shared.messages import FAILED, STARTED, SUCCEEDED, Outcome, cancel_requester, finished_event
+from shared.messages import CANCEL_KIND, FAILED, OUTCOME_KIND, STARTED, SUCCEEDED, Outcome, cancel_requester, finished_event
+from shared.signing import SIGNATURE_FIELD, Signer, fields_verified
 from shared.states import RunState, TaskState
 from shared.workers import LEAN
 
@@ -68,6 +73,10 @@ HOUSEKEEPING_INTERVAL = 1.0
 TTL when that is shorter, so that a live coordinator's lease never lapses between two)."""
 DEFER_STARTS = 0.2
 """Longest a step that only marks tasks running waits to be written with the next one."""
+
+
+def outcome_field_names(fields: Mapping[Any, Any]) -> set[str]:
+    return {name.decode() if isinstance(name, bytes) else name for name in fields}
 
 
 def _only_starts(step: Step) -> bool:
@@ -106,6 +115,7 @@ class RQBackend:
         self.settings = settings or Settings()
         self.retries = retries
         """Times the run was rerun from failure (as of the last step)."""
+        self.signer = Signer.from_environment()
         self._index = specs.index
         self._queues: dict[str, Queue] = {}
         self._last_event = last_event
@@ -241,11 +251,14 @@ class RQBackend:
         return (self.run_id, task, attempt, spec["ref"], spec["payload"], spec["timeout"],
                 self.settings.max_result_bytes)
 
+    def _lean_entry(self, task: str, attempt: int) -> str:
+        return job_message(*self._job_args(task, attempt), signer=self.signer)
+
     def _unqueue(self, pipe: Any, attempts: Sequence[Any]) -> None:
         """Take queued attempts back, in whichever form they were sent (a no-op for one already taken)."""
         for stop in attempts:
             queue = self._queue_name(stop.task)
-            pipe.lrem(keys.lean_queue(queue), 0, job_message(*self._job_args(stop.task, stop.attempt)))
+            pipe.lrem(keys.lean_queue(queue), 0, self._lean_entry(stop.task, stop.attempt))
             pipe.lrem(self._queue(queue).key, 0, self.job_id(stop.task, stop.attempt))
 
     def _queue_jobs(self, pipe: Any, attempts: Sequence[tuple[str, int]]) -> None:
@@ -257,7 +270,7 @@ class RQBackend:
             transport = self.routes.transport(queue)
             self._mark_waiting(task, attempt, transport)
             if transport == LEAN:
-                lean.setdefault(queue, []).append(job_message(*self._job_args(task, attempt)))
+                lean.setdefault(queue, []).append(self._lean_entry(task, attempt))
             else:
                 rq_jobs.setdefault(queue, []).append(self._rq_job(task, attempt))
         for queue_name, messages in lean.items():
@@ -271,9 +284,12 @@ class RQBackend:
     def _rq_job(self, task: str, attempt: int) -> Any:
         timeout = self.specs[task]["timeout"]
         job_timeout = NO_TIMEOUT if timeout is None else math.ceil(timeout) + math.ceil(self.settings.kill_grace)
+        args = self._job_args(task, attempt)
+        if self.signer is not None:
+            args = (*args, job_signature(self.signer, args))
         return Queue.prepare_data(
             JOB_FUNCTION,
-            args=self._job_args(task, attempt),
+            args=args,
             timeout=job_timeout,
             result_ttl=RQ_RESULT_TTL,
             failure_ttl=self.settings.retention,
@@ -296,7 +312,7 @@ class RQBackend:
             return
         pipe = self.connection.pipeline(transaction=False)
         for task, attempt, _via in moving:
-            pipe.lrem(keys.lean_queue(self._queue_name(task)), 1, job_message(*self._job_args(task, attempt)))
+            pipe.lrem(keys.lean_queue(self._queue_name(task)), 1, self._lean_entry(task, attempt))
             pipe.lrem(self._queue(self._queue_name(task)).key, 1, self.job_id(task, attempt))
         removed = pipe.execute()
         taken_back = []
@@ -404,6 +420,10 @@ class RQBackend:
         now = time.time()  # the coordinator's clock decides retry times, not a worker's
         by = cancel_requester(fields)
         if by is not None:
+            if self.signer is not None and not fields_verified(self.signer, CANCEL_KIND, self.run_id, 0, fields):
+                log.error("run %s: ignored a cancel request (by %.80r) with a missing or wrong signature",
+                          self.run_id, by)
+                return None
             return RunCancelled(now, by)
         try:
             outcome = Outcome.from_fields(fields)
@@ -413,14 +433,30 @@ class RQBackend:
         if outcome.run_id != self.run_id or outcome.task not in self.tasks:
             log.error("run %s: ignored an event for run %.80r task %.80r", self.run_id, outcome.run_id, outcome.task)
             return None
+        watched = outcome.worker
+        if self.signer is not None and not self._verified(outcome, fields):
+            if outcome.status != STARTED or SIGNATURE_FIELD in outcome_field_names(fields):
+                log.error("run %s: ignored a %s outcome of task %.80r attempt %s with a missing or wrong signature",
+                          self.run_id, outcome.status, outcome.task, outcome.attempt)
+                return None
+            # An unsigned start (a lean take reports it in Lua, without the key) is a hint: shown,
+            # never a result, and its worker's heartbeat is not what decides a loss (the in-flight
+            # lists are). See README "Security model".
+            watched = None
         job_id = self.job_id(outcome.task, outcome.attempt)
         if outcome.status == STARTED:
-            self.watch.started(job_id, outcome.task, outcome.attempt, outcome.worker)
+            self.watch.started(job_id, outcome.task, outcome.attempt, watched)
             return TaskStarted(outcome.task, outcome.attempt, now, outcome.worker)
         self.watch.finished(job_id, outcome.task, outcome.attempt)
         if outcome.status in (SUCCEEDED, FAILED):
             return finished_event(outcome, now)
         return None
+
+    def _verified(self, outcome: Outcome, fields: Mapping[Any, Any]) -> bool:
+        if outcome.status == STARTED and SIGNATURE_FIELD.encode() not in fields:
+            return False  # a hint (see below): no signature to check
+        assert self.signer is not None
+        return fields_verified(self.signer, OUTCOME_KIND, self.run_id, outcome.attempt, fields)
 
     def close(self) -> None:
         self.connection.close()
