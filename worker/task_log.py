@@ -429,9 +429,13 @@ os.register_at_fork(after_in_child=_after_fork)
 
 
 _APPEND = """
--- KEYS[1]: one attempt's log (a stream); KEYS[2]: the run's log index (a set).
+-- KEYS[1]: one attempt's log (a stream); KEYS[2]: the run's log index (a set); KEYS[3]: the run's
+-- event stream, which exists while the run does (a forged job's made-up run gets no log).
 -- ARGV[1]: TTL (s); ARGV[2], ARGV[3]: the first and last line number to delete (0: none);
 -- ARGV[4]: JSON array of [line number, time, offset, line].
+if redis.call('EXISTS', KEYS[3]) == 0 then
+  return 0
+end
 for _, r in ipairs(cjson.decode(ARGV[4])) do
   redis.pcall('XADD', KEYS[1], '0-' .. string.format('%d', r[1]), 't', r[2], 'o', string.format('%d', r[3]),
               'l', r[4])
@@ -457,9 +461,12 @@ return 1
 def redis_sink(connection: Any, run_id: str, task: str, attempt: int) -> Send:
     """Batches of attempt ``attempt`` of ``task`` into its log stream (``keys.task_log``), one Lua
     call each; the key joins the run's log index and gets this worker's ``ORCH_RETENTION`` as TTL.
-    Nothing is prepared until the first batch: an attempt that prints nothing costs nothing."""
+    Nothing is prepared until the first batch: an attempt that prints nothing costs nothing. A run
+    whose event stream does not exist (a forged job's, or one past its retention) gets no log.
+    """
     key = keys.task_log(run_id, task, attempt)
     index = keys.logs(run_id)
+    events = keys.events(run_id)
     script: list[Any] = []
 
     def send(batch: LogBatch) -> None:
@@ -467,6 +474,6 @@ def redis_sink(connection: Any, run_id: str, task: str, attempt: int) -> Send:
             script.append(connection.register_script(_APPEND))
         body = json.dumps([[r.seq, "%.3f" % r.time, r.offset, r.text] for r in batch.records],
                           separators=(",", ":"))
-        script[0](keys=[key, index], args=[retention(), batch.drop_from, batch.drop_to, body])
+        script[0](keys=[key, index, events], args=[retention(), batch.drop_from, batch.drop_to, body])
 
     return send
