@@ -183,8 +183,9 @@ class RunSnapshot:
     counts: dict[str, int] = field(default_factory=dict)
 
 
-def _text(value: Any) -> Optional[str]:
-    return value.decode("utf-8", "replace") if isinstance(value, bytes) else value
+def _text(value: Any) -> str:
+    """A Redis reply (bytes, or str on a decoding connection) as text."""
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
 
 
 def read_run(connection: redis.Redis, run_id: str) -> RunSnapshot:

@@ -24,7 +24,7 @@ import random as _random
 from array import array
 from collections import Counter
 from operator import attrgetter
-from typing import Any, Callable, Iterable, Mapping, NamedTuple, Optional, Sequence
+from typing import Any, Callable, Iterable, Mapping, NamedTuple, Optional, Protocol, Sequence
 
 from orchestrator.actions import Action, Dispatch, RunFinished, RunRerun, ScheduleRetry, StopTask, Transition
 from orchestrator.dag import Graph, analyse
@@ -47,12 +47,18 @@ P, Q, R, W, S, F, C, K = (
 )
 
 
-class TaskSpec(RetrySpec):
+class TaskSpec(RetrySpec, Protocol):
     """What the scheduler needs to know of a task (a :class:`~orchestrator.task.Task` fits)."""
 
-    name: str
-    dependencies: Sequence[str]
-    trigger_rule: TriggerRule
+    # Read-only members (properties): a Task's list[str] then fits Sequence[str].
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def dependencies(self) -> Sequence[str]: ...
+
+    @property
+    def trigger_rule(self) -> TriggerRule: ...
 
 
 class Restored(NamedTuple):
@@ -554,7 +560,7 @@ by :meth:`Scheduler.rerun`."""
 _RERUN = frozenset({F, C})
 """The final states a rerun from failure starts again by itself (skipped tasks only downstream of them)."""
 
-_EVENT_HANDLERS = {
+_EVENT_HANDLERS: dict[type, Callable[[Scheduler, int, Any, list[Action]], None]] = {
     TaskStarted: Scheduler._on_started,
     TaskSucceeded: Scheduler._on_succeeded,
     TaskFailed: Scheduler._on_failed,

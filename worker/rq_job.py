@@ -62,7 +62,8 @@ def holding_outcomes() -> Iterator[list[Outcome]]:
     caller's worker did, before forking) nor sends the outcome: it appends the outcome to the
     list yielded, and the caller must send every outcome it finds there."""
     global _held
-    _held = held = []
+    held: list[Outcome] = []
+    _held = held
     try:
         yield held
     finally:
@@ -81,6 +82,8 @@ def run_task(
     """Run attempt ``attempt`` of ``task`` (function ``ref``, arguments in ``payload``) and report it
     (or, within :func:`holding_outcomes`, hold its outcome for the worker to send)."""
     job = get_current_job()
+    if job is None:
+        raise RuntimeError("run_task runs inside an RQ job only (no current job)")
     connection = job.connection
     worker = job.worker_name
     held = _held

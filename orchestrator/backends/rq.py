@@ -259,10 +259,10 @@ class RQBackend:
         for queue_name, messages in lean.items():
             pipe.rpush(keys.lean_queue(queue_name), *messages)
         for queue_name, jobs in rq_jobs.items():
-            queue = self._queue(queue_name)
-            queue.enqueue_many(jobs, pipeline=pipe)
+            rq_queue = self._queue(queue_name)
+            rq_queue.enqueue_many(jobs, pipeline=pipe)
             for job in jobs:
-                self.watch.dispatched(job.job_id, job.args[1], job.args[2], queue.intermediate_queue_key)
+                self.watch.dispatched(job.job_id, job.args[1], job.args[2], rq_queue.intermediate_queue_key)
 
     def _rq_job(self, task: str, attempt: int) -> Any:
         timeout = self.specs[task]["timeout"]
