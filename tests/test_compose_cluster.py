@@ -107,6 +107,15 @@ def test_detached_run_is_driven_by_the_coordinator_service(cluster: Cluster) -> 
     assert run_id in cluster.tool("status").stdout  # `docker compose run --rm status`: orch runs
 
 
+def test_cancel_through_the_status_service(cluster: Cluster) -> None:
+    run_id = _run_id(cluster.tool("submit", "orch", "submit", SLOW_FLOW, "--detach"))
+    cluster.tool("status", "orch", "cancel", run_id)
+    done = cluster.tool("status", "orch", "status", run_id, "--wait", check=False, timeout=120)
+    assert done.returncode == 1, f"exit {done.returncode} (1: not a success)\n{done.stdout}\n{done.stderr}"
+    view = cluster.status_json(run_id)
+    assert view["state"] == "cancelled", view
+
+
 def _host_of(worker_id: str) -> str:
     """A worker's name starts with its host name, which is the container's short id."""
     return worker_id.split(".", 1)[0]
@@ -144,6 +153,19 @@ def test_redis_restart_keeps_finished_runs(cluster: Cluster) -> None:
     assert re.search(rf"{run_id}\s+\S+\s+success", listing), listing
     again = cluster.tool("submit", check=False, timeout=180)
     assert again.returncode == 0 and RESULTS_ROW.search(again.stdout), f"{again.stdout}\n{again.stderr}"
+
+
+def test_down_keeps_the_data_volume(cluster: Cluster) -> None:
+    """README: `docker compose down` keeps the redis-data volume, so runs outlive the cluster."""
+    run_id = _run_id(cluster.tool("submit"))
+    time.sleep(2)  # appendfsync everysec
+    cluster.compose("down", timeout=180)
+    assert cluster.leftovers() == {"volumes": [f"{cluster.project}_redis-data"],
+                                   "by name": [f"{cluster.project}_redis-data"]}, cluster.leftovers()
+    cluster.compose("up", "-d", "--no-build", "--scale", "worker=3", timeout=240)
+    listing = _wait_for("orch runs after down and up",
+                        lambda: cluster.tool("status", check=False).stdout, 60, cluster)
+    assert re.search(rf"{run_id}\s+\S+\s+success", listing), listing
 
 
 def test_down_v_leaves_nothing_behind(cluster: Cluster) -> None:
