@@ -388,7 +388,7 @@ def part_spy(log_dir: Path) -> dict[str, Any]:
                     s.wait(30)
                     s.stop()
                 driver.stop()
-                rows = [json.loads(l) for l in driver_out.read_text().splitlines() if l.startswith("{")]
+                rows = [json.loads(row) for row in driver_out.read_text().splitlines() if row.startswith("{")]
                 worker_files = [prefix.with_suffix(f".{p.pid}.txt") for p in procs]
                 out[f"{system}/{name}"] = {
                     "timed_runs": len(rows),

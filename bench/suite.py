@@ -345,7 +345,8 @@ def markdown(runner_results: dict[str, Any], scale: list[dict[str, Any]], wls: l
     if scale:
         lines.append("")
         lines.append(f"Scale (orch lean, {scale[0]['width']}-wide layered DAGs, {scale[0]['workers']} workers; "
-                     "*first dispatch*: from calling `run_distributed()` to the first step (the roots' dispatch) written to Redis; "
+                     "*first dispatch*: from calling `run_distributed()` to the first step (the roots' dispatch) "
+                     "written to Redis; "
                      "coordinator = the driver process; *RSS before run*: what it held when it called "
                      "`run_distributed()`: the interpreter and the built Workflow's Task objects (the workload "
                      "is streamed into the Workflow, as a user's code would build it, not held as a second copy)):")

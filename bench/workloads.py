@@ -116,7 +116,8 @@ def layered_entries(layers: int, width: int, seed: int = 7) -> Iterator[Entry]:
     rng = random.Random(seed)
     for layer in range(layers):
         for i in range(width):
-            deps = [] if layer == 0 else [f"t{layer - 1}_{j}" for j in rng.sample(range(width), min(width, rng.choice((2, 3))))]
+            picked = [] if layer == 0 else rng.sample(range(width), min(width, rng.choice((2, 3))))
+            deps = [f"t{layer - 1}_{j}" for j in picked]
             yield f"t{layer}_{i}", deps, "noop", ()
 
 

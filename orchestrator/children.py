@@ -83,58 +83,56 @@ class _ChildSpec:
         return getattr(self.parent, attribute)
 
 
-class MapMoves:
-    """The scheduler's moves for mapped tasks: expand into children, end when the last child ends."""
+# ------------------------------------------------ the scheduler's moves for mapped tasks
+def on_expanded(s: "Scheduler", i: int, event: MapExpanded, actions: list[Action]) -> None:
+    """A mapped task's children are known: dispatch them all (none: it succeeds with ``[]``)."""
+    if event.attempt != s._attempt[i] or s._state[i] is not Q or s._children.expanded(i):
+        s._ignored(i, event)
+        return
+    first = len(s._names)
+    children = add_children(s, i, first, event.count)
+    actions.append(MapChildren(s._names[i], first, tuple(s._names[c] for c in children)))
+    if not children:
+        s._move(i, S, event.at, actions, "mapped over nothing")
+        return
+    s._move(i, R, event.at, actions, f"expanded into {event.count} children")
+    for child in children:
+        s._move(child, Q, event.at, actions, "mapped from {}", because_of=i)
 
-    def _on_expanded(self: "Scheduler", i: int, event: MapExpanded, actions: list[Action]) -> None:
-        """A mapped task's children are known: dispatch them all (none: it succeeds with ``[]``)."""
-        if event.attempt != self._attempt[i] or self._state[i] is not Q or self._children.expanded(i):
-            self._ignored(i, event)
-            return
-        first = len(self._names)
-        children = self._add_children(i, first, event.count)
-        actions.append(MapChildren(self._names[i], first, tuple(self._names[c] for c in children)))
-        if not children:
-            self._move(i, S, event.at, actions, "mapped over nothing")
-            return
-        self._move(i, R, event.at, actions, f"expanded into {event.count} children")
-        for child in children:
-            self._move(child, Q, event.at, actions, "mapped from {}", because_of=i)
+def add_children(s: "Scheduler", i: int, first: int, count: int) -> range:
+    """Make room for ``count`` pending children of mapped task ``i``, numbered from ``first`` (the next
+    free number: expansions are replayed in the order they happened)."""
+    if first != len(s._names):
+        raise ValueError(f"children of {s._names[i]!r} numbered from {first}, expected {len(s._names)}")
+    if len(s._names) == s._graph_size:  # the first expansion: stop sharing the graph's name tables
+        s._names, s._index = list(s._names), dict(s._index)
+        s._total = array("i", s._total)
+    parent = s._specs[i]
+    for k in range(count):
+        name = child_name(s._names[i], k)
+        s._index[name] = len(s._names)
+        s._names.append(name)
+        s._specs.append(_ChildSpec(name, parent))
+    s._state.extend([P] * count)
+    s._attempt.extend([0] * count)
+    s._base.extend([0] * count)
+    for counts in (s._ok, s._bad, s._skip, s._total):
+        counts.extend(array("i", bytes(4 * count)))
+    s._counts[P] += count
+    s._unfinished += count
+    s._stories.grow(s._names, count)
+    return s._children.add(i, first, count)
 
-    def _add_children(self: "Scheduler", i: int, first: int, count: int) -> range:
-        """Make room for ``count`` pending children of mapped task ``i``, numbered from ``first`` (the next
-        free number: expansions are replayed in the order they happened)."""
-        if first != len(self._names):
-            raise ValueError(f"children of {self._names[i]!r} numbered from {first}, expected {len(self._names)}")
-        if len(self._names) == self._graph_size:  # the first expansion: stop sharing the graph's name tables
-            self._names, self._index = list(self._names), dict(self._index)
-            self._total = array("i", self._total)
-        parent = self._specs[i]
-        for k in range(count):
-            name = child_name(self._names[i], k)
-            self._index[name] = len(self._names)
-            self._names.append(name)
-            self._specs.append(_ChildSpec(name, parent))
-        self._state.extend([P] * count)
-        self._attempt.extend([0] * count)
-        self._base.extend([0] * count)
-        for counts in (self._ok, self._bad, self._skip, self._total):
-            counts.extend(array("i", bytes(4 * count)))
-        self._counts[P] += count
-        self._unfinished += count
-        self._stories.grow(self._names, count)
-        return self._children.add(i, first, count)
-
-    def _child_ended(self: "Scheduler", child: int, at: float, actions: list[Action]) -> None:
-        """Count a child's end; after the last one, its mapped task succeeds, or fails if a child failed."""
-        task = self._children.ended(child, self._state[child] is F)
-        if task is None or self._state[task] is not R:
-            return
-        failed = self._children.failed(task)
-        if not failed:
-            self._move(task, S, at, actions, "all its children ended")
-            return
-        first = min(failed)
-        self._error[task] = (f"{len(failed)} of {len(self._children.of(task))} mapped children failed "
-                             f"(first: {self._names[first]}: {self._error.get(first, 'failed')})")
-        self._move(task, F, at, actions, "a child failed")
+def child_ended(s: "Scheduler", child: int, at: float, actions: list[Action]) -> None:
+    """Count a child's end; after the last one, its mapped task succeeds, or fails if a child failed."""
+    task = s._children.ended(child, s._state[child] is F)
+    if task is None or s._state[task] is not R:
+        return
+    failed = s._children.failed(task)
+    if not failed:
+        s._move(task, S, at, actions, "all its children ended")
+        return
+    first = min(failed)
+    s._error[task] = (f"{len(failed)} of {len(s._children.of(task))} mapped children failed "
+                         f"(first: {s._names[first]}: {s._error.get(first, 'failed')})")
+    s._move(task, F, at, actions, "a child failed")

@@ -16,10 +16,11 @@ from datetime import datetime
 from typing import Optional
 
 import click
+import redis
 
 from orchestrator import report
-from orchestrator.cli import (EXIT_FAILED, CliOptions, _exit, exit_code_of, handle_errors, interrupting_signals, main,
-                              pass_options, redis_url_option, say_cancelled)
+from orchestrator.cli import (EXIT_FAILED, CliOptions, _exit, exit_code_of, handle_errors,
+                              interrupting_signals, main, pass_options, redis_url_option, say_cancelled)
 from orchestrator.distributed import cancel_run, resume_run, retry_run, serve_coordinator, stored_run, who
 from orchestrator.run_store import epoch, load_history, load_tasks, read_run, run_params, run_retries
 from orchestrator.run_views import find_runs, run_summary, status_document, wait_until_final
@@ -32,7 +33,7 @@ from shared.connection import connect
 from shared.states import RunState
 
 
-def _redis(options: CliOptions, command: str):  # -> redis.Redis
+def _redis(options: CliOptions, command: str) -> redis.Redis:
     return connect(options.require_redis_url(command))
 
 
@@ -176,7 +177,8 @@ def _print_status(run_id: str, meta: dict, tasks: dict) -> None:
         click.echo("params: " + ", ".join(f"{name}={json.dumps(value, default=str)}" for name, value in params.items()))
     retries = run_retries(meta)
     if retries:
-        click.echo(f"retried {retries} time{'s' if retries != 1 else ''} (orch retry); earlier attempts below the table")
+        click.echo(f"retried {retries} time{'s' if retries != 1 else ''} (orch retry); "
+                   "earlier attempts below the table")
     report.print_results(workflow)
     _print_earlier_attempts(workflow)
 

@@ -22,8 +22,12 @@ from shared.errors import CycleError, MissingDependencyError
 
 
 class Node(Protocol):
-    name: str
-    dependencies: Sequence[str]
+    # Read-only members (properties), so that a Task's list[str] fits Sequence[str] (mutable members are invariant).
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def dependencies(self) -> Sequence[str]: ...
 
 
 def check_dependencies(tasks: Mapping[str, Node]) -> None:
@@ -70,9 +74,11 @@ class Graph:
 
     @property
     def topological(self) -> array:
-        if self.known_order is None:
-            object.__setattr__(self, "known_order", _kahn(self.indegree, self.dependents, self.dependents_start)[0])
-        return self.known_order
+        order = self.known_order
+        if order is None:
+            order = _kahn(self.indegree, self.dependents, self.dependents_start)[0]
+            object.__setattr__(self, "known_order", order)
+        return order
 
     @property
     def order(self) -> list[str]:

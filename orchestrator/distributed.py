@@ -82,7 +82,7 @@ def task_references(tasks: dict[str, Task]) -> list[str]:
                 ref = found[id(func)] = func if isinstance(func, str) else reference_of(func)
             except ValueError as exc:
                 ref = bad[id(func)] = str(exc)
-        refs.append(ref)
+        refs.append(ref if ref is not None else bad[id(func)])  # a bad one: raised below
     if bad:
         raise UnimportableTasksError([(name, bad[id(t.func)]) for name, t in tasks.items() if id(t.func) in bad])
     return refs

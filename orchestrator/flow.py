@@ -64,6 +64,11 @@ class TaskFunction:
     """A function made a task by ``@task``. Call it inside a ``@flow`` to record a task (returns a
     :class:`TaskHandle`); call it anywhere else to run the plain function."""
 
+    # Set by functools.update_wrapper in __init__ (declared for the type checker).
+    __wrapped__: Callable[..., Any]
+    __name__: str
+    __qualname__: str
+
     def __init__(self, func: Callable[..., Any], options: TaskOptions) -> None:
         functools.update_wrapper(self, func)  # __module__, __qualname__, __wrapped__: workers import it by name
         self.options = options
@@ -122,8 +127,11 @@ class Flow:
     """A function made a flow by ``@flow``: :meth:`build` records its tasks into a :class:`Workflow`,
     :meth:`run` builds and runs it. The function's parameters are the flow's parameters."""
 
+    __wrapped__: Callable[..., Any]  # set by functools.update_wrapper in __init__
+
     def __init__(self, func: Callable[..., Any], name: Optional[str] = None) -> None:
-        functools.update_wrapper(self, func)
+        # update_wrapper only copies attributes; typeshed wants a callable, and a Flow is built, not called.
+        functools.update_wrapper(self, func)  # type: ignore[arg-type]
         self.name = name or func.__name__
         self.signature = inspect.signature(func)
 

@@ -115,7 +115,8 @@ def _load_file(path: Path, target: str) -> ModuleType:
             sys.modules.pop(name, None)
         else:
             sys.modules[name] = previous
-        raise TargetError(f"cannot load {target!r}: error while importing {path.name}: {_describe(exc, path)}") from None
+        raise TargetError(f"cannot load {target!r}: error while importing {path.name}: "
+                          f"{_describe(exc, path)}") from None
     return module
 
 

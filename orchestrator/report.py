@@ -136,7 +136,8 @@ def _rows(workflow: Workflow, limit: int) -> tuple[list[Row], int]:
         tasks = [workflow.tasks[name] for name in row[1]] if isinstance(row, tuple) else [workflow.tasks[row]]
         if all(task.state is TaskState.SUCCESS for task in tasks):
             return 2
-        return 0 if any(task.attempts and task.state in (TaskState.FAILURE, TaskState.RETRYING) for task in tasks) else 1
+        failed = any(task.attempts and task.state in (TaskState.FAILURE, TaskState.RETRYING) for task in tasks)
+        return 0 if failed else 1
 
     keep = {id(row) for row in sorted(order, key=rank)[:limit]}  # sorted() is stable: execution order within a rank
     return [row for row in order if id(row) in keep], len(order) - len(keep)

@@ -32,12 +32,24 @@ _KIND_TYPES = {
 
 
 class RetrySpec(Protocol):
-    max_retries: int
-    retry_delay: float
-    retry_backoff: float
-    retry_jitter: float
-    max_retry_delay: Optional[float]
-    retry_on_refs: Optional[tuple[str, ...]]
+    # Read-only members (properties): the scheduler only reads them, and Task's retry_on_refs is a property.
+    @property
+    def max_retries(self) -> int: ...
+
+    @property
+    def retry_delay(self) -> float: ...
+
+    @property
+    def retry_backoff(self) -> float: ...
+
+    @property
+    def retry_jitter(self) -> float: ...
+
+    @property
+    def max_retry_delay(self) -> Optional[float]: ...
+
+    @property
+    def retry_on_refs(self) -> Optional[tuple[str, ...]]: ...
 
 
 def failure_types(kind: FailureKind, types: Sequence[str]) -> Sequence[str]:

@@ -199,7 +199,8 @@ def _load_children(connection: redis.Redis, run_id: str, spec: RunSpec, tasks: d
         for name, raw in connection.hgetall(keys.maps(run_id)).items():
             record = json.loads(raw)
             first, payloads = record["first"], record["payloads"]
-            if not (isinstance(first, int) and isinstance(payloads, list) and all(isinstance(p, str) for p in payloads)):
+            if not (isinstance(first, int) and isinstance(payloads, list)
+                    and all(isinstance(p, str) for p in payloads)):
                 raise ValueError("not {first: int, payloads: [str]}")
             found.append((first, _text(name) or "", payloads))
         for first, name, payloads in sorted(found):
@@ -221,8 +222,9 @@ class RunSnapshot:
     counts: dict[str, int] = field(default_factory=dict)
 
 
-def _text(value: Any) -> Optional[str]:
-    return value.decode("utf-8", "replace") if isinstance(value, bytes) else value
+def _text(value: Any) -> str:
+    """A Redis reply (bytes, or str on a decoding connection) as text."""
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
 
 
 def epoch(value: Any) -> Optional[float]:

@@ -24,11 +24,11 @@ import random as _random
 from array import array
 from collections import Counter
 from operator import attrgetter
-from typing import Any, Callable, Iterable, Mapping, NamedTuple, Optional, Sequence
+from typing import Any, Callable, Iterable, Mapping, NamedTuple, Optional, Protocol, Sequence
 
 from orchestrator.actions import Action, Dispatch, ExpandMap, RunFinished, ScheduleRetry, StopTask, Transition
-from orchestrator.children import Children, MapMoves
-from orchestrator.rerun import RerunMoves
+from orchestrator import rerun as rerun_moves
+from orchestrator.children import Children, add_children, child_ended, on_expanded
 from orchestrator.dag import Graph, analyse
 from orchestrator.retry_policy import RetrySpec, failure_types, is_skip, not_retried, retry_delay
 from orchestrator.story import NUMBER, TASK, Stories
@@ -49,13 +49,21 @@ P, Q, R, W, S, F, C, K = (
 )
 
 
-class TaskSpec(RetrySpec):
+class TaskSpec(RetrySpec, Protocol):
     """What the scheduler needs to know of a task (a :class:`~orchestrator.task.Task` fits)."""
 
-    name: str
-    dependencies: Sequence[str]
-    trigger_rule: TriggerRule
-    map_over: Sequence[str]
+    # Read-only members (properties): a Task's list[str] then fits Sequence[str].
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def dependencies(self) -> Sequence[str]: ...
+
+    @property
+    def trigger_rule(self) -> TriggerRule: ...
+
+    @property
+    def map_over(self) -> Sequence[str]: ...
 
 
 class Restored(NamedTuple):
@@ -68,7 +76,7 @@ class Restored(NamedTuple):
     base: int = 0
 
 
-class Scheduler(MapMoves, RerunMoves):
+class Scheduler:
     """Holds the state of every task of one run and decides every move.
 
     The DAG is validated here unless the caller passes the :class:`Graph` its
@@ -147,7 +155,7 @@ class Scheduler(MapMoves, RerunMoves):
         scheduler = cls(specs, graph)
         scheduler._started = True
         for name, first, count in maps:
-            scheduler._add_children(scheduler._number(name), first, count)
+            add_children(scheduler, scheduler._number(name), first, count)
         for name, record in records.items():
             i = scheduler._index.get(name)
             if i is not None:
@@ -273,13 +281,17 @@ class Scheduler(MapMoves, RerunMoves):
             actions.extend(self.handle(event))
         return actions
 
+    def rerun(self, tasks: Iterable[str] = (), at: float = 0.0) -> list[Action]:
+        """Start a finished run again from where it failed: :func:`orchestrator.rerun.rerun`."""
+        return rerun_moves.rerun(self, tasks, at)
+
     def _is_current(self, i: int, event: TaskStarted | TaskSucceeded | TaskFailed, allowed: frozenset) -> bool:
         if event.attempt == self._attempt[i] and self._state[i] in allowed:
             return True
         self._ignored(i, event)
         return False
 
-    def _ignored(self, i: int, event: TaskStarted | TaskSucceeded | TaskFailed | RetryDue) -> None:
+    def _ignored(self, i: int, event: TaskStarted | TaskSucceeded | TaskFailed | RetryDue | MapExpanded) -> None:
         state = self._state[i]
         self._stories.add(i, f"ignored {type(event).__name__}(attempt {{}})", state, state, event.at,
                           event.attempt, NUMBER)
@@ -392,7 +404,7 @@ class Scheduler(MapMoves, RerunMoves):
         while settled:
             i = settled.pop()
             if i in self._children.parent:
-                self._child_ended(i, at, actions)
+                child_ended(self, i, at, actions)
                 continue
             counter = self._counter_of(state[i])
             if counter is None:
@@ -503,18 +515,18 @@ TRANSITIONS: dict[tuple[TaskState, TaskState], Callable[[Scheduler, int, float, 
     (R, C): Scheduler._stop,
     (W, Q): Scheduler._queue,
     (W, C): Scheduler._nothing,
-    (S, P): Scheduler._unsucceed,  # a rerun named the task, or a task upstream of it
-    (F, P): Scheduler._unfail,  # a rerun: failed, or failed upstream
-    (K, P): Scheduler._unskip,  # a rerun of a task downstream of a rerun one
-    (C, P): Scheduler._reset,  # a rerun of a cancelled run
+    (S, P): rerun_moves.unsucceed,  # a rerun named the task, or a task upstream of it
+    (F, P): rerun_moves.unfail,  # a rerun: failed, or failed upstream
+    (K, P): rerun_moves.unskip,  # a rerun of a task downstream of a rerun one
+    (C, P): rerun_moves.reset,  # a rerun of a cancelled run
 }
 """Every legal move of a task. A move into success, failure or skipped only records the task as
 ended; :meth:`Scheduler._drain` then decides its dependents by their trigger rules, in a loop (no
 recursion down a long chain). The only moves out of a final state are back to ``pending``, made
 by :meth:`Scheduler.rerun`."""
 
-_EVENT_HANDLERS = {
-    MapExpanded: Scheduler._on_expanded,
+_EVENT_HANDLERS: dict[type, Callable[[Scheduler, int, Any, list[Action]], None]] = {
+    MapExpanded: on_expanded,
     TaskStarted: Scheduler._on_started,
     TaskSucceeded: Scheduler._on_succeeded,
     TaskFailed: Scheduler._on_failed,

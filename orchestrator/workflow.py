@@ -39,6 +39,8 @@ class Workflow:
         self.retries = 0
         """Times the last run was rerun from failure (:meth:`retry`)."""
         self._last_run: Optional[dict[str, Any]] = None
+        self.last_run_id: Optional[str] = None
+        """The id of the last distributed run (set when it is submitted), else None."""
         self._log_source: Optional[LogSource] = None
 
     def add_task(self, task: Task) -> Task:
@@ -188,11 +190,13 @@ class Workflow:
         from orchestrator.run_store import load_history
         from shared.connection import connect
 
+        run_id, last_run = self.last_run_id, self._last_run
+        assert run_id is not None and last_run is not None  # retry() calls this after a distributed run only
         connection = connect(redis_url)
         try:
-            _, stored = retry_run(connection, self.last_run_id, names, on_progress=on_progress,
-                                  settings=self._last_run.get("settings"))
-            load_history(connection, self.last_run_id, stored)
+            _, stored = retry_run(connection, run_id, names, on_progress=on_progress,
+                                  settings=last_run.get("settings"))
+            load_history(connection, run_id, stored)
         finally:
             connection.close()
         for name, task in self.tasks.items():

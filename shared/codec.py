@@ -44,7 +44,8 @@ def _encode(value: Any, where: str) -> Any:
     if isinstance(value, dict):
         if all(isinstance(k, str) for k in value) and TAG not in value:
             return {k: _encode(v, f"{where}[{k!r}]") for k, v in value.items()}
-        return {TAG: "dict", "v": [[_encode(k, f"{where}.key"), _encode(v, f"{where}[{k!r}]")] for k, v in value.items()]}
+        pairs = [[_encode(k, f"{where}.key"), _encode(v, f"{where}[{k!r}]")] for k, v in value.items()]
+        return {TAG: "dict", "v": pairs}
     if isinstance(value, tuple):
         return {TAG: "tuple", "v": [_encode(v, f"{where}[{i}]") for i, v in enumerate(value)]}
     if isinstance(value, (set, frozenset)):

@@ -2,7 +2,62 @@
 
 Layout (``{id}`` is a run id; RQ's own ``rq:*`` keys are RQ's):
 
-==================================  ======  ===========================================The coordinator opens a run's event stream (empty) when it writes the run; workers add to a
+==================================  ======  ==================================================
+key                                 type    contents
+==================================  ======  ==================================================
+``orch:runs``                       zset    run id -> creation time (epoch s), for ``orch runs``
+``orch:run:{id}``                   hash    run metadata: workflow, state, created_at,
+                                            finished_at, total, counts, transport, cancelled_by,
+                                            params (codec-encoded run parameters, read once per
+                                            run by each work process that asks for them),
+                                            retries (times the run was rerun from failure),
+                                            cancelled_at, last_event (stream id applied last),
+                                            lease_holder (token of the last coordinator to
+                                            adopt the run), spec (JSON, format 2 of
+                                            orchestrator/run_spec.py: task names, dependencies
+                                            as task numbers, the tasks' shared settings and
+                                            argument payloads as tables, per task an index
+                                            into each)
+``orch:run:{id}:tasks``             hash    task name -> JSON record: state, attempt, error,
+                                            started_at, finished_at, worker, retry_at, base
+                                            (attempts made before the task's latest rerun; absent: 0)
+``orch:run:{id}:attempts``          hash    ``{attempt}:{task}`` -> JSON record of one earlier attempt
+                                            (state, error, worker, started_at, finished_at): each
+                                            failed attempt, and a succeeded one a rerun superseded
+``orch:run:{id}:maps``              hash    mapped task name -> JSON {"first": number of its first child,
+                                            "payloads": each child's encoded [args, kwargs]}: its
+                                            expansion, written with the children's first dispatch
+``orch:run:{id}:results``           hash    task name -> codec-encoded result (successes only)
+``orch:run:{id}:tracebacks``        hash    task name -> traceback text of its last failure
+``orch:run:{id}:events``            stream  outcomes reported by workers, and cancel requests;
+                                            read by the coordinator, trimmed once applied;
+                                            opened (empty) with the run, workers add only to it
+``orch:run:{id}:lease``             string  token of the coordinator driving the run (TTL: lease)
+``orch:run:{id}:log:{task}:{n}``    stream  the log of attempt ``n`` of ``task``: one entry per line,
+                                            id ``0-{line number}``, fields t (time), o (offset), l
+                                            (line); see shared/log_records.py. Written by the process
+                                            running the attempt, only if it printed or logged, and
+                                            only while the run's event stream exists
+``orch:run:{id}:logs``              set     names of the run's log keys (what retention expires)
+``orch:active``                     set     ids of runs not finished yet (what coordinators adopt)
+``orch:alive:{worker}``             string  a worker's heartbeat, its descriptor (JSON: kind, queues,
+                                            host, pid, concurrency); it lapses (TTL) when the worker dies
+``orch:workers``                    set     names of workers that heartbeat (see shared/workers.py)
+``orch:queue:{queue}``              list    lean mode: attempts waiting (JSON), oldest first
+``orch:inflight:{slot}``            list    lean mode: the attempt one work process has taken and not
+                                            finished (``{slot}`` is ``{worker}#{n}``, :func:`lean_slot`)
+``orch:lean-workers``               set     lean mode: the slots (``{worker}#{n}``) whose in-flight
+                                            lists may hold attempts; what the LossWatch inspects
+``orch:stop`` (pub/sub)             channel lean mode: "stop this attempt" requests (cancellation)
+==================================  ======  ==================================================
+
+All keys of a run get the run's retention as TTL when the run finishes: those of
+:func:`all_of_run` and the log keys its log index names; a rerun from failure (``orch
+retry``) lifts that TTL while the run runs again. A worker also gives each log key it
+writes (and the index) its own ``ORCH_RETENTION`` as TTL, so that a log written after its
+run finished (an attempt of a worker counted lost) does not stay forever.
+
+The coordinator opens a run's event stream (empty) when it writes the run; workers add to a
 stream only if it exists (``XADD NOMKSTREAM``), so that a forged job naming a made-up run, or a
 report after the run's retention, writes nothing. (RQ's own keys for a job that is not orch's,
 e.g. the result it files for a refused one, get :data:`ORPHAN_TTL`.)

@@ -101,12 +101,12 @@ def configured_signer() -> Optional[Signer]:
 
 
 def _raw(text: bytes | str) -> bytes:
-    if text.__class__ is bytes:
-        return text  # type: ignore[return-value]
-    return (text if text.__class__ is str else str(text)).encode("utf-8", "surrogatepass")  # type: ignore[union-attr]
+    if isinstance(text, bytes):
+        return text
+    return (text if isinstance(text, str) else str(text)).encode("utf-8", "surrogatepass")
 
 
-def fields_bytes(fields: Mapping[bytes | str, bytes | str], *, leave_out: str = SIGNATURE_FIELD) -> bytes:
+def fields_bytes(fields: Mapping[Any, bytes | str], *, leave_out: str = SIGNATURE_FIELD) -> bytes:
     """A stream entry's fields as bytes, in a fixed order, each length-prefixed: what an outcome's
     signature covers (every field but the signature itself). The same bytes whether the names and
     values are ``str`` (as a worker writes them) or ``bytes`` (as a coordinator reads them back)."""

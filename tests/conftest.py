@@ -166,7 +166,8 @@ def orch_workers(redis_server: RedisServer, tmp_path: Path) -> Iterator[Callable
     ``orch worker`` processes (``mode="rq"``: ``orch worker --mode rq``) on ``redis_server``
     and returns once all of them are ready: in RQ mode, once all of them (times their
     concurrency) have registered with RQ; in lean mode, once each has added its name to
-    ``orch:lean-workers`` and set its heartbeat key (one member per slot: ``{name}#{n}``). Every process (and work horse, or lean work process) is gone after the test.
+    ``orch:lean-workers`` and set its heartbeat key (one member per slot: ``{name}#{n}``).
+    Every process (and work horse, or lean work process) is gone after the test.
     """
     from rq import Worker
 

@@ -98,7 +98,8 @@ def test_a_handle_from_another_flow_is_refused_naming_the_task() -> None:
         at.add(leaked[0])
 
     first.build()
-    with pytest.raises(FlowError, match=r"task 'add' is given the handle of task 'add' from a flow that already returned"):
+    with pytest.raises(FlowError,
+                       match=r"task 'add' is given the handle of task 'add' from a flow that already returned"):
         second.build()
 
     def inner_flow_of_other_build():

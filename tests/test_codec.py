@@ -231,7 +231,8 @@ def test_decode_of_random_bytes_raises_only_serialization_error(data):
 
 json_leaves = st.one_of(
     st.none(), st.booleans(), st.integers(), st.floats(), st.text(max_size=10),
-    st.sampled_from(["tuple", "set", "frozenset", "bytes", "datetime", "date", "decimal", "dict", "AAAA", "2020-01-01"]),
+    st.sampled_from(["tuple", "set", "frozenset", "bytes", "datetime", "date", "decimal", "dict", "AAAA",
+                     "2020-01-01"]),
 )
 json_values = st.recursive(
     json_leaves,

@@ -397,7 +397,8 @@ def test_redis_is_persistent_and_healthchecked() -> None:
     volumes = [v if isinstance(v, str) else f"{v.get('source')}:{v.get('target')}" for v in redis.get("volumes", [])]
     data_volumes = [v.split(":")[0] for v in volumes if v.split(":")[1:2] == ["/data"]]
     assert data_volumes, "redis has no volume on /data"
-    assert data_volumes[0] in (data.get("volumes") or {}), f"redis' /data volume {data_volumes[0]!r} is not a named volume"
+    assert data_volumes[0] in (data.get("volumes") or {}), (
+        f"redis' /data volume {data_volumes[0]!r} is not a named volume")
 
     healthcheck = redis.get("healthcheck") or {}
     test = healthcheck.get("test")
@@ -498,7 +499,8 @@ def test_workers_can_import_the_submitted_workflow(image_root: Path, clean_env: 
         clean_env.setenv(key, value)
     target = _submit_target(submit_argv, image_root)
     file_part = target.rsplit(":", 1)[0] if not target.endswith(".py") else target
-    assert file_part.endswith(".py") and file_part.startswith("/"), f"submit target is not a file in the image: {target}"
+    assert file_part.endswith(".py") and file_part.startswith("/"), (
+        f"submit target is not a file in the image: {target}")
     assert in_image(image_root, file_part).is_file(), f"the image has no {file_part} (is it COPYed, and in the repo?)"
     worker_paths = [posixpath.normpath(p) for p in _path_values(argv_of(services()["worker"].get("command")))]
     assert posixpath.dirname(file_part) in worker_paths, (
@@ -520,9 +522,11 @@ def test_dockerfile_base_workdir_and_user() -> None:
 
 def test_dockerfile_installs_the_project(image_root: Path) -> None:
     """A RUN does ``pip install .`` without a cache, in a directory holding the project's source."""
-    installs = [ins for ins in dockerfile() if ins.keyword == "RUN" and re.search(r"\bpip\d*(\.\d+)?\s+install\b", ins.value)]
+    installs = [ins for ins in dockerfile()
+                if ins.keyword == "RUN" and re.search(r"\bpip\d*(\.\d+)?\s+install\b", ins.value)]
     assert installs, "the Dockerfile never runs pip install"
-    project_installs = [ins for ins in installs if re.search(r"\bpip\d*(\.\d+)?\s+install\b[^&;|]*\s\.(\s|$|\[)", ins.value)]
+    project_installs = [ins for ins in installs
+                        if re.search(r"\bpip\d*(\.\d+)?\s+install\b[^&;|]*\s\.(\s|$|\[)", ins.value)]
     assert project_installs, f"no `pip install .` among: {[ins.value for ins in installs]}"
     ins = project_installs[0]
     env = " ".join(i.value for i in dockerfile() if i.keyword == "ENV")

@@ -90,7 +90,7 @@ def test_run_on_a_queue_nobody_serves_says_so_then_finishes_when_a_worker_comes(
     started = time.monotonic()
     try:
         run_id = wait_for(lambda: run_id_of(err), 30, "the run id on stderr")
-        wait_for(lambda: f"warning: 1 task waiting on queue 'gpu': no live worker serves it" in err.read_text(),
+        wait_for(lambda: "warning: 1 task waiting on queue 'gpu': no live worker serves it" in err.read_text(),
                  5 + (time.monotonic() - started), "the warning in the progress output")
         assert run_meta(client, run_id)["warning"] == "1 task waiting on queue 'gpu': no live worker serves it"
         status = subprocess.run([*orch_command(), "status", run_id, "--redis-url", redis_server.url],

@@ -29,7 +29,7 @@ import pytest
 import redis
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from rq import Queue, Worker
+from rq import Queue
 from rq.serializers import JSONSerializer
 
 TESTS_DIR = Path(__file__).resolve().parent
@@ -37,7 +37,7 @@ if str(TESTS_DIR) not in sys.path:  # workers import fault_tasks by that name; s
     sys.path.insert(0, str(TESTS_DIR))
 
 import fault_tasks  # noqa: E402
-from fault_helpers import (FAST_ENV, AofRedis, Background, Processes, closed_port, counters,  # noqa: E402
+from fault_helpers import (AofRedis, Background, Processes, closed_port, counters,  # noqa: E402
                            fast_processes, pid_alive, results_hash, run_id_from, run_meta, task_records, wait_for)
 from fault_helpers import procs  # noqa: E402,F401  (a fixture)
 from orchestrator import Task, Workflow  # noqa: E402

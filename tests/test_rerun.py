@@ -212,7 +212,8 @@ def test_retried_run_is_driven_by_a_coordinator_service(redis_server, orch_worke
     result = invoke("retry", run_id, "--detach", url=url)
     assert result.exit_code == 0 and result.output.strip() == run_id
     assert client.hget(keys.run(run_id), "state") == b"running" and client.sismember(keys.ACTIVE, run_id)
-    lifted = [key for key in keys.all_of_run(run_id) if key != keys.logs(run_id)]  # workers give logs a TTL of their own
+    # workers give the log index a TTL of their own
+    lifted = [key for key in keys.all_of_run(run_id) if key != keys.logs(run_id)]
     assert all(client.ttl(key) == -1 for key in lifted if client.exists(key))
     with pytest.raises(RunStillRunningError):
         retry_run(client, run_id)

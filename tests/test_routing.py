@@ -113,7 +113,8 @@ def test_jobs_waiting_for_a_replaced_rq_worker_move_to_the_lean_queue(conn) -> N
 def test_a_job_a_worker_already_took_is_not_moved(conn) -> None:
     beat(conn, WorkerInfo("lean-1", LEAN, ("default",)), ttl=60)
     h = Harness(conn, dist_tasks.make_example())
-    conn.lmove(keys.lean_queue("default"), keys.inflight(keys.lean_slot("lean-1", 0)), "LEFT", "RIGHT")  # a worker took it
+    # a worker took it
+    conn.lmove(keys.lean_queue("default"), keys.inflight(keys.lean_slot("lean-1", 0)), "LEFT", "RIGHT")
     retire(conn, "lean-1")
     beat(conn, WorkerInfo("rq-1", RQ, ("default",)), ttl=60)
     h.housekeeping()

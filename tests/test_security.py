@@ -15,7 +15,6 @@ from pathlib import Path
 
 import pytest
 from rq import Queue
-from rq.job import Job
 from rq.serializers import JSONSerializer
 
 import dist_tasks
@@ -94,7 +93,7 @@ def test_plain_rq_jobs_go_through_the_same_check(redis_server, orch_workers, tmp
     marker = tmp_path / "pwned"
     job = Queue("default", connection=client, serializer=JSONSerializer).enqueue("os.system", f"touch {marker}")
     callback = Queue("default", connection=client, serializer=JSONSerializer).enqueue(
-        "dist_tasks.identity", 1, on_success=f"os.system")
+        "dist_tasks.identity", 1, on_success="os.system")
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline and not (job.get_status(refresh=True) == "failed"
                                                and callback.get_status(refresh=True) in ("failed", "finished")):

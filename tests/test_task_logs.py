@@ -64,7 +64,8 @@ def test_a_line_without_end_is_cut_to_fit_and_reading_goes_on_from_where_it_stop
     buffer.add(1.0, "y" * 1000)
     stored(buffer, memory)
     first, last = attempt_log(memory, "t", 1)
-    assert all(len(line.line) <= buffer.max_line for line in first) and "".join(l.line for l in first) == "y" * 1000
+    assert all(len(line.line) <= buffer.max_line for line in first)
+    assert "".join(line.line for line in first) == "y" * 1000
     buffer.add(2.0, "next")
     stored(buffer, memory)
     more, _ = attempt_log(memory, "t", 1, after=last)

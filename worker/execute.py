@@ -32,9 +32,12 @@ def exception_types(exc: BaseException) -> str:
     return ",".join(class_refs(type(exc)))
 
 
-def kill_group(pid: int) -> None:
+def kill_group(pid: Optional[int]) -> None:
     """SIGKILL the process group that an attempt's process leads (it calls ``os.setpgrp()``),
-    so nothing the task started keeps running. A group not made yet, or gone, is no error."""
+    so nothing the task started keeps running. A group not made yet, or gone, is no error
+    (nor is a process not started yet, whose ``pid`` is None)."""
+    if pid is None:
+        return
     try:
         os.killpg(pid, signal.SIGKILL)
     except ProcessLookupError:
@@ -83,7 +86,7 @@ def run_attempt(
     replaced by ``upstream_result(task)`` (a failure to read it fails the attempt like any exception).
     """
     started = time.time()
-    common = dict(run_id=run_id, task=task, attempt=attempt, worker=worker, started_at=started)
+    common: dict[str, Any] = dict(run_id=run_id, task=task, attempt=attempt, worker=worker, started_at=started)
     try:
         if upstream_result is not None:
             args, kwargs = upstream.resolve((args, kwargs), upstream_result)

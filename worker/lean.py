@@ -222,7 +222,7 @@ class LeanWorker:
             if not live and not any(slot.death for slot in self.slots):
                 return False
             wait = self._watch_records()
-            ready = multiprocessing.connection.wait([slot.process.sentinel for slot in live], wait)
+            ready = multiprocessing.connection.wait([p.sentinel for p in (slot.process for slot in live) if p], wait)
             for slot in live:
                 if slot.process is not None and slot.process.sentinel in ready:
                     slot.reap()

@@ -46,11 +46,13 @@ def _check(name: Optional[str], job: Job) -> None:
         worker_allowlist().check(name, worker)
 
 
-def _checked(name_attribute: str, callback: property) -> property:
-    """``callback`` (a property of :class:`Job`) with its function name checked first."""
+def _checked(name_attribute: str, callback: Any) -> property:
+    """``callback`` (a property of :class:`Job`) with its function name checked first.
+
+    Typed Any: mypy sees a property read from a class as its getter's return type, not a property."""
     def get(job: Job) -> Any:
         _check(getattr(job, name_attribute), job)
-        return callback.fget(job)  # type: ignore[misc]
+        return callback.fget(job)
 
     return property(get)
 

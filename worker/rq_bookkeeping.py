@@ -47,7 +47,7 @@ class QuietBookkeeping:
         self._written[field] = (value, time.monotonic())
 
     def heartbeat(self, timeout: Optional[int] = None, pipeline: Any = None) -> None:
-        ttl = timeout or self.worker_ttl + 60  # type: ignore[attr-defined]  (RQ's own default)
+        ttl = timeout or self.worker_ttl + 60  # type: ignore[attr-defined]  # worker_ttl: RQ's Worker, which this mixes into
         if self._unchanged("ttl", ttl, pipeline):
             return
         super().heartbeat(timeout, pipeline=pipeline)  # type: ignore[misc]

@@ -65,7 +65,8 @@ def holding_outcomes() -> Iterator[list[Outcome]]:
     caller's worker did, before forking) nor sends the outcome: it appends the outcome to the
     list yielded, and the caller must send every outcome it finds there."""
     global _held
-    _held = held = []
+    held: list[Outcome] = []
+    _held = held
     try:
         yield held
     finally:
@@ -88,6 +89,8 @@ def run_task(
     With signing on, a job whose ``signature`` is missing or wrong is refused (a ``TaskRefused``
     failure) before anything is imported or decoded."""
     job = get_current_job()
+    if job is None:
+        raise RuntimeError("run_task runs inside an RQ job only (no current job)")
     connection = job.connection
     worker = job.worker_name
     if not (isinstance(run_id, str) and isinstance(task, str) and type(attempt) is int and attempt >= 1):

@@ -207,6 +207,7 @@ class OrchWorker(QuietBookkeeping, Worker):
         if self._timed_out_job == job.id:
             self._timed_out_job = None
             kind = FailureKind.TIMEOUT
+            assert timeout is not None  # only a job with a timeout times out
             error = timeout_error(timeout)
         else:
             kind = FailureKind.CRASHED

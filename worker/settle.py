@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Optional
 
 import redis
 
@@ -123,11 +123,11 @@ def verdict(raw: bytes, death: Death, queues: int, worker: str) -> Verdict:
     queue = _known_queue(snapshot, held is not None, queues)
     if queue is not None and (reason is COLD or held is None):
         return Verdict("requeue", queue=queue)
-    common = dict(run_id=run_id, task=task, attempt=attempt, worker=worker)
+    common: dict[str, Any] = dict(run_id=run_id, task=task, attempt=attempt, worker=worker)
     start = None
     if held is not None and held.unreported and death.claimed != number:
         start = Outcome(status=STARTED, at=held.started, **common)
-    failed = dict(common, status=FAILED, at=time.time(), started_at=held.started if held else None)
+    failed: dict[str, Any] = dict(common, status=FAILED, at=time.time(), started_at=held.started if held else None)
     if held is not None and reason is not None and reason.kind is not None and reason.attempt == number:
         if reason.kind is FailureKind.TIMEOUT:
             outcome = Outcome(error=timeout_error(held.timeout), kind=FailureKind.TIMEOUT, **failed)

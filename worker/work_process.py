@@ -292,7 +292,8 @@ class _Loop:
                 return raw, None, None
             run_id, task, attempt = exc.attempt_key
             log.error("job of task %.80r attempt %s in run %.80r refused: %s", task, attempt, run_id, exc)
-            error = f"TaskRefused: {exc}" if isinstance(exc, JobRefused) else f"SerializationError: malformed job: {exc}"
+            error = (f"TaskRefused: {exc}" if isinstance(exc, JobRefused)
+                     else f"SerializationError: malformed job: {exc}")
             return raw, Outcome(run_id=run_id, task=task, attempt=attempt, status=FAILED, at=time.time(),
                                 error=error, worker=worker), None
         started = time.time()

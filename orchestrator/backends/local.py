@@ -170,6 +170,7 @@ class LocalBackend:
                 self._kill(a)
                 del self._running[name]
                 limit = self.tasks[name].timeout
+                assert limit is not None  # an attempt has a deadline only when its task has a timeout
                 self._events.append(TaskFailed(name, a.attempt, now,
                                                timeout_error(limit), FailureKind.TIMEOUT, started_at=a.started_at))
 

@@ -56,7 +56,8 @@ from shared.config import NO_TIMEOUT, Settings
 from shared.errors import SerializationError
 from shared.jobs import JOB_FUNCTION, job_message, job_signature
 from shared.events import Event, RunCancelled, TaskStarted
-from shared.messages import CANCEL_KIND, FAILED, OUTCOME_KIND, STARTED, SUCCEEDED, Outcome, cancel_requester, finished_event
+from shared.messages import (CANCEL_KIND, FAILED, OUTCOME_KIND, STARTED, SUCCEEDED, Outcome, cancel_requester,
+                             finished_event)
 from shared.signing import SIGNATURE_FIELD, Signer, fields_verified
 from shared.states import RunState, TaskState
 from shared.workers import LEAN
@@ -246,7 +247,7 @@ class RQBackend:
         if rerun:
             pipe.hdel(keys.results(run_id), *rerun)
 
-    def _job_args(self, task: str, attempt: int) -> tuple[Any, ...]:
+    def _job_args(self, task: str, attempt: int) -> tuple[str, str, int, str, str, Optional[float], int]:
         spec = self.specs[task]
         return (self.run_id, task, attempt, spec["ref"], spec["payload"], spec["timeout"],
                 self.settings.max_result_bytes)
@@ -276,17 +277,16 @@ class RQBackend:
         for queue_name, messages in lean.items():
             pipe.rpush(keys.lean_queue(queue_name), *messages)
         for queue_name, jobs in rq_jobs.items():
-            queue = self._queue(queue_name)
-            queue.enqueue_many(jobs, pipeline=pipe)
+            rq_queue = self._queue(queue_name)
+            rq_queue.enqueue_many(jobs, pipeline=pipe)
             for job in jobs:
-                self.watch.dispatched(job.job_id, job.args[1], job.args[2], queue.intermediate_queue_key)
+                self.watch.dispatched(job.job_id, job.args[1], job.args[2], rq_queue.intermediate_queue_key)
 
     def _rq_job(self, task: str, attempt: int) -> Any:
         timeout = self.specs[task]["timeout"]
         job_timeout = NO_TIMEOUT if timeout is None else math.ceil(timeout) + math.ceil(self.settings.kill_grace)
-        args = self._job_args(task, attempt)
-        if self.signer is not None:
-            args = (*args, job_signature(self.signer, args))
+        fields = self._job_args(task, attempt)
+        args: tuple[Any, ...] = fields if self.signer is None else (*fields, job_signature(self.signer, fields))
         return Queue.prepare_data(
             JOB_FUNCTION,
             args=args,
