@@ -24,6 +24,13 @@ def max_result_bytes() -> int:
     return _env_int("ORCH_MAX_RESULT_BYTES", 16 * 1024 * 1024)
 
 
+def heartbeat_socket_timeout(heartbeat_ttl: float) -> float:
+    """How long a heartbeat waits for Redis's reply before it gives up and the next one reconnects: a
+    quarter of the TTL (1 s at the least), so that a reply lost on the network (a connection that went
+    silent) costs a beat or two, never the worker's life."""
+    return max(1.0, heartbeat_ttl / 4)
+
+
 def max_map_length() -> int:
     """``ORCH_MAX_MAP_LENGTH``: the most children a mapped task may expand into (10,000)."""
     return _env_int("ORCH_MAX_MAP_LENGTH", 10_000)

@@ -52,7 +52,7 @@ from typing import Any, Optional
 import redis
 
 from shared import keys
-from shared.config import Settings
+from shared.config import Settings, heartbeat_socket_timeout
 from shared.connection import connect
 from shared.states import FailureKind
 from shared.workers import LEAN, WorkerInfo, beat, retire
@@ -150,6 +150,9 @@ class LeanWorker:
         self.queue_keys = [keys.lean_queue(q) for q in queues]
         self.name = name or f"{socket.gethostname()}.{os.getpid()}.{uuid.uuid4().hex[:6]}"
         self.settings = settings or Settings()
+        self.beat_connection = connect(redis_url, check=False,
+                                       socket_timeout=heartbeat_socket_timeout(self.settings.heartbeat_ttl))
+        """The heartbeat's own connection, with a short timeout (see :func:`heartbeat_socket_timeout`)."""
         self.parent = ParentWords()
         """Shared with the work processes: ``halt`` on the first signal, the last heartbeat's time."""
         self.finished = threading.Event()
@@ -163,7 +166,7 @@ class LeanWorker:
     def _beat(self) -> None:
         """The heartbeat, and this worker's slots in ``orch:lean-workers`` (re-added each time, like
         ``orch:workers``: a coordinator that thought the worker dead may have forgotten them)."""
-        pipe = self.connection.pipeline(transaction=False)
+        pipe = self.beat_connection.pipeline(transaction=False)
         beat(pipe, self.info, self.settings.heartbeat_ttl)
         pipe.sadd(keys.LEAN_WORKERS, *(slot.name for slot in self.slots))
         sent = time.monotonic()

@@ -38,7 +38,7 @@ from rq.job import Job
 from rq.serializers import JSONSerializer
 from rq.worker import WorkerStatus
 
-from shared.config import Settings
+from shared.config import Settings, heartbeat_socket_timeout
 from shared.jobs import JOB_FUNCTION, JobRefused, check_job_args
 from shared.signing import configured_signer
 from shared.messages import FAILED, STARTED, Outcome
@@ -105,8 +105,8 @@ class OrchWorker(QuietBookkeeping, Worker):
         super().register_birth()
         info = WorkerInfo(self.name, RQ, tuple(self.queue_names()))
         pool = self.connection.connection_pool
-        own = type(self.connection)(connection_pool=type(pool)(connection_class=pool.connection_class,
-                                                               **pool.connection_kwargs))
+        kwargs = {**pool.connection_kwargs, "socket_timeout": heartbeat_socket_timeout(self.heartbeat_ttl)}
+        own = type(self.connection)(connection_pool=type(pool)(connection_class=pool.connection_class, **kwargs))
         self._beat(own, info)
         threading.Thread(target=self._heartbeat_loop, args=(own, info), name="orch-heartbeat", daemon=True).start()
 
