@@ -24,6 +24,7 @@ import pytest
 
 from bench.procs import orch_command
 from dist_tasks import run_meta, task_records
+from fault_helpers import wait_for
 from shared import keys
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]
@@ -39,16 +40,6 @@ def submit(url: str, target: str, tmp_path: Path) -> tuple[subprocess.Popen, Pat
                                cwd=str(tmp_path), env={**os.environ, "PYTHONPATH": str(TESTS)},
                                start_new_session=True)
     return process, err
-
-
-def wait_for(predicate, seconds: float, what: str):
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.1)
-    pytest.fail(f"not within {seconds:g}s: {what}", pytrace=False)
 
 
 def run_id_of(err: Path) -> str:
