@@ -15,11 +15,11 @@ from typing import Any, Callable, Mapping, Optional, Protocol, Sequence
 
 from orchestrator.actions import (Action, Dispatch, ExpandMap, MapChildren, RunFinished, RunRerun, ScheduleRetry,
                                   StopTask, Transition)
-from orchestrator.mapping import children_arguments
+from orchestrator.mapping import children_arguments, children_payloads
 from orchestrator.scheduler import Scheduler
 from orchestrator.task import AttemptRecord, Task
 from shared import codec
-from shared.config import max_map_length
+from shared.config import max_map_length, max_payload_bytes
 from shared.errors import MapError, SerializationError, class_refs
 from shared.events import Event, MapExpanded, RetryDue, RunCancelled, TaskFailed, TaskStarted, TaskSucceeded
 from shared.states import ACTIVE_STATES, TERMINAL_STATES, FailureKind, RunState, TaskState
@@ -42,9 +42,9 @@ class Step:
     counts: dict[str, int] = field(default_factory=dict)
     cancelled_by: Optional[str] = None
     cancelled_at: Optional[float] = None
-    children: list[tuple[str, int, list[Task]]] = field(default_factory=list)
-    """Mapped tasks expanded in this step: ``(task, first child number, the children)``, to keep
-    with the run before the children's dispatches."""
+    children: list[tuple[str, int, list[Task], list[str]]] = field(default_factory=list)
+    """Mapped tasks expanded in this step: ``(task, first child number, the children, their encoded
+    arguments)``, to keep with the run before the children's dispatches."""
     rerun: Optional[RunRerun] = None
     """Set when the step starts a finished run again (the run is reopened before anything else)."""
     attempts: list[tuple[str, AttemptRecord]] = field(default_factory=list)
@@ -106,7 +106,8 @@ class Coordinator:
         """task -> when its current attempt started (as far as this coordinator saw)."""
         self._own_events: list[Event] = []
         """Events this coordinator makes itself (a mapped task's expansion), handled in the next step."""
-        self._expansions: dict[str, list[tuple[tuple, dict]]] = {}
+        self._expansions: dict[str, tuple[list[tuple[tuple, dict]], list[str]]] = {}
+        """Mapped task -> its children's (args, kwargs) and encoded payloads, between ExpandMap and MapChildren."""
         self.interrupted = False
 
     def run(self) -> RunState:
@@ -187,7 +188,7 @@ class Coordinator:
             elif isinstance(action, ExpandMap):
                 self._own_events.append(self._expand(action))
             elif isinstance(action, MapChildren):
-                step.children.append((action.task, action.first, self._make_children(action)))
+                step.children.append((action.task, action.first, *self._make_children(action)))
         if step:
             step.counts = {state.value: n for state, n in self.scheduler.counts().items()}
             step.cancelled_by = self.scheduler.cancelled_by
@@ -201,20 +202,21 @@ class Coordinator:
         task, now = self.tasks[action.task], self.clock()
         results = {name: self.tasks[name].result for name in task.map_over}
         try:
-            self._expansions[task.name] = children_arguments(task.name, task.args, task.kwargs, results,
-                                                             max_map_length())
-        except MapError as exc:
+            arguments = children_arguments(task.name, task.args, task.kwargs, results, max_map_length())
+            payloads = children_payloads(task.name, arguments, max_payload_bytes())
+        except (MapError, SerializationError) as exc:
             return TaskFailed(task.name, action.attempt, now, f"MapError: {exc}", types=class_refs(MapError))
-        return MapExpanded(task.name, action.attempt, now, len(self._expansions[task.name]))
+        self._expansions[task.name] = (arguments, payloads)
+        return MapExpanded(task.name, action.attempt, now, len(arguments))
 
-    def _make_children(self, action: MapChildren) -> list[Task]:
-        """The Task objects of a mapped task's children, added to the run's tasks."""
+    def _make_children(self, action: MapChildren) -> tuple[list[Task], list[str]]:
+        """The Task objects of a mapped task's children, added to the run's tasks, and their payloads."""
         parent = self.tasks[action.task]
-        children = [parent.child(name, args, kwargs)
-                    for name, (args, kwargs) in zip(action.children, self._expansions.pop(action.task))]
+        arguments, payloads = self._expansions.pop(action.task)
+        children = [parent.child(name, args, kwargs) for name, (args, kwargs) in zip(action.children, arguments)]
         for child in children:
             self.tasks[child.name] = child  # type: ignore[index]  # the run's own dict of tasks
-        return children
+        return children, payloads
 
     def _record(self, move: Transition, event: Optional[Event], step: Step) -> None:
         """Keep the user's Task object in line with the scheduler."""

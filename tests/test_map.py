@@ -253,3 +253,16 @@ def test_orch_retry_of_a_map_runs_only_the_failed_item_again(redis_server, orch_
     logs = CliRunner().invoke(main, ["logs", run_id, "checked_item[2]", "--attempt", "1", "--redis-url",
                                      redis_server.url])
     assert logs.exit_code == 0 and "item 2" in logs.output and "ValueError: item 2 is bad" in logs.output
+
+
+def test_a_child_whose_arguments_are_over_the_payload_limit_fails_the_map(monkeypatch) -> None:
+    monkeypatch.setenv("ORCH_MAX_PAYLOAD_BYTES", "60")
+    workflow = Workflow("big items")
+    workflow.add_task(Task("items", "authoring_tasks:letters", args=(3,)))
+    workflow.add_task(Task("pad", "authoring_tasks:pair", ["items"], map_over="items", args=("x" * 80,)))
+    workflow.run()
+    pad = workflow.get_task("pad")
+    assert pad.state is TaskState.FAILURE and pad.attempts == 1
+    assert pad.error.startswith("MapError: child 'pad[0]' of task 'pad': its arguments encode to ")
+    assert "over the limit of 60 bytes (ORCH_MAX_PAYLOAD_BYTES)" in pad.error
+    assert not [t for t in workflow.tasks.values() if t.map_parent]

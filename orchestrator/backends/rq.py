@@ -48,7 +48,7 @@ from orchestrator.coordinator import Step
 from orchestrator.backends.routing import AUTO, TRANSPORTS, Routes
 from orchestrator.backends.watch import LossWatch
 from orchestrator.lease import Lease, LeaseLost
-from orchestrator.run_spec import RunSpec, encode_arguments
+from orchestrator.run_spec import RunSpec
 from orchestrator.run_store import run_keys, task_record
 from orchestrator.task import Task
 from shared import keys
@@ -169,8 +169,8 @@ class RQBackend:
                 self._forget_waiting(move.task)
         if self.notice is not None and not step.finished:
             self._reconnecting(self._update_notice)  # e.g. the waiting task just started: say so now
-        for task, first, children in step.children:  # once, outside the write a reconnect may repeat
-            self.specs.add_children(task, first, [encode_arguments(child) for child in children])
+        for task, first, _, payloads in step.children:  # once, outside the write a reconnect may repeat
+            self.specs.add_children(task, first, payloads)
         changed = {move.task for move in step.transitions}
         if _only_starts(step):
             # "running" is shown, not needed to resume (an outcome after a lost start still
@@ -201,7 +201,7 @@ class RQBackend:
             pipe.hset(keys.attempts(run_id), mapping={keys.attempt_field(task, record.attempt): record.to_json()
                                                       for task, record in step.attempts})
         if step.children:
-            pipe.hset(keys.maps(run_id), mapping={task: self.specs.map_record(task) for task, _, _ in step.children})
+            pipe.hset(keys.maps(run_id), mapping={task: self.specs.map_record(task) for task, *_ in step.children})
         if step.results:
             pipe.hset(keys.results(run_id), mapping=step.results)
         if step.tracebacks:
