@@ -13,7 +13,7 @@ have happened) decides.
 from __future__ import annotations
 
 import hashlib
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 import redis
 from redis.exceptions import NoScriptError
@@ -38,8 +38,12 @@ def pack(args: Sequence[Arg]) -> bytes:
 class Wire:
     """One connection of ``client``'s pool settings, used by one thread."""
 
-    def __init__(self, client: redis.Redis) -> None:
+    def __init__(self, client: redis.Redis, reply_timeout: Optional[float] = None) -> None:
+        """``reply_timeout``: the longest wait for a reply before the connection counts as dead (a
+        ``TimeoutError``, and a new connection for the next call)."""
         self._connection = client.connection_pool.make_connection()
+        if reply_timeout is not None:
+            self._connection.socket_timeout = reply_timeout
 
     def call(self, *args: Arg) -> Any:
         """Send one command and return its reply (raises what redis-py raises for it)."""

@@ -58,6 +58,11 @@ REDIS_RETRY_SECONDS = 1.0
 """Pause after a Redis error before the loop tries again."""
 MIN_BLOCK_SECONDS = 0.01
 """The shortest wait a blocking take asks for (Redis counts its timeouts in hundredths)."""
+REPLY_TIMEOUT_SECONDS = BLOCK_SECONDS + 9.0
+"""Longest wait for Redis's reply on the loop's connection (a blocking take waits at most
+:data:`BLOCK_SECONDS` there): a connection that went silent without closing (a network that dropped
+it) is given up after this, not after the operating system's minutes, and the loop's recovery from
+its in-flight list takes over."""
 PARENT_WAIT_SECONDS = 0.1
 """Pause between two looks at the parent's heartbeat while it does not stand."""
 
@@ -157,7 +162,7 @@ class _Loop:
         # back (a take re-sent after a lost reply would leave the first job in the in-flight list
         # unseen); tasks reading upstream results use a client that may.
         self.task_connection = connect(config.redis_url, check=False)
-        self.wire = Wire(self.task_connection)
+        self.wire = Wire(self.task_connection, REPLY_TIMEOUT_SECONDS)
         self.inflight = keys.inflight(config.slot)
         self._finish_and_take = self.wire.script(FINISH_AND_TAKE)
         self._next_queue = config.number % len(config.queue_keys)  # slots start on different queues
