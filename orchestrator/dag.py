@@ -16,7 +16,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from itertools import accumulate, chain, repeat
 from operator import attrgetter, ge
-from typing import Mapping, Optional, Protocol, Sequence
+from typing import Any, Mapping, Optional, Protocol, Sequence, TypeVar
 
 from shared.errors import CycleError, MissingDependencyError
 
@@ -190,3 +190,19 @@ def _find_cycle(graph: Graph, waiting: Sequence[int]) -> list[str]:
 def validate(tasks: Mapping[str, Node]) -> Graph:
     """Raise the first :class:`~shared.errors.DefinitionError` of the graph, if any."""
     return analyse(tasks)
+
+
+N = TypeVar("N", bound=Node)
+
+
+def in_graph_order(specs: list[N], graph: Graph) -> list[N]:
+    """``specs`` (anything with a ``name``) indexed by ``graph``'s task numbers (they normally come in that
+    order already)."""
+    if len(specs) != len(graph):
+        raise ValueError(f"{len(specs)} task specs for a graph of {len(graph)} tasks")
+    if list(map(attrgetter("name"), specs)) == graph.names:
+        return specs
+    ordered: list[Any] = [None] * len(specs)
+    for spec in specs:
+        ordered[graph.index[spec.name]] = spec
+    return ordered

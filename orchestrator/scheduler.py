@@ -13,8 +13,9 @@ A finished run can be started again from where it failed (:meth:`Scheduler.rerun
 the only moves out of a final state, back to pending.
 
 Cost: ``start`` and a whole run of events are O(V + E): each task is queued,
-finished and propagated through once per attempt, and readiness is a counter
-of unfinished dependencies per task, as in :class:`graphlib.TopologicalSorter`.
+finished and propagated through once per attempt, and readiness is counters of
+ended upstreams per task (as :class:`graphlib.TopologicalSorter` counts them), which
+its trigger rule (:mod:`orchestrator.trigger_rules`) reads.
 Memory: a few flat lists indexed by task number and the graph's arrays, shared
 with the run's spec; stories are kept compactly (:mod:`orchestrator.story`).
 """
@@ -23,30 +24,22 @@ from __future__ import annotations
 import random as _random
 from array import array
 from collections import Counter
-from operator import attrgetter
 from typing import Any, Callable, Iterable, Mapping, NamedTuple, Optional, Protocol, Sequence
 
 from orchestrator.actions import Action, Dispatch, ExpandMap, RunFinished, ScheduleRetry, StopTask, Transition
 from orchestrator import rerun as rerun_moves
 from orchestrator.children import Children, add_children, child_ended, on_expanded
-from orchestrator.dag import Graph, analyse
+from orchestrator.dag import Graph, analyse, in_graph_order
 from orchestrator.retry_policy import RetrySpec, failure_types, is_skip, not_retried, retry_delay
+from orchestrator.invariants import check
 from orchestrator.story import NUMBER, TASK, Stories
 from orchestrator.trigger_rules import TriggerRule, Verdict, verdict
 from shared.errors import InvalidTransition, UnknownTaskError
 from shared.events import Event, MapExpanded, RetryDue, RunCancelled, TaskFailed, TaskStarted, TaskSucceeded
 from shared.states import TERMINAL_STATES, FailureKind, RunState, TaskState
 
-P, Q, R, W, S, F, C, K = (
-    TaskState.PENDING,
-    TaskState.QUEUED,
-    TaskState.RUNNING,
-    TaskState.RETRYING,
-    TaskState.SUCCESS,
-    TaskState.FAILURE,
-    TaskState.CANCELLED,
-    TaskState.SKIPPED,
-)
+P, Q, R, W, S, F, C, K = (TaskState.PENDING, TaskState.QUEUED, TaskState.RUNNING, TaskState.RETRYING,
+                          TaskState.SUCCESS, TaskState.FAILURE, TaskState.CANCELLED, TaskState.SKIPPED)
 
 
 class TaskSpec(RetrySpec, Protocol):
@@ -101,7 +94,7 @@ class Scheduler:
         n = len(graph)
         self._names = graph.names
         self._index = graph.index
-        self._specs: list[TaskSpec] = _in_graph_order(specs, graph)
+        self._specs: list[TaskSpec] = in_graph_order(specs, graph)
         self._state: list[TaskState] = [P] * n
         self._attempt: list[int] = [0] * n
         self._base: list[int] = [0] * n
@@ -457,41 +450,9 @@ class Scheduler:
 
     # ---------------------------------------------------------------- checking
     def validate_state(self) -> None:
-        """Check every invariant; raise AssertionError naming the first broken one. For tests."""
-        counts: Counter[TaskState] = Counter(self._state)
-        assert +counts == +self._counts, f"counts {self._counts} != actual {counts}"
-        unfinished = sum(1 for s in self._state if s not in TERMINAL_STATES)
-        assert unfinished == self._unfinished, f"unfinished {self._unfinished} != actual {unfinished}"
-        for i, spec in enumerate(self._specs):
-            name, state = self._names[i], self._state[i]
-            assert spec.name == name, f"task {i} is {spec.name!r} in the specs, {name!r} in the graph"
-            ended = Counter(self._state[self._index[d]] for d in spec.dependencies)  # repeats too
-            found = (self._ok[i], self._bad[i], self._skip[i])
-            assert found == (ended[S], ended[F], ended[K]), f"{name}: upstream counts {found} != {ended}"
-            now = verdict(spec.trigger_rule, self._total[i], *found)
-            this_go = self._attempt[i] - self._base[i]
-            assert 0 <= this_go <= spec.max_retries + 1, f"{name}: {this_go} attempts since its latest rerun"
-            if state is P:
-                assert this_go == 0, f"{name} pending after an attempt since its latest rerun"
-                assert now is Verdict.WAIT or not self._started, f"{name} pending although its rule says {now}"
-            elif state in (Q, R, W, S) or (state in (F, K) and this_go):
-                assert now is Verdict.RUN, f"{name} is {state} (it ran) but its trigger rule says {now}"
-            elif state is F:
-                assert now is Verdict.FAIL, f"{name} failed upstream but its trigger rule says {now}"
-            elif state is K:
-                assert now in (Verdict.SKIP, Verdict.FAIL), f"{name} skipped but its trigger rule says {now}"
-
-
-def _in_graph_order(specs: list[TaskSpec], graph: Graph) -> list[TaskSpec]:
-    """``specs`` indexed by task number (they normally come in that order already)."""
-    if len(specs) != len(graph):
-        raise ValueError(f"{len(specs)} task specs for a graph of {len(graph)} tasks")
-    if list(map(attrgetter("name"), specs)) == graph.names:
-        return specs
-    ordered: list[Any] = [None] * len(specs)
-    for spec in specs:
-        ordered[graph.index[spec.name]] = spec
-    return ordered
+        """Check every invariant; raise AssertionError naming the first broken one. For tests
+        (:func:`orchestrator.invariants.check`)."""
+        check(self)
 
 
 _QUEUED = frozenset({Q})
