@@ -63,6 +63,9 @@ REPLY_TIMEOUT_SECONDS = BLOCK_SECONDS + 9.0
 :data:`BLOCK_SECONDS` there): a connection that went silent without closing (a network that dropped
 it) is given up after this, not after the operating system's minutes, and the loop's recovery from
 its in-flight list takes over."""
+HEARTBEAT_MARGIN_SECONDS = 0.5
+"""How long before the parent's heartbeat lapses a work process stops taking jobs (a quarter of the TTL
+at the most)."""
 PARENT_WAIT_SECONDS = 0.1
 """Pause between two looks at the parent's heartbeat while it does not stand."""
 
@@ -176,8 +179,11 @@ class _Loop:
         return self.parent.halt or os.getppid() != self.config.parent_pid
 
     def _heartbeat_left(self) -> float:
-        """Seconds the parent's last heartbeat still stands for (jobs are taken only while > 0)."""
-        left = self.parent.beat_at + self.config.heartbeat_ttl - time.monotonic()
+        """Seconds the parent's last heartbeat still stands for, less a margin (jobs are taken only while
+        > 0): a blocking take asked for just before the heartbeat lapses must not outlive it though this
+        process is descheduled between the asking and the sending (a loaded machine)."""
+        ttl = self.config.heartbeat_ttl
+        left = self.parent.beat_at + ttl - min(HEARTBEAT_MARGIN_SECONDS, ttl / 4) - time.monotonic()
         return left if left >= MIN_BLOCK_SECONDS else 0.0
 
     def run(self) -> None:
