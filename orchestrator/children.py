@@ -61,9 +61,6 @@ class Children:
         if failed:
             self._failed[task].remove(child)
 
-    def open(self, task: int) -> int:
-        return self._open.get(task, 0)
-
     def failed(self, task: int) -> list[int]:
         return self._failed.get(task, [])
 

@@ -15,7 +15,8 @@ from typing import Any, Callable, Mapping, Optional, Protocol, Sequence
 
 from orchestrator.actions import (Action, Dispatch, ExpandMap, MapChildren, RunFinished, RunRerun, ScheduleRetry,
                                   StopTask, Transition)
-from orchestrator.mapping import children_arguments, children_payloads
+from orchestrator.mapping import children_arguments
+from orchestrator.run_spec import children_payloads
 from orchestrator.scheduler import Scheduler
 from orchestrator.task import AttemptRecord, Task
 from shared import codec

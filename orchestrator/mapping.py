@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from typing import Any, Mapping, Sequence
 
-from shared import codec
 from shared.errors import MapError
 from shared.upstream import Mapped
 
@@ -23,25 +22,11 @@ def child_name(task: str, k: int) -> str:
     return f"{task}[{k}]"
 
 
-def children_payloads(task: str, arguments: list[tuple[tuple, dict]], limit: int) -> list[str]:
-    """Each child's encoded ``[args, kwargs]`` (what its job carries); :class:`MapError` naming the first
-    child whose payload is over ``limit`` bytes (``ORCH_MAX_PAYLOAD_BYTES``), which no worker would read."""
-    payloads = []
-    for k, (args, kwargs) in enumerate(arguments):
-        payload = codec.encode([list(args), kwargs], f"the arguments of {child_name(task, k)}").decode("utf-8")
-        size = len(payload.encode("utf-8", "surrogatepass"))
-        if size > limit:
-            raise MapError(f"child {child_name(task, k)!r} of task {task!r}: its arguments encode to {size:,} "
-                           f"bytes, over the limit of {limit:,} bytes (ORCH_MAX_PAYLOAD_BYTES)")
-        payloads.append(payload)
-    return payloads
-
-
 def children_arguments(task: str, args: tuple, kwargs: Mapping[str, Any], results: Mapping[str, Any],
                        limit: int = DEFAULT_MAX_MAP_LENGTH) -> list[tuple[tuple, dict]]:
     """Each child's ``(args, kwargs)``: the mapped task's, with item k of each mapped upstream's result
     (``results[name]``) in place of its :class:`Mapped` marker. Raises :class:`MapError` naming the
-    task: a result that is not a list (or other finite sequence), lists of different lengths, a length
+    task: a result that is not a list or tuple, lists of different lengths, a length
     past ``limit`` (``ORCH_MAX_MAP_LENGTH``)."""
     names = list(dict.fromkeys(v.task for v in (*args, *kwargs.values()) if isinstance(v, Mapped)))
     items: dict[str, Sequence[Any]] = {}

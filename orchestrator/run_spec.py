@@ -42,18 +42,37 @@ from orchestrator.mapping import child_name
 from orchestrator.task import Task
 from orchestrator.trigger_rules import TriggerRule
 from shared import codec
-from shared.errors import InvalidTaskError
+from shared.errors import InvalidTaskError, MapError
 
 FORMAT = 2
 NO_ARGUMENTS = "[[],{}]"
 """The payload of a task without arguments (what :func:`codec.encode` makes of ``[[], {}]``)."""
 
 
-def encode_arguments(task: Task) -> str:
-    """A task's payload: its ``[args, kwargs]``, encoded by :mod:`shared.codec`."""
-    if not task.args and not task.kwargs:
+def encode_payload(args: Sequence[Any], kwargs: Mapping[str, Any], what: str) -> str:
+    """A call's payload, what a job carries: ``[args, kwargs]`` encoded by :mod:`shared.codec`."""
+    if not args and not kwargs:
         return NO_ARGUMENTS
-    return codec.encode([list(task.args), task.kwargs], f"arguments of task {task.name!r}").decode("utf-8")
+    return codec.encode([list(args), kwargs], what).decode("utf-8")
+
+
+def encode_arguments(task: Task) -> str:
+    """A task's payload (:func:`encode_payload` of its arguments)."""
+    return encode_payload(task.args, task.kwargs, f"arguments of task {task.name!r}")
+
+
+def children_payloads(task: str, arguments: list[tuple[tuple, dict]], limit: int) -> list[str]:
+    """Each child's encoded ``[args, kwargs]`` (what its job carries); :class:`MapError` naming the first
+    child whose payload is over ``limit`` bytes (``ORCH_MAX_PAYLOAD_BYTES``), which no worker would read."""
+    payloads = []
+    for k, (args, kwargs) in enumerate(arguments):
+        payload = encode_payload(args, kwargs, f"the arguments of {child_name(task, k)}")
+        size = len(payload.encode("utf-8", "surrogatepass"))
+        if size > limit:
+            raise MapError(f"child {child_name(task, k)!r} of task {task!r}: its arguments encode to {size:,} "
+                           f"bytes, over the limit of {limit:,} bytes (ORCH_MAX_PAYLOAD_BYTES)")
+        payloads.append(payload)
+    return payloads
 
 
 class SpecError(ValueError):
