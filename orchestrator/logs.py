@@ -83,6 +83,56 @@ class RedisLogs:
                 return found
             after = found[-1].seq
 
+    def records_before(self, task: str, attempt: int, before: Optional[int], count: int) -> list[LogRecord]:
+        """The last ``count`` records of an attempt's log numbered below ``before`` (``None``: the
+        end), in order: one ``XREVRANGE``, whatever the log's length."""
+        key = keys.task_log(self.run_id, task, attempt)
+        top = "+" if before is None else f"({entry_id(before)}"
+        page = self.connection.xrevrange(key, max=top, min="-", count=count)
+        return [record_of_entry(entry, fields) for entry, fields in reversed(page)]
+
+
+@dataclass(frozen=True)
+class LogPage:
+    """Part of one attempt's log: ``lines`` (each with its line number, ``0`` for a dropped-lines
+    notice), and whether lines come before ``first`` (the number of the first line read)."""
+
+    lines: list[tuple[int, LogLine]]
+    first: Optional[int]
+    last: Optional[int]
+    more_before: bool
+
+
+TAIL = 1000
+"""Lines of a log shown at first (its end), and read per page going back."""
+
+
+def log_page(connection: redis.Redis, run_id: str, task: str, attempt: int, *, before: Optional[int] = None,
+             after: Optional[int] = None, count: int = TAIL) -> LogPage:
+    """The dashboard's view of one attempt's log: with ``after``, every line numbered above it
+    (following a live attempt); else the last ``count`` lines before line ``before`` (``None``:
+    the end), so that a long log opens at its end and its start is loaded on demand."""
+    source = RedisLogs(connection, run_id)
+    if after is not None:
+        records = source.records(task, attempt, after)
+    else:
+        records = source.records_before(task, attempt, before, count + 1)
+    more_before = after is None and len(records) > count
+    if more_before:
+        records = records[1:]
+    lines: list[tuple[int, LogLine]] = []
+    previous: Optional[LogRecord] = None
+    for record in records:
+        if previous is not None and record.seq > previous.seq + 1:
+            dropped = max(0, record.offset - previous.offset - text_bytes(previous.text))
+            lines.append((0, LogLine(task, attempt, record.time, dropped_notice(record.seq - previous.seq - 1,
+                                                                                   dropped))))
+        lines.append((record.seq, LogLine(task, attempt, record.time, record.text)))
+        previous = record
+    first = records[0].seq if records else None
+    last = records[-1].seq if records else after
+    return LogPage(lines, first, last, more_before)
+
 
 def dropped_notice(lines: int, size: int) -> str:
     return (f"[orch: {lines} line{'s' if lines != 1 else ''} ({size} bytes) dropped here: an attempt's log keeps "

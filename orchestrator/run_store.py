@@ -261,6 +261,52 @@ def read_run(connection: redis.Redis, run_id: str) -> RunSnapshot:
     return snapshot
 
 
+def read_traceback(connection: redis.Redis, run_id: str, task: str) -> Optional[str]:
+    """The traceback of ``task``'s last failed attempt, ``None`` if it has none."""
+    text = connection.hget(keys.tracebacks(run_id), task)
+    return None if text is None else _text(text)
+
+
+def read_task_record(connection: redis.Redis, run_id: str, task: str) -> Optional[dict[str, Any]]:
+    """One task's stored record (:func:`task_record`'s JSON, decoded), ``None`` if absent or damaged:
+    one ``HGET``, for a reader that follows one task."""
+    raw = connection.hget(keys.tasks(run_id), task)
+    return None if raw is None else decode_task_record(raw)
+
+
+MARKER_FIELDS = ("state", "counts", "last_event", "finished_at", "retries", "cancelled_by", "warning", "total")
+"""Fields of a run's hash that change whenever its coordinator records a step: what a reader that
+follows a run compares (one ``HMGET``) before it reads the tasks again."""
+
+
+def run_marker(connection: redis.Redis, run_id: str) -> tuple[Optional[str], ...]:
+    """The run's :data:`MARKER_FIELDS` (``None`` for each absent one; all ``None``: no such run)."""
+    return tuple(None if value is None else _text(value)
+                 for value in connection.hmget(keys.run(run_id), list(MARKER_FIELDS)))
+
+
+def read_meta(connection: redis.Redis, run_id: str, fields: list[str]) -> dict[str, str]:
+    """Some fields of the run's hash (those present), without its spec: one ``HMGET``."""
+    values = connection.hmget(keys.run(run_id), fields)
+    return {name: _text(value) for name, value in zip(fields, values) if value is not None}
+
+
+def raw_task_records(connection: redis.Redis, run_id: str) -> dict[str, bytes]:
+    """Every task's stored record as written (task name -> JSON bytes), for a reader that compares
+    them with what it read before and decodes only those that changed (:func:`decode_task_record`)."""
+    return {_text(name): raw for name, raw in connection.hgetall(keys.tasks(run_id)).items()}
+
+
+def decode_task_record(raw: Any) -> Optional[dict[str, Any]]:
+    """A task record (:func:`task_record`) decoded; ``None`` if damaged."""
+    try:
+        record = json.loads(raw)
+        TaskState(record["state"])
+    except (ValueError, TypeError, KeyError):
+        return None
+    return record if isinstance(record, dict) else None
+
+
 def read_result(connection: redis.Redis, run_id: str, task: str) -> Any:
     blob = connection.hget(keys.results(run_id), task)
     return None if blob is None else codec.decode(blob)

@@ -238,3 +238,8 @@ class SigningKeyError(WorkflowError, ValueError):
 class LimitExceededError(WorkflowError, ValueError):
     """A submission goes past one of the limits against a hostile or careless submitter
     (``ORCH_MAX_PAYLOAD_BYTES``, ``ORCH_MAX_TASKS``); nothing was written."""
+
+
+class DashboardSettingError(WorkflowError, ValueError):
+    """``orch dashboard`` cannot start as asked: an unreadable auth file, half a login from the
+    environment, a non-loopback address without a login. The message says what to give."""

@@ -49,6 +49,8 @@ key                                 type    contents
 ``orch:lean-workers``               set     lean mode: the slots (``{worker}#{n}``) whose in-flight
                                             lists may hold attempts; what the LossWatch inspects
 ``orch:stop`` (pub/sub)             channel lean mode: "stop this attempt" requests (cancellation)
+``orch:dashboard:write-probe``      (none)  never exists: ``orch dashboard`` deletes it to learn whether
+                                            its Redis user may write (a read-only ACL user may not)
 ==================================  ======  ==================================================
 
 All keys of a run get the run's retention as TTL when the run finishes: those of
@@ -70,6 +72,7 @@ ACTIVE = f"{PREFIX}:active"
 STOP_CHANNEL = f"{PREFIX}:stop"
 LEAN_WORKERS = f"{PREFIX}:lean-workers"
 WORKERS = f"{PREFIX}:workers"
+DASHBOARD_WRITE_PROBE = f"{PREFIX}:dashboard:write-probe"
 ORPHAN_TTL = 24 * 3600
 """Seconds RQ keeps what it files for a job without a failure TTL of its own (none of orch's)."""
 

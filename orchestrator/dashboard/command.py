@@ -1,0 +1,64 @@
+"""``orch dashboard``: serve the dashboard (uvicorn); registered on the root group of :mod:`orchestrator.cli`.
+
+The web libraries are imported only when the command runs, so ``orch`` works without
+the ``dashboard`` extra and says how to get it when it is missing.
+"""
+from __future__ import annotations
+
+import getpass
+import os
+import sys
+from pathlib import Path
+from typing import Optional
+
+import click
+
+from orchestrator.cli import CliError, CliOptions, handle_errors, main, pass_options, redis_url_option
+from orchestrator.dashboard.security import check_bind, hash_password, load_users
+from shared.connection import connect, redacted
+
+SECRET_ENV = "ORCH_DASHBOARD_SECRET"
+"""Key that signs the session cookies (default: a random one per start, which logs everyone out)."""
+
+
+@main.command()
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to bind; any but a loopback one needs a login (or --insecure-no-auth).")
+@click.option("--port", type=click.IntRange(0, 65535), default=8080, show_default=True)
+@click.option("--auth-file", type=click.Path(dir_okay=False, path_type=Path), default=None, metavar="FILE",
+              help="USER:HASH lines (make a line with --hash-password); else ORCH_DASHBOARD_USER and "
+                   "ORCH_DASHBOARD_PASSWORD turn on the login.")
+@click.option("--insecure-no-auth", is_flag=True, help="Serve a non-loopback address without a login.")
+@click.option("--hash-password", "hash_for", default=None, metavar="USER",
+              help="Print an auth-file line for USER (the password read from the terminal or stdin) and exit.")
+@redis_url_option
+@pass_options
+@handle_errors
+def dashboard(options: CliOptions, host: str, port: int, auth_file: Optional[Path], insecure_no_auth: bool,
+              hash_for: Optional[str]) -> None:
+    """Serve the web dashboard: runs, their DAGs, logs, workers and schedules, live.
+
+    It reads everything from Redis (through the same functions as 'orch status' and 'orch logs'),
+    so it runs anywhere that reaches Redis. Open http://HOST:PORT/.
+    """
+    if hash_for is not None:
+        password = getpass.getpass("password: ") if sys.stdin.isatty() else sys.stdin.readline().rstrip("\n")
+        if not password:
+            raise CliError("an empty password: give one")
+        click.echo(f"{hash_for}:{hash_password(password)}")
+        return
+    try:
+        import uvicorn
+
+        from orchestrator.dashboard.app import create_app
+    except ImportError as exc:
+        raise CliError(f"the dashboard needs its extra ({exc.name} is missing): pip install \"orch[dashboard]\"") \
+            from None
+    users = load_users(auth_file)
+    check_bind(host, users, insecure_no_auth)
+    url = options.require_redis_url("dashboard")
+    connection = connect(url, check=True)
+    app = create_app(connection, users, os.environ.get(SECRET_ENV) or None)
+    login = "login required" if users.required else "no login"
+    click.echo(f"orch dashboard on http://{host}:{port}/ ({login}), reading {redacted(url)}", err=True)
+    uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False)

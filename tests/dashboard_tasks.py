@@ -1,0 +1,63 @@
+"""Task functions and workflows for the dashboard's browser tests (imported by workers as
+``dashboard_tasks:NAME``; the workers get ``--path tests/``)."""
+from __future__ import annotations
+
+import os
+import time
+
+from orchestrator import Task, Workflow
+
+
+def say(text: str) -> str:
+    print(f"saying {text}")
+    return text
+
+
+def wait_for(path: str) -> str:
+    """Print, then wait until ``path`` exists (a test opens the gate when it has seen the task run)."""
+    print("waiting at the gate")
+    while not os.path.exists(path):
+        time.sleep(0.05)
+    print("gate open")
+    return "passed"
+
+
+def fail_loudly() -> None:
+    for number in range(3):
+        print(f"log line {number} before the failure")
+    raise ValueError("the dashboard test failure")
+
+
+def noop() -> None:
+    return None
+
+
+def small_workflow() -> Workflow:
+    """extract -> (clean, enrich) -> load, and a failing side task after extract."""
+    wf = Workflow("dash-small")
+    wf.add_task(Task("extract", say, args=("extract",)))
+    wf.add_task(Task("clean", say, dependencies=["extract"], args=("clean",)))
+    wf.add_task(Task("enrich", say, dependencies=["extract"], args=("enrich",)))
+    wf.add_task(Task("load", say, dependencies=["clean", "enrich"], args=("load",)))
+    wf.add_task(Task("broken", fail_loudly, dependencies=["extract"]))
+    return wf
+
+
+def gated_workflow(gate: str) -> Workflow:
+    """first -> gated (waits for the file ``gate``) -> last."""
+    wf = Workflow("dash-gated")
+    wf.add_task(Task("first", say, args=("first",)))
+    wf.add_task(Task("gated", wait_for, dependencies=["first"], args=(gate,)))
+    wf.add_task(Task("last", say, dependencies=["gated"], args=("last",)))
+    return wf
+
+
+def wide_workflow(n: int) -> Workflow:
+    """A root, ``n`` tasks after it in ten chains-of-layers, and a join: a large run."""
+    wf = Workflow("dash-wide")
+    wf.add_task(Task("root", noop))
+    for i in range(n):
+        previous = "root" if i < n // 10 else f"t{i - n // 10}"
+        wf.add_task(Task(f"t{i}", noop, dependencies=[previous]))
+    wf.add_task(Task("join", noop, dependencies=[f"t{i}" for i in range(n - n // 10, n)]))
+    return wf
