@@ -23,6 +23,7 @@ from prometheus_client.registry import Collector
 
 from orchestrator import metrics_store as store
 from shared import keys
+from shared.errors import MetricsServerError
 from shared.workers import KINDS, LEAN, RQ, WorkerInfo, live_workers
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -154,8 +155,11 @@ def metrics_text(connection: redis.Redis) -> tuple[bytes, str]:
 
 def serve_metrics(connection: redis.Redis, port: int, host: str = "127.0.0.1") -> Any:
     """Serve ``/metrics`` on ``host:port`` in a daemon thread (prometheus_client's server); returns
-    ``(server, thread)`` for :func:`stop_serving`."""
-    return start_http_server(port, addr=host, registry=registry_for(connection))
+    ``(server, thread)`` for :func:`stop_serving`. Raises :class:`MetricsServerError` if it cannot listen."""
+    try:
+        return start_http_server(port, addr=host, registry=registry_for(connection))
+    except OSError as exc:
+        raise MetricsServerError(host, port, exc.strerror or str(exc)) from None
 
 
 def stop_serving(served: Optional[Any]) -> None:

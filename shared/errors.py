@@ -238,3 +238,13 @@ class SigningKeyError(WorkflowError, ValueError):
 class LimitExceededError(WorkflowError, ValueError):
     """A submission goes past one of the limits against a hostile or careless submitter
     (``ORCH_MAX_PAYLOAD_BYTES``, ``ORCH_MAX_TASKS``); nothing was written."""
+
+
+class MetricsServerError(WorkflowError, OSError):
+    """The metrics server (``--metrics-port``) cannot listen where it was told (the port taken, the
+    address not this host's)."""
+
+    def __init__(self, host: str, port: int, reason: str) -> None:
+        self.host, self.port = host, port
+        super().__init__(f"cannot serve metrics on {host}:{port}: {reason}; pick a free --metrics-port "
+                         f"(or a --metrics-host of this machine)")
