@@ -11,6 +11,7 @@ import redis
 from prometheus_client.parser import text_string_to_metric_families
 
 import dist_tasks
+import orchestrator.distributed as distributed
 from orchestrator import Task, Workflow
 from orchestrator import metrics_store as store
 from orchestrator.actions import RunFinished, RunRerun, Transition
@@ -249,8 +250,17 @@ def test_a_distributed_run_keeps_its_counters_in_redis(cluster: FakeCluster) -> 
     assert 0 <= value(found, "orch_task_duration_seconds_sum", workflow="metered", task="ok") < 5
     assert cluster.conn.smembers(keys.QUEUES) == {b"default", b"io"}
 
+    state, _ = distributed.retry_run(cluster.conn, run_id)  # a rerun from failure: adopted from Redis alone
+    assert state is RunState.FAILURE
+    found = samples(cluster.conn)
+    assert value(found, "orch_run_retries_total", workflow="metered") == 1
+    assert value(found, "orch_runs_started_total", workflow="metered") == 1
+    assert value(found, "orch_runs_finished_total", workflow="metered", state="failure") == 2
+    assert value(found, "orch_task_attempts_total", workflow="metered", task="bad", outcome="error") == 2
+    assert value(found, "orch_task_attempts_total", workflow="metered", task="flaky", outcome="error") == 1
+
     cluster.run(wf)
     found = samples(cluster.conn)
     assert value(found, "orch_runs_started_total", workflow="metered") == 2
-    assert value(found, "orch_runs_finished_total", workflow="metered", state="failure") == 2
+    assert value(found, "orch_runs_finished_total", workflow="metered", state="failure") == 3
     assert value(found, "orch_task_attempts_total", workflow="metered", task="flaky", outcome="error") == 2
