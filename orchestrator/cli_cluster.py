@@ -118,10 +118,14 @@ def worker(options: CliOptions, queues: str, concurrency: int, burst: bool, path
 @main.command()
 @click.option("--poll", type=click.FloatRange(min=0.05), default=0.5, show_default=True,
               help="Seconds between looks for runs to adopt.")
+@click.option("--metrics-port", type=click.IntRange(1, 65535), default=None,
+              help="Also serve Prometheus metrics (read from Redis) at http://HOST:PORT/metrics.")
+@click.option("--metrics-host", default="127.0.0.1", show_default=True,
+              help="Address the metrics server listens on (0.0.0.0: every interface).")
 @redis_url_option
 @pass_options
 @handle_errors
-def coordinator(options: CliOptions, poll: float) -> None:
+def coordinator(options: CliOptions, poll: float, metrics_port: Optional[int], metrics_host: str) -> None:
     """Drive runs submitted with --detach and adopt runs whose coordinator died.
 
     Run one or more: a lease makes exactly one drive each run.
@@ -129,6 +133,11 @@ def coordinator(options: CliOptions, poll: float) -> None:
     connection = _redis(options, "coordinator")
     Signer.from_environment()  # a bad key setting: one error line now, not one per run adopted
     logging.basicConfig(level="INFO", format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    if metrics_port is not None:
+        from orchestrator.metrics import serve_metrics  # prometheus_client: ~50 ms no other command pays
+
+        serve_metrics(connect(options.require_redis_url("coordinator")), metrics_port, metrics_host)
+        click.echo(f"metrics at http://{metrics_host}:{metrics_port}/metrics", err=True)
     click.echo(f"orch coordinator on {socket.gethostname()} (pid {os.getpid()}) watching for runs", err=True)
     try:
         serve_coordinator(connection, poll=poll)

@@ -51,6 +51,8 @@ class Step:
     attempts: list[tuple[str, AttemptRecord]] = field(default_factory=list)
     """``(task, record)`` of the attempts that ended in this step (failed or cancelled), or that a rerun
     superseded (succeeded): the task's history, which a backend that persists keeps."""
+    attempt_starts: dict[str, float] = field(default_factory=dict)
+    """task -> when its attempt that ended in this step started, where known (what metrics time)."""
 
     def __bool__(self) -> bool:
         return bool(self.transitions or self.dispatches or self.stops or self.finished or self.rerun)
@@ -230,6 +232,8 @@ class Coordinator:
                                                        task.finished_at), step)
             task.rerun(move.attempt)
             return
+        if move.start in ACTIVE_STATES and move.finish not in ACTIVE_STATES:
+            self._note_start(task, event, step)
         if move.start in ACTIVE_STATES and move.finish is TaskState.SUCCESS:
             self._attempt_started.pop(task.name, None)
         elif move.start in ACTIVE_STATES and move.finish is not TaskState.RUNNING:
@@ -264,6 +268,13 @@ class Coordinator:
                     task.started_at = event.started_at
         if move.finish in TERMINAL_STATES:
             task.finished_at = move.at
+
+    def _note_start(self, task: Task, event: Optional[Event], step: Step) -> None:
+        """Keep when the attempt ending now started (the worker's report, else when it was seen running)."""
+        reported = getattr(event, "started_at", None) if getattr(event, "task", None) == task.name else None
+        started = reported or self._attempt_started.get(task.name)
+        if started is not None:
+            step.attempt_starts[task.name] = started
 
     def _attempt_ended(self, task: Task, move: Transition, event: Optional[Event], step: Step) -> None:
         """Keep the record of an attempt that failed (or was cancelled) in the task's history."""

@@ -212,7 +212,7 @@ def run_distributed(
     if detach:
         return run_id, RunState.RUNNING
     backend = RQBackend(conn, run_id, workflow.tasks, submission.specs, settings, lease=lease, transport=transport,
-                        on_notice=on_notice)
+                        on_notice=on_notice, workflow=workflow.name)
     scheduler = Scheduler(workflow.tasks.values(), submission.graph)
     coordinator = Coordinator(workflow.tasks, backend, on_progress=on_progress, scheduler=scheduler)
     return run_id, coordinator.run()
@@ -253,7 +253,7 @@ def _restore(connection: redis.Redis, run_id: str, lease: Lease, settings: Optio
                         lease=lease, running=running, transport=meta.get("transport") or AUTO,
                         queued=[(name, task.attempts) for name, task in tasks.items()
                                 if task.state is TaskState.QUEUED], on_notice=on_notice,
-                        retries=run_retries(meta))
+                        retries=run_retries(meta), workflow=meta.get("workflow") or "")
     coordinator = Coordinator(tasks, backend, on_progress=on_progress, scheduler=scheduler)
     for name, task in tasks.items():
         if task.state is TaskState.RETRYING:

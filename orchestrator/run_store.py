@@ -18,6 +18,7 @@ from typing import Any, Optional
 
 import redis
 
+from orchestrator.metrics_store import count_run_started
 from orchestrator.run_spec import RunSpec, run_arguments
 from orchestrator.task import AttemptRecord, Task
 from shared import codec, keys
@@ -78,6 +79,7 @@ def create_run(connection: redis.Redis, run_id: str, workflow: str, spec: RunSpe
     pipe.zadd(keys.RUNS, {run_id: now})
     pipe.sadd(keys.ACTIVE, run_id)
     open_event_stream(pipe, run_id)
+    count_run_started(pipe, workflow, (profile.queue for profile in spec.profiles))
     pipe.execute()
 
 

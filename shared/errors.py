@@ -243,3 +243,13 @@ class LimitExceededError(WorkflowError, ValueError):
 class DashboardSettingError(WorkflowError, ValueError):
     """``orch dashboard`` cannot start as asked: an unreadable auth file, half a login from the
     environment, a non-loopback address without a login. The message says what to give."""
+
+
+class MetricsServerError(WorkflowError, OSError):
+    """The metrics server (``--metrics-port``) cannot listen where it was told (the port taken, the
+    address not this host's)."""
+
+    def __init__(self, host: str, port: int, reason: str) -> None:
+        self.host, self.port = host, port
+        super().__init__(f"cannot serve metrics on {host}:{port}: {reason}; pick a free --metrics-port "
+                         f"(or a --metrics-host of this machine)")

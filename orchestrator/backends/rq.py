@@ -48,6 +48,7 @@ from orchestrator.coordinator import Step
 from orchestrator.backends.routing import AUTO, TRANSPORTS, Routes
 from orchestrator.backends.watch import LossWatch
 from orchestrator.lease import Lease, LeaseLost
+from orchestrator.metrics_store import RunMetrics
 from orchestrator.run_spec import RunSpec
 from orchestrator.run_store import run_keys, task_record
 from orchestrator.task import Task
@@ -103,6 +104,7 @@ class RQBackend:
         queued: Sequence[tuple[str, int]] = (),
         on_notice: Optional[Callable[[Optional[str]], None]] = None,
         retries: int = 0,
+        workflow: str = "",
     ) -> None:
         if transport not in TRANSPORTS:
             raise ValueError(f"unknown transport {transport!r}; expected one of {', '.join(TRANSPORTS)}")
@@ -117,6 +119,8 @@ class RQBackend:
         self.retries = retries
         """Times the run was rerun from failure (as of the last step)."""
         self.signer = Signer.from_environment()
+        self.metrics = RunMetrics(connection, workflow, tasks)
+        """What this run adds to the Prometheus counters, kept in memory and flushed about once a second."""
         self._index = specs.index
         self._queues: dict[str, Queue] = {}
         self._last_event = last_event
@@ -181,6 +185,9 @@ class RQBackend:
             return
         self._reconnecting(self._write_step, step, changed | self._deferred)
         self._deferred = set()
+        self.metrics.count(step)
+        if step.finished:
+            self._reconnecting(self.metrics.flush)
         for stop in step.stops:
             self._stop_running(stop.task, stop.attempt)
 
@@ -402,6 +409,7 @@ class RQBackend:
         self.routes.refresh()
         self._reroute()
         self._update_notice()
+        self.metrics.flush_if_due()
         return self.watch.check(lean=True)
 
     def _read(self, timeout: float) -> list[Event]:
