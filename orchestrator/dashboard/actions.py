@@ -24,6 +24,7 @@ import redis
 from starlette.requests import Request
 
 from orchestrator.distributed import cancel_run, retry_run
+from orchestrator.metrics import metrics_text
 from shared import keys
 from shared.errors import WorkflowError
 
@@ -131,9 +132,4 @@ def schedules_document(connection: redis.Redis) -> dict[str, Any]:
 def metrics(connection: redis.Redis) -> tuple[bytes, str]:
     """``/metrics``: the Prometheus text of :mod:`orchestrator.metrics` (the same as
     ``orch coordinator --metrics-port`` serves)."""
-    try:
-        module = importlib.import_module("orchestrator.metrics")
-    except ImportError:
-        return b"# orchestrator.metrics is not part of this orch\n", "text/plain; version=0.0.4; charset=utf-8"
-    body, content_type = module.metrics_text(connection)
-    return body, content_type
+    return metrics_text(connection)
