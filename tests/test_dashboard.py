@@ -1,0 +1,387 @@
+"""``orch dashboard`` in a real browser: headless Chromium (the Debian package, driven by Playwright),
+a real redis-server, a real ``orch worker`` and a real ``orch dashboard`` process.
+
+One stack for the module (Redis, a worker, a dashboard, a browser) keeps the file within
+about two minutes. Screenshots of each page go to the test's output folder
+(``tmp_path``); ``docs/dashboard-run.png`` in the README is one of them.
+"""
+from __future__ import annotations
+
+import base64
+import json
+import os
+import shutil
+import subprocess
+import threading
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from pathlib import Path
+from typing import Any, Callable, Iterator, Optional
+
+import pytest
+
+from bench.procs import free_port, orch_command
+from conftest import TESTS_DIR, WorkerProcess, worker_command
+from redis_server import RedisServer
+from shared import keys
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
+playwright_api = pytest.importorskip("playwright.sync_api")
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--no-first-run"]
+STATE_COLOURS = {"success": "rgb(34, 197, 94)", "failure": "rgb(239, 68, 68)", "pending": "rgb(209, 213, 219)",
+                 "queued": "rgb(147, 197, 253)", "running": "rgb(250, 204, 21)", "cancelled": "rgb(107, 114, 128)",
+                 "skipped": "rgb(249, 168, 212)", "retrying": "rgb(251, 146, 60)"}
+"""The fill of a graph node in each state (dashboard.css)."""
+
+
+class Dashboard:
+    """One ``orch dashboard`` process on a free port."""
+
+    def __init__(self, redis_url: str, log_dir: Path, env: Optional[dict[str, str]] = None,
+                 extra: tuple[str, ...] = ()) -> None:
+        self.port = free_port()
+        self.base = f"http://127.0.0.1:{self.port}"
+        self.log_path = log_dir / f"dashboard-{self.port}.log"
+        with open(self.log_path, "wb") as log:
+            self.process = subprocess.Popen(
+                [*orch_command(), "dashboard", "--redis-url", redis_url, "--port", str(self.port), *extra],
+                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
+                env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                urllib.request.urlopen(f"{self.base}/login", timeout=2).read()
+                return
+            except (urllib.error.URLError, ConnectionError, OSError):
+                if self.process.poll() is not None or time.monotonic() > deadline:
+                    self.stop()
+                    pytest.fail(f"orch dashboard did not start:\n{self.log_path.read_text()[-3000:]}")
+                time.sleep(0.1)
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def stack(_redis_server_session: RedisServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    """Redis (emptied), one ``orch worker`` (2 slots, queue ``default``), a dashboard without login."""
+    server = _redis_server_session
+    server.start()
+    client = server.client()
+    client.flushall()
+    out = tmp_path_factory.mktemp("dashboard")
+    log_path = out / "worker.log"
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(worker_command(server.url, concurrency=2, name="dash-w1"), stdout=log,
+                                   stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
+                                   env={**os.environ, "PYTHONUNBUFFERED": "1"}, cwd=str(out))
+    worker = WorkerProcess(process, "dash-w1", log_path, 2)
+    dashboard = None
+    try:
+        _wait(lambda: client.exists(keys.alive("dash-w1")) == 1, 30, "the worker's heartbeat")
+        dashboard = Dashboard(server.url, out)
+        yield {"server": server, "client": client, "url": server.url, "dashboard": dashboard, "out": out}
+    finally:
+        if dashboard is not None:
+            dashboard.stop()
+        worker.stop()
+        client.close()
+
+
+@pytest.fixture(scope="module")
+def browser(stack: dict[str, Any]) -> Iterator[Any]:
+    chromium = shutil.which("chromium")
+    if chromium is None:
+        if os.environ.get("CI"):
+            pytest.fail("no chromium on PATH (.ci/run installs the Debian packages chromium and chromium-driver)")
+        pytest.skip("no chromium on PATH: apt-get install chromium chromium-driver")
+    profile = stack["out"] / "chromium-profile"
+    with playwright_api.sync_playwright() as driver:
+        context = driver.chromium.launch_persistent_context(str(profile), executable_path=chromium,
+                                                            args=CHROMIUM_ARGS, headless=True,
+                                                            viewport={"width": 1280, "height": 900})
+        try:
+            yield context
+        finally:
+            context.close()
+
+
+@pytest.fixture
+def page(browser: Any, tmp_path: Path) -> Iterator[Any]:
+    tab = browser.new_page()
+    errors: list[str] = []
+    tab.on("pageerror", lambda exc: errors.append(str(exc)))
+    tab.shots = tmp_path  # screenshots of this test's pages
+    try:
+        yield tab
+    finally:
+        tab.close()
+    assert not errors, f"JavaScript errors on the page: {errors}"
+
+
+def _wait(check: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+        time.sleep(0.05)
+
+
+def _orch_json(url: str, *args: str) -> Any:
+    done = subprocess.run([*orch_command(), *args, "--redis-url", url, "--json"], capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)
+
+
+def _run(url: str, workflow: Any, detach: bool = False) -> tuple[str, Optional[threading.Thread]]:
+    """Submit ``workflow``; coordinate it in a thread of this process unless ``detach``. Returns the run id."""
+    from orchestrator.distributed import run_distributed
+
+    if detach:
+        return run_distributed(workflow, url, detach=True)[0], None
+    ids: list[str] = []
+    thread = threading.Thread(target=run_distributed, args=(workflow, url), kwargs={"on_submitted": ids.append},
+                              daemon=True)
+    thread.start()
+    _wait(lambda: bool(ids), 30, "the run's submission")
+    return ids[0], thread
+
+
+@pytest.fixture(scope="module")
+def finished_run(stack: dict[str, Any]) -> str:
+    """The small workflow (4 tasks succeed, one fails), run to its end."""
+    import dashboard_tasks
+
+    run_id, thread = _run(stack["url"], dashboard_tasks.small_workflow())
+    assert thread is not None
+    thread.join(60)
+    return run_id
+
+
+def _shot(page: Any, name: str) -> None:
+    page.screenshot(path=str(page.shots / f"{name}.png"), full_page=True)
+
+
+def _graph_nodes(page: Any) -> dict[str, tuple[str, str, str]]:
+    """task -> (data-state, class, fill colour) of every task node of the graph."""
+    found = page.eval_on_selector_all(
+        "#graph [data-task]",
+        "els => els.map(e => [e.dataset.task, e.dataset.state, e.getAttribute('class'),"
+        " getComputedStyle(e.querySelector('rect')).fill])")
+    return {task: (state, cls, fill) for task, state, cls, fill in found}
+
+
+def test_runs_page_and_a_finished_run_show_every_task_in_its_state(stack: dict[str, Any], finished_run: str,
+                                                                   page: Any) -> None:
+    page.goto(stack["dashboard"].base + "/")
+    row = page.locator(f'#runs tr[data-run="{finished_run}"]')
+    assert row.get_attribute("data-state") == "failure"
+    assert "dash-small" in row.inner_text()
+    _shot(page, "runs")
+    page.click(f'#runs a[href="/runs/{finished_run}"]')
+    page.wait_for_selector('#graph [data-task="load"]')
+    status = _orch_json(stack["url"], "status", finished_run)
+    expected = {task["name"]: task["state"] for task in status["tasks"]}
+    assert expected == {"extract": "success", "clean": "success", "enrich": "success", "load": "success",
+                        "broken": "failure"}
+    nodes = _graph_nodes(page)
+    assert {name: node[0] for name, node in nodes.items()} == expected
+    for name, (state, cls, fill) in nodes.items():
+        assert f"state-{state}" in cls.split(), (name, cls)
+        assert fill == STATE_COLOURS[state], (name, fill)
+    rows = page.eval_on_selector_all("#grid [data-task]", "els => els.map(e => [e.dataset.task, e.dataset.state])")
+    assert dict(rows) == expected
+    assert page.get_attribute("#run-header", "data-state") == "failure"
+    assert page.locator("#legend .state-success").count() == 1
+    _shot(page, "run")
+    docs = Path(__file__).resolve().parent.parent / "docs"
+    if docs.is_dir() and os.environ.get("ORCH_UPDATE_SCREENSHOT"):
+        shutil.copy(page.shots / "run.png", docs / "dashboard-run.png")
+
+
+def test_failed_task_shows_its_traceback_and_log(stack: dict[str, Any], finished_run: str, page: Any) -> None:
+    page.goto(f"{stack['dashboard'].base}/runs/{finished_run}")
+    page.click('#graph [data-task="broken"]')
+    page.wait_for_selector("#log:has-text('log line 2 before the failure')")
+    assert page.url.endswith(f"/runs/{finished_run}/tasks/broken")
+    assert "ValueError: the dashboard test failure" in page.inner_text("#traceback")
+    log = page.inner_text("#log")
+    assert log.index("log line 0 before the failure") < log.index("ValueError: the dashboard test failure")
+    assert page.get_attribute("#task", "data-state") == "failure"
+    attempt = page.locator('#attempts tr[data-attempt="1"]')
+    assert attempt.get_attribute("data-state") == "failure"
+    assert "dash-w1" in attempt.inner_text()
+    _shot(page, "task")
+
+
+def test_a_node_turns_queued_running_success_without_a_reload(stack: dict[str, Any], page: Any,
+                                                              tmp_path: Path) -> None:
+    import dashboard_tasks
+
+    gate = tmp_path / "gate"
+    run_id, thread = _run(stack["url"], dashboard_tasks.gated_workflow(str(gate)))
+    page.goto(f"{stack['dashboard'].base}/runs/{run_id}")
+    page.wait_for_selector('#graph [data-task="gated"]')
+    page.evaluate("""() => {
+        window.__sameDocument = true;
+        window.__seen = [];
+        const node = document.querySelector('#graph [data-task="gated"]');
+        window.__seen.push(node.dataset.state);
+        new MutationObserver(() => {
+            const state = document.querySelector('#graph [data-task="gated"]').dataset.state;
+            if (window.__seen[window.__seen.length - 1] !== state) window.__seen.push(state);
+        }).observe(document.getElementById('graph'), {attributes: true, subtree: true, attributeFilter: ['data-state']});
+    }""")
+    page.wait_for_selector('#graph [data-task="gated"][data-state="running"]', timeout=15000)
+    assert page.get_attribute('#grid [data-task="gated"]', "data-state") == "running"
+    _shot(page, "run-live")
+    gate.write_text("open")
+    page.wait_for_selector('#graph [data-task="gated"][data-state="success"]', timeout=15000)
+    page.wait_for_selector('#run-header[data-state="success"]', timeout=15000)
+    seen = page.evaluate("window.__seen")
+    assert seen[-2:] == ["running", "success"], seen
+    assert set(seen) <= {"pending", "queued", "running", "success"}, seen
+    assert page.evaluate("window.__sameDocument") is True  # no reload
+    assert thread is not None
+    thread.join(30)
+
+
+def test_a_task_waiting_on_an_unserved_queue_shows_queued_and_the_warning(stack: dict[str, Any], page: Any) -> None:
+    from orchestrator import Task, Workflow
+
+    import dashboard_tasks
+
+    wf = Workflow("dash-unserved")
+    wf.add_task(Task("stuck", dashboard_tasks.noop, queue="nobody-serves-this"))
+    run_id, thread = _run(stack["url"], wf)
+    page.goto(f"{stack['dashboard'].base}/runs/{run_id}")
+    page.wait_for_selector('#graph [data-task="stuck"][data-state="queued"]', timeout=15000)
+    page.wait_for_selector("#run-warning:not([hidden])", timeout=15000)
+    assert "no live worker serves it" in page.inner_text("#run-warning")
+    page.goto(f"{stack['dashboard'].base}/workers")
+    assert "dash-w1" in page.inner_text("#workers")
+    page.wait_for_selector('#queues tr[data-queue="nobody-serves-this"]')
+    assert "no live worker" in page.inner_text('#queues tr[data-queue="nobody-serves-this"]')
+    assert "no live worker serves it" in page.inner_text("#queue-warning")
+    _shot(page, "workers")
+    page.goto(f"{stack['dashboard'].base}/runs/{run_id}")
+    page.click("#cancel-run")
+    page.wait_for_selector("#flash")
+    page.wait_for_selector('#run-header[data-state="cancelled"]', timeout=15000)
+    assert thread is not None
+    thread.join(30)
+
+
+def test_cancel_from_the_page_and_orch_status_agrees(stack: dict[str, Any], page: Any, tmp_path: Path) -> None:
+    import dashboard_tasks
+
+    run_id, thread = _run(stack["url"], dashboard_tasks.gated_workflow(str(tmp_path / "never")))
+    page.goto(f"{stack['dashboard'].base}/runs/{run_id}")
+    page.wait_for_selector('#graph [data-task="gated"][data-state="running"]', timeout=15000)
+    page.click("#cancel-run")
+    assert "cancel" in page.inner_text("#flash")
+    page.wait_for_selector('#run-header[data-state="cancelled"]', timeout=15000)
+    page.wait_for_selector('#graph [data-task="gated"][data-state="cancelled"]', timeout=15000)
+    assert "dashboard by" in page.inner_text("#run-cancelled")
+    _shot(page, "cancelled")
+    status = _orch_json(stack["url"], "status", run_id)
+    assert status["state"] == "cancelled"
+    assert status["cancelled_by"].startswith("dashboard by")
+    assert {task["name"]: task["state"] for task in status["tasks"]}["gated"] == "cancelled"
+    assert thread is not None
+    thread.join(30)
+
+
+def test_a_10000_task_run_opens_within_3_seconds(stack: dict[str, Any], page: Any) -> None:
+    import dashboard_tasks
+
+    run_id, _ = _run(stack["url"], dashboard_tasks.wide_workflow(10_000), detach=True)
+    started = time.monotonic()
+    page.goto(f"{stack['dashboard'].base}/runs/{run_id}")
+    page.wait_for_selector('#grid [data-task="t5"]')
+    page.wait_for_selector("#graph svg [data-group]")
+    opened = time.monotonic() - started
+    assert opened < 3.0, f"the 10,000-task run took {opened:.2f}s to open"
+    assert page.inner_text("#grid-count") == "(10002)"
+    assert page.locator("#grid [data-task]").count() < 200  # virtualised: only rows near the view
+    assert page.locator("#graph [data-group], #graph [data-task]").count() <= 260  # collapsed, not 10,002 nodes
+    page.fill("#grid-filter", "t9999")
+    page.wait_for_selector('#grid [data-task="t9999"][data-state="pending"]')
+    _shot(page, "large-run")
+
+
+def test_login_with_and_without_the_right_password(stack: dict[str, Any], page: Any, tmp_path: Path) -> None:
+    secured = Dashboard(stack["url"], tmp_path, env={"ORCH_DASHBOARD_USER": "ada",
+                                                     "ORCH_DASHBOARD_PASSWORD": "correct horse"})
+    try:
+        page.goto(secured.base + "/workers")
+        assert "/login" in page.url
+        page.fill("input[name=user]", "ada")
+        page.fill("input[name=password]", "wrong")
+        page.click("button[type=submit]")
+        assert "wrong user name or password" in page.inner_text("#login-error")
+        _shot(page, "login-refused")
+        answer = page.request.get(secured.base + "/api/runs/anything")
+        assert answer.status == 401 and "log in first" in answer.text()
+        metrics = page.request.get(secured.base + "/metrics", headers={
+            "Authorization": "Basic " + base64.b64encode(b"ada:correct horse").decode()})
+        assert metrics.status == 200 and "orch_runs_finished" in metrics.text()
+        page.goto(secured.base + "/login?next=/workers")
+        page.fill("input[name=user]", "ada")
+        page.fill("input[name=password]", "correct horse")
+        page.click("button[type=submit]")
+        page.wait_for_selector("#workers")
+        assert page.url == secured.base + "/workers"
+        # a POST without the session's CSRF token is refused, logged in or not
+        answer = page.request.post(f"{secured.base}/runs/x/cancel", form={"csrf": "forged"})
+        assert answer.status == 403 and "CSRF" in answer.text()
+    finally:
+        secured.stop()
+
+
+def test_a_read_only_redis_user_sees_actions_disabled_and_why(stack: dict[str, Any], finished_run: str, page: Any,
+                                                              tmp_path: Path) -> None:
+    from test_acl import readme_acl_lines
+
+    reader = next(line for line in readme_acl_lines() if line.split()[1] == "orch-reader")
+    words = reader.replace("READER-PASSWORD", "reader-secret-77").split()[2:]
+    client = stack["client"]
+    client.execute_command("ACL", "SETUSER", "orch-reader", *words)
+    port = stack["url"].rsplit(":", 1)[1].split("/")[0]
+    reading = Dashboard(f"redis://orch-reader:reader-secret-77@127.0.0.1:{port}/0", tmp_path)
+    try:
+        page.goto(f"{reading.base}/runs/{finished_run}")
+        page.wait_for_selector('#graph [data-task="broken"][data-state="failure"]')
+        assert page.is_disabled("#retry-run") and page.is_disabled("#cancel-run")
+        assert "may only read" in page.inner_text("#read-only-note")
+        answer = page.request.post(f"{reading.base}/runs/{finished_run}/retry",
+                                   form={"csrf": page.evaluate("window.ORCH.csrf"), "back": f"/runs/{finished_run}"})
+        assert "may only read" in answer.text()
+        assert client.hget(keys.run(finished_run), "state") == b"failure"
+        for path in ("/", f"/runs/{finished_run}", f"/runs/{finished_run}/tasks/broken", "/workers"):
+            page.goto(reading.base + path)
+            assert "reader-secret-77" not in page.content()
+        _shot(page, "read-only")
+    finally:
+        reading.stop()
+        client.execute_command("ACL", "DELUSER", "orch-reader")
+
+
+def test_metrics_parse_and_count_the_runs_done(stack: dict[str, Any], finished_run: str) -> None:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    body = urllib.request.urlopen(f"{stack['dashboard'].base}/metrics", timeout=10).read().decode()
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for family in text_string_to_metric_families(body) for s in family.samples}
+    assert samples[("orch_runs_finished_total", (("state", "failure"), ("workflow", "dash-small")))] >= 1
+    assert samples[("orch_workers_alive", (("kind", "lean"),))] == 1
