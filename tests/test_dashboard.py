@@ -23,7 +23,7 @@ from typing import Any, Callable, Iterator, Optional
 import pytest
 
 from bench.procs import free_port, orch_command
-from conftest import TESTS_DIR, WorkerProcess, worker_command
+from conftest import WorkerProcess, worker_command
 from redis_server import RedisServer
 from shared import keys
 
@@ -240,7 +240,8 @@ def test_a_node_turns_queued_running_success_without_a_reload(stack: dict[str, A
         new MutationObserver(() => {
             const state = document.querySelector('#graph [data-task="gated"]').dataset.state;
             if (window.__seen[window.__seen.length - 1] !== state) window.__seen.push(state);
-        }).observe(document.getElementById('graph'), {attributes: true, subtree: true, attributeFilter: ['data-state']});
+        }).observe(document.getElementById('graph'),
+                   {attributes: true, subtree: true, attributeFilter: ['data-state']});
     }""")
     page.wait_for_selector('#graph [data-task="gated"][data-state="running"]', timeout=15000)
     assert page.get_attribute('#grid [data-task="gated"]', "data-state") == "running"
