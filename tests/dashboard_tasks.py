@@ -61,3 +61,24 @@ def wide_workflow(n: int) -> Workflow:
         wf.add_task(Task(f"t{i}", noop, dependencies=[previous]))
     wf.add_task(Task("join", noop, dependencies=[f"t{i}" for i in range(n - n // 10, n)]))
     return wf
+
+
+def items(n: int) -> list[int]:
+    return list(range(n))
+
+
+def double(item: int) -> int:
+    return item * 2
+
+
+def total(values: list[int]) -> int:
+    return sum(values)
+
+
+def mapped_workflow(n: int) -> Workflow:
+    """items -> double mapped over its n items -> total: one mapped task of ``n`` children."""
+    wf = Workflow("dash-mapped")
+    wf.add_task(Task("items", items, args=(n,)))
+    wf.add_task(Task("double", double, dependencies=["items"], map_over="items"))
+    wf.add_task(Task("total", noop, dependencies=["double"]))
+    return wf

@@ -321,6 +321,31 @@ def test_a_10000_task_run_opens_within_3_seconds(stack: dict[str, Any], page: An
     _shot(page, "large-run")
 
 
+def test_a_mapped_task_is_one_node_counting_its_children_live(stack: dict[str, Any], page: Any) -> None:
+    import dashboard_tasks
+
+    run_id, _ = _run(stack["url"], dashboard_tasks.mapped_workflow(300), detach=True)
+    page.goto(f"{stack['dashboard'].base}/runs/{run_id}")
+    page.wait_for_selector('#graph [data-task="double"][data-kind="map"]')
+    assert page.get_attribute('#graph [data-task="double"]', "data-state") == "pending"
+    from orchestrator.distributed import resume_run
+    from shared.connection import connect
+
+    driver = threading.Thread(target=resume_run, args=(connect(stack["url"]), run_id), daemon=True)
+    driver.start()  # the page is open before the map expands: its children arrive live
+    page.wait_for_selector('#run-header[data-state="success"]', timeout=30000)
+    node = page.locator('#graph [data-task="double"]')
+    page.wait_for_function("""() => document.querySelector('#graph [data-task="double"] text.counts')
+                              .textContent === 'success 300'""", timeout=10000)
+    assert node.get_attribute("data-state") == "success"
+    assert page.locator("#graph [data-task]").count() == 3  # items, double [map], total
+    assert page.inner_text("#grid-count") == "(303)"
+    page.fill("#grid-filter", "double[299]")
+    page.wait_for_selector('#grid [data-task="double[299]"][data-state="success"]')
+    _shot(page, "mapped")
+    driver.join(30)
+
+
 def test_login_with_and_without_the_right_password(stack: dict[str, Any], page: Any, tmp_path: Path) -> None:
     secured = Dashboard(stack["url"], tmp_path, env={"ORCH_DASHBOARD_USER": "ada",
                                                      "ORCH_DASHBOARD_PASSWORD": "correct horse"})
