@@ -276,17 +276,6 @@ def read_task_record(connection: redis.Redis, run_id: str, task: str) -> Optiona
     return None if raw is None else decode_task_record(raw)
 
 
-MARKER_FIELDS = ("state", "counts", "last_event", "finished_at", "retries", "cancelled_by", "warning", "total")
-"""Fields of a run's hash that change whenever its coordinator records a step: what a reader that
-follows a run compares (one ``HMGET``) before it reads the tasks again."""
-
-
-def run_marker(connection: redis.Redis, run_id: str) -> tuple[Optional[str], ...]:
-    """The run's :data:`MARKER_FIELDS` (``None`` for each absent one; all ``None``: no such run)."""
-    return tuple(None if value is None else _text(value)
-                 for value in connection.hmget(keys.run(run_id), list(MARKER_FIELDS)))
-
-
 def read_meta(connection: redis.Redis, run_id: str, fields: list[str]) -> dict[str, str]:
     """Some fields of the run's hash (those present), without its spec: one ``HMGET``."""
     values = connection.hmget(keys.run(run_id), fields)

@@ -411,3 +411,83 @@ def test_metrics_parse_and_count_the_runs_done(stack: dict[str, Any], finished_r
                for family in text_string_to_metric_families(body) for s in family.samples}
     assert samples[("orch_runs_finished_total", (("state", "failure"), ("workflow", "dash-small")))] >= 1
     assert samples[("orch_workers_alive", (("kind", "lean"),))] == 1
+
+
+def _cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _reads(client: Any) -> int:
+    """Calls of the commands the dashboard's run pages send (HMGET, HGETALL; neither the stand-in
+    coordinators nor the idle worker sends them)."""
+    stats = client.info("commandstats")
+    return sum(int(stats.get(name, {}).get("calls", 0)) for name in ("cmdstat_hmget", "cmdstat_hgetall"))
+
+
+def test_twenty_open_pages_of_busy_1000_task_runs_cost_little(stack: dict[str, Any]) -> None:
+    """20 event streams (what 20 open run pages hold), each on a 1,000-task run whose tasks change
+    4 times a second: under 100 Redis commands a second in all, and under 20% of one core (CPU time
+    of the dashboard process, which does not depend on how loaded the machine is)."""
+    import http.client
+
+    import dashboard_tasks
+
+    client = stack["client"]
+    runs = [_run(stack["url"], dashboard_tasks.wide_workflow(1000), detach=True)[0] for _ in range(20)]
+    for run_id in runs:  # the root done, as a coordinator writes it
+        client.hset(keys.tasks(run_id), "root", json.dumps({"state": "success", "attempt": 1}))
+        client.hset(keys.run(run_id), "counts", json.dumps({"success": 1, "pending": 1001}))
+    received = [0] * len(runs)
+    stop = threading.Event()
+
+    def listen(k: int) -> None:
+        connection = http.client.HTTPConnection("127.0.0.1", stack["dashboard"].port, timeout=30)
+        connection.request("GET", f"/api/runs/{runs[k]}/events")
+        response = connection.getresponse()
+        while not stop.is_set():
+            line = response.readline()
+            if not line:
+                return
+            if line.startswith(b"event: tasks"):
+                received[k] += 1
+        connection.close()
+
+    def coordinate() -> None:
+        """What 20 busy coordinators write, 4 times a second each: 20 tasks of each run succeed and the
+        next 20 start (layer after layer), with the run's counts, in one transaction per run."""
+        tick = 0
+        while not stop.is_set() and tick < 49:
+            tick += 1
+            done = [f"t{i}" for i in range((tick - 2) * 20, (tick - 1) * 20) if i >= 0]
+            started = [f"t{i}" for i in range((tick - 1) * 20, tick * 20)]
+            records = {**{name: json.dumps({"state": "success", "attempt": 1}) for name in done},
+                       **{name: json.dumps({"state": "running", "attempt": 1, "worker": "w"}) for name in started}}
+            counts = {"success": 1 + (tick - 1) * 20, "running": 20, "pending": 1002 - 1 - tick * 20}
+            for run_id in runs:
+                pipe = client.pipeline(transaction=True)
+                pipe.hset(keys.tasks(run_id), mapping=records)
+                pipe.hset(keys.run(run_id), mapping={"counts": json.dumps(counts), "last_event": f"{tick}-0"})
+                pipe.execute()
+            stop.wait(0.25)
+
+    listeners = [threading.Thread(target=listen, args=(k,), daemon=True) for k in range(len(runs))]
+    for thread in listeners:
+        thread.start()
+    writer = threading.Thread(target=coordinate, daemon=True)
+    writer.start()
+    time.sleep(1.5)  # every stream open and past its first snapshot
+    pid = stack["dashboard"].process.pid
+    commands_before = _reads(client)
+    cpu_before, started = _cpu_seconds(pid), time.monotonic()
+    time.sleep(4.0)
+    commands_after = _reads(client)
+    cpu_after, elapsed = _cpu_seconds(pid), time.monotonic() - started
+    stop.set()
+    writer.join(5)
+    assert all(received), received  # every page got changes
+    per_second = (commands_after - commands_before) / elapsed
+    cpu_share = (cpu_after - cpu_before) / elapsed
+    print(f"dashboard: {per_second:.0f} Redis commands/s and {cpu_share:.1%} of a core for 20 busy pages")
+    assert per_second < 100, per_second
+    assert cpu_share < 0.20, cpu_share

@@ -159,23 +159,33 @@ def test_a_log_page_says_where_lines_were_dropped() -> None:
     assert "7 lines" in texts[2] and "dropped" in texts[2]
 
 
-def test_run_watch_reads_tasks_only_when_the_run_moved_and_sends_only_changes() -> None:
+def test_run_watch_reads_only_what_can_have_changed_and_sends_only_changes() -> None:
+    from orchestrator import Workflow
+    from orchestrator.distributed import run_distributed
+
     client = fakeredis.FakeRedis()
-    record = {"state": "pending", "attempt": 0}
-    client.hset(keys.run("r1"), mapping={"workflow": "w", "state": "running", "counts": json.dumps({"pending": 2}),
-                                         "created_at": "1000.0"})
-    client.hset(keys.tasks("r1"), mapping={"a": json.dumps(record), "b": json.dumps(record)})
-    watch = RunWatch(client, "r1")
+    wf = Workflow("w")
+    for name, deps in (("a", []), ("b", ["a"]), ("c", ["b"])):
+        wf.add_task(Task(name, noop, deps))
+    run_id, _ = run_distributed(wf, "redis://unused", connection=client, detach=True)
+    watch = RunWatch(client, run_id)
     watch.start()
     assert watch.look() == []
-    client.hset(keys.tasks("r1"), "a", json.dumps({"state": "running", "attempt": 1, "worker": "w1"}))
-    assert watch.look() == []  # the marker did not move: the tasks are not read
-    client.hset(keys.run("r1"), "counts", json.dumps({"pending": 1, "running": 1}))
+    assert watch._may_have_moved() == ["a"]  # b and c wait on unfinished tasks: not read
+    client.hset(keys.tasks(run_id), "a", json.dumps({"state": "running", "attempt": 1, "worker": "w1"}))
+    assert watch.look() == []  # the run's marker did not move: nothing is read
+    client.hset(keys.run(run_id), "counts", json.dumps({"pending": 2, "running": 1}))
     events = dict(watch.look())
     assert events["tasks"] == [["a", "running", 1, "w1", None, None, None]]
-    assert events["header"]["counts"] == {"pending": 1, "running": 1}
-    client.hset(keys.tasks("r1"), "a[0]", json.dumps(record))
-    client.hset(keys.run("r1"), "last_event", "5-0")
-    assert watch.look() == [("reload", None)]  # new tasks (a map expanded): the page reloads its data
-    client.delete(keys.run("r1"))
+    assert events["header"]["counts"] == {"pending": 2, "running": 1}
+    # a cascade the candidates cannot see (c changed while b was not final): the counts catch it
+    client.hset(keys.tasks(run_id), mapping={"a": json.dumps({"state": "failure", "attempt": 1}),
+                                             "c": json.dumps({"state": "failure", "attempt": 0})})
+    client.hset(keys.run(run_id), "counts", json.dumps({"pending": 1, "failure": 2}))
+    rows = dict(watch.look())["tasks"]
+    assert sorted(row[:2] for row in rows) == [["a", "failure"], ["c", "failure"]]
+    client.hset(keys.tasks(run_id), "a[0]", json.dumps({"state": "pending", "attempt": 0}))
+    client.hset(keys.run(run_id), "counts", json.dumps({"pending": 2, "failure": 2}))
+    assert watch.look() == [("reload", None)]  # new tasks (a map expanded): the page reads the run again
+    client.delete(keys.run(run_id))
     assert watch.look() == [("gone", None)]
