@@ -120,15 +120,19 @@ def worker(options: CliOptions, queues: str, concurrency: int, burst: bool, path
               help="Seconds between looks for runs to adopt.")
 @click.option("--path", "paths", multiple=True, type=click.Path(file_okay=False), metavar="DIR",
               help="Put DIR first on sys.path so schedules' targets and their modules import (repeatable).")
+@click.option("--allow", "allow", multiple=True, metavar="PREFIX",
+              help="Load schedule targets and accept task functions only from these modules (repeatable; also "
+                   "ORCH_ALLOW).")
 @redis_url_option
 @pass_options
 @handle_errors
-def coordinator(options: CliOptions, poll: float, paths: tuple[str, ...]) -> None:
+def coordinator(options: CliOptions, poll: float, paths: tuple[str, ...], allow: tuple[str, ...]) -> None:
     """Drive runs submitted with --detach, adopt runs whose coordinator died, and fire schedules.
 
     Run one or more: a lease makes exactly one drive each run, a fenced claim exactly one fire each tick.
     """
     connection = _redis(options, "coordinator")
+    _allowlist(allow)
     for path in reversed(paths):
         sys.path.insert(0, os.path.abspath(path))
     Signer.from_environment()  # a bad key setting: one error line now, not one per run adopted
