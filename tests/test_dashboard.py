@@ -23,7 +23,7 @@ from typing import Any, Callable, Iterator, Optional
 import pytest
 
 from bench.procs import free_port, orch_command
-from conftest import WorkerProcess, worker_command
+from conftest import TESTS_DIR, WorkerProcess, worker_command
 from redis_server import RedisServer
 from shared import keys
 
@@ -88,7 +88,7 @@ def stack(_redis_server_session: RedisServer, tmp_path_factory: pytest.TempPathF
     dashboard = None
     try:
         _wait(lambda: client.exists(keys.alive("dash-w1")) == 1, 30, "the worker's heartbeat")
-        dashboard = Dashboard(server.url, out)
+        dashboard = Dashboard(server.url, out, extra=("--path", str(TESTS_DIR)))
         yield {"server": server, "client": client, "url": server.url, "dashboard": dashboard, "out": out}
     finally:
         if dashboard is not None:
@@ -344,6 +344,45 @@ def test_a_mapped_task_is_one_node_counting_its_children_live(stack: dict[str, A
     page.wait_for_selector('#grid [data-task="double[299]"][data-state="success"]')
     _shot(page, "mapped")
     driver.join(30)
+
+
+def test_schedules_page_triggers_pauses_and_resumes(stack: dict[str, Any], page: Any) -> None:
+    from orchestrator.schedules import add_schedule
+    from shared.connection import connect
+
+    add_schedule(connect(stack["url"]), "dash-hourly", "dashboard_tasks:small_workflow", every="1h")
+    base = stack["dashboard"].base
+    page.goto(base + "/schedules")
+    section = page.locator('section[data-schedule="dash-hourly"]')
+    assert section.get_attribute("data-paused") == "false"
+    assert section.locator(".next-fires li").count() == 5
+    assert "No run yet" in section.locator(".schedule-runs").inner_text()
+    section.locator('button[data-action="trigger"]').click()
+    flash = page.inner_text("#flash")
+    assert "schedule dash-hourly triggered: run " in flash
+    run_id = flash.rsplit("run ", 1)[1].strip()
+    row = page.locator(f'section[data-schedule="dash-hourly"] .schedule-runs tr[data-run="{run_id}"]')
+    assert row.count() == 1 and "manual" in row.inner_text()
+    listed = _orch_json(stack["url"], "runs", "--schedule", "dash-hourly")
+    assert [(run["run_id"], run["schedule"]) for run in listed] == [(run_id, "dash-hourly")]
+    page.locator('section[data-schedule="dash-hourly"] button[data-action="pause"]').click()
+    assert page.get_attribute('section[data-schedule="dash-hourly"]', "data-paused") == "true"
+    shown = _orch_json(stack["url"], "schedule", "show", "dash-hourly")
+    assert shown["paused"] is True
+    _shot(page, "schedules")
+    page.locator('section[data-schedule="dash-hourly"] button[data-action="resume"]').click()
+    assert page.get_attribute('section[data-schedule="dash-hourly"]', "data-paused") == "false"
+    page.goto(base + "/?schedule=dash-hourly")
+    assert page.locator("#runs tr[data-run]").count() == 1
+    _cancel_quietly(stack["url"], run_id)
+
+
+def _cancel_quietly(url: str, run_id: str) -> None:
+    """Cancel a run no coordinator drives (so that later tests' workers do not get its tasks)."""
+    from orchestrator.distributed import cancel_run
+    from shared.connection import connect
+
+    cancel_run(connect(url), run_id, "the dashboard tests")
 
 
 def test_login_with_and_without_the_right_password(stack: dict[str, Any], page: Any, tmp_path: Path) -> None:

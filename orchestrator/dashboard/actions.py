@@ -108,7 +108,7 @@ def schedule_action(request: Request, form: dict[str, str], user: str) -> str:
     name, verb = request.path_params["name"], request.path_params["verb"]
     module = _schedules()
     if verb == "trigger":
-        run_id = module.trigger_schedule(connection, name)
+        run_id = module.trigger_schedule(connection, name, {})  # as 'orch schedule trigger NAME' (no --param)
         return f"schedule {name} triggered: run {run_id}"
     if verb == "pause":
         module.pause_schedule(connection, name)

@@ -169,9 +169,12 @@ def create_app(connection: redis.Redis, users: Users, secret: Optional[str] = No
     async def runs(request: Request) -> Response:
         state = request.query_params.get("state") or None
         workflow = request.query_params.get("workflow") or None
+        schedule = request.query_params.get("schedule") or None
         number = max(0, _int(request.query_params.get("page"), 0) or 0)
-        data = await run_in_threadpool(views.runs_page, connection, state=state, workflow=workflow, page=number)
-        return render(request, "runs.html", filters={"state": state or "", "workflow": workflow or ""}, **data)
+        data = await run_in_threadpool(views.runs_page, connection, state=state, workflow=workflow,
+                                       schedule=schedule, page=number)
+        filters = {"state": state or "", "workflow": workflow or "", "schedule": schedule or ""}
+        return render(request, "runs.html", filters=filters, **data)
 
     async def run(request: Request) -> Response:
         run_id = request.path_params["run_id"]

@@ -14,6 +14,7 @@ from typing import Optional
 import click
 
 from orchestrator.cli import CliError, CliOptions, handle_errors, main, pass_options, redis_url_option
+from orchestrator.cli_cluster import _allowlist as allow_only
 from orchestrator.dashboard.security import check_bind, hash_password, load_users
 from shared.connection import connect, redacted
 
@@ -29,13 +30,17 @@ SECRET_ENV = "ORCH_DASHBOARD_SECRET"
               help="USER:HASH lines (make a line with --hash-password); else ORCH_DASHBOARD_USER and "
                    "ORCH_DASHBOARD_PASSWORD turn on the login.")
 @click.option("--insecure-no-auth", is_flag=True, help="Serve a non-loopback address without a login.")
+@click.option("--path", "paths", multiple=True, type=click.Path(file_okay=False), metavar="DIR",
+              help="Put DIR first on sys.path so that 'Trigger' can load schedules' targets (repeatable).")
+@click.option("--allow", "allow", multiple=True, metavar="PREFIX",
+              help="Load schedule targets only from these modules when triggering (repeatable; also ORCH_ALLOW).")
 @click.option("--hash-password", "hash_for", default=None, metavar="USER",
               help="Print an auth-file line for USER (the password read from the terminal or stdin) and exit.")
 @redis_url_option
 @pass_options
 @handle_errors
 def dashboard(options: CliOptions, host: str, port: int, auth_file: Optional[Path], insecure_no_auth: bool,
-              hash_for: Optional[str]) -> None:
+              paths: tuple[str, ...], allow: tuple[str, ...], hash_for: Optional[str]) -> None:
     """Serve the web dashboard: runs, their DAGs, logs, workers and schedules, live.
 
     It reads everything from Redis (through the same functions as 'orch status' and 'orch logs'),
@@ -56,6 +61,9 @@ def dashboard(options: CliOptions, host: str, port: int, auth_file: Optional[Pat
             from None
     users = load_users(auth_file)
     check_bind(host, users, insecure_no_auth)
+    allow_only(allow)  # as 'orch coordinator --allow': what a triggered schedule may load
+    for path in reversed(paths):
+        sys.path.insert(0, os.path.abspath(path))
     url = options.require_redis_url("dashboard")
     connection = connect(url, check=True)
     app = create_app(connection, users, os.environ.get(SECRET_ENV) or None)

@@ -30,10 +30,11 @@ from shared.workers import kinds_by_queue, live_workers
 RUNS_PER_PAGE = 25
 
 
-def runs_page(connection: redis.Redis, *, state: Optional[str], workflow: Optional[str], page: int
-              ) -> dict[str, Any]:
-    """One page of ``orch runs`` (newest first, filtered), with each run's duration."""
-    found = find_runs(connection, state=state, workflow=workflow, limit=(page + 1) * RUNS_PER_PAGE + 1)
+def runs_page(connection: redis.Redis, *, state: Optional[str], workflow: Optional[str], schedule: Optional[str],
+              page: int) -> dict[str, Any]:
+    """One page of ``orch runs`` (newest first, filtered as its options filter), with each run's duration."""
+    found = find_runs(connection, state=state, workflow=workflow, schedule=schedule,
+                      limit=(page + 1) * RUNS_PER_PAGE + 1)
     start = page * RUNS_PER_PAGE
     rows = []
     for snapshot in found[start:start + RUNS_PER_PAGE]:
