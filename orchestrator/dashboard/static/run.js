@@ -75,7 +75,8 @@ function orchRunPage(runId) {
     g.setDefaultEdgeLabel(() => ({}));
     graph.nodes.forEach((node, i) => {
       const lines = node.kind === "task" ? 1 : 2;
-      g.setNode(String(i), {width: Math.min(260, 16 + 7 * node.label.length), height: 14 + 15 * lines});
+      const chars = node.kind === "task" ? node.label.length : Math.max(node.label.length, 30);
+      g.setNode(String(i), {width: Math.min(280, 16 + 7 * chars), height: 14 + 15 * lines});
     });
     graph.edges.forEach(([a, b]) => g.setEdge(String(a), String(b)));
     dagre.layout(g);
