@@ -82,3 +82,26 @@ def mapped_workflow(n: int) -> Workflow:
     wf.add_task(Task("double", double, dependencies=["items"], map_over="items"))
     wf.add_task(Task("total", noop, dependencies=["double"]))
     return wf
+
+
+def print_a_lot(lines: int) -> int:
+    """``lines`` * 64 bytes of output (newlines included), numbered."""
+    for number in range(lines):
+        print(f"line {number:06d} " + "x" * 51)  # 12 + 51 characters and a newline
+    return lines
+
+
+def chatty_workflow() -> Workflow:
+    """One task printing 1 MiB: 16,384 lines of 64 bytes."""
+    wf = Workflow("dash-chatty")
+    wf.add_task(Task("chatty", print_a_lot, args=(16384,)))
+    return wf
+
+
+def rerun_workflow() -> Workflow:
+    """extract -> broken -> after: the failure to rerun from the task page."""
+    wf = Workflow("dash-rerun")
+    wf.add_task(Task("extract", say, args=("extract",)))
+    wf.add_task(Task("broken", fail_loudly, dependencies=["extract"]))
+    wf.add_task(Task("after", say, dependencies=["broken"], args=("after",)))
+    return wf

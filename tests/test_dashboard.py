@@ -83,7 +83,8 @@ def stack(_redis_server_session: RedisServer, tmp_path_factory: pytest.TempPathF
     with open(log_path, "wb") as log:
         process = subprocess.Popen(worker_command(server.url, concurrency=2, name="dash-w1"), stdout=log,
                                    stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
-                                   env={**os.environ, "PYTHONUNBUFFERED": "1"}, cwd=str(out))
+                                   env={**os.environ, "PYTHONUNBUFFERED": "1", "ORCH_MAX_LOG_BYTES": str(4 << 20)},
+                                   cwd=str(out))
     worker = WorkerProcess(process, "dash-w1", log_path, 2)
     dashboard = None
     try:
@@ -222,6 +223,68 @@ def test_failed_task_shows_its_traceback_and_log(stack: dict[str, Any], finished
     assert attempt.get_attribute("data-state") == "failure"
     assert "dash-w1" in attempt.inner_text()
     _shot(page, "task")
+
+
+def test_a_1_mib_log_opens_at_its_end_and_its_start_loads(stack: dict[str, Any], page: Any) -> None:
+    import dashboard_tasks
+
+    run_id, thread = _run(stack["url"], dashboard_tasks.chatty_workflow())
+    assert thread is not None
+    thread.join(60)
+    assert stack["client"].xlen(keys.task_log(run_id, "chatty", 1)) == 16384  # 1 MiB, all kept
+    started = time.monotonic()
+    page.goto(f"{stack['dashboard'].base}/runs/{run_id}/tasks/chatty")
+    page.wait_for_selector("#log:has-text('line 016383')")
+    opened = time.monotonic() - started
+    assert opened < 1.5, f"a 1 MiB log took {opened:.2f}s to show"  # 1 s asked; margin for a loaded machine
+    assert "line 000000" not in page.inner_text("#log")  # its end first
+    while page.is_visible("#log-earlier"):
+        page.click("#log-earlier")
+        page.wait_for_function("document.getElementById('log').textContent.split('\\n').length > 1000")
+        if "line 000000" in page.inner_text("#log"):
+            break
+    text = page.inner_text("#log")
+    assert text.index("line 000000") < text.index("line 016383")
+    assert page.is_hidden("#log-earlier")
+
+
+def test_a_running_task_log_is_followed_live(stack: dict[str, Any], page: Any, tmp_path: Path) -> None:
+    import dashboard_tasks
+
+    gate = tmp_path / "gate"
+    run_id, thread = _run(stack["url"], dashboard_tasks.gated_workflow(str(gate)))
+    _wait(lambda: (json.loads(stack["client"].hget(keys.tasks(run_id), "gated") or b"{}").get("state")
+                   == "running"), 15, "the gated task to run")
+    page.goto(f"{stack['dashboard'].base}/runs/{run_id}/tasks/gated")
+    page.wait_for_selector("#log:has-text('waiting at the gate')")
+    assert "gate open" not in page.inner_text("#log")
+    gate.write_text("open")
+    page.wait_for_selector("#log:has-text('gate open')", timeout=10000)  # followed, then the page shows the end
+    page.wait_for_selector('#task[data-state="success"]', timeout=10000)
+    assert thread is not None
+    thread.join(30)
+
+
+def test_rerun_a_task_from_its_page_as_orch_retry_does(stack: dict[str, Any], page: Any) -> None:
+    import dashboard_tasks
+    from orchestrator.distributed import resume_run
+    from shared.connection import connect
+
+    run_id, thread = _run(stack["url"], dashboard_tasks.rerun_workflow())
+    assert thread is not None
+    thread.join(60)
+    page.goto(f"{stack['dashboard'].base}/runs/{run_id}/tasks/broken")
+    page.click("#rerun-task")
+    assert "task broken and its descendants rerun" in page.inner_text("#flash")
+    assert page.url.endswith(f"/runs/{run_id}")
+    resume_run(connect(stack["url"]), run_id)  # what an orch coordinator does with the reopened run
+    status = _orch_json(stack["url"], "status", run_id)
+    assert status["retries"] == 1
+    tasks = {task["name"]: task for task in status["tasks"]}
+    assert tasks["broken"]["attempts"] == 2 and tasks["broken"]["state"] == "failure"
+    assert tasks["extract"]["attempts"] == 1  # upstream of the rerun: not run again
+    page.wait_for_selector('#graph [data-task="broken"][data-state="failure"]')
+    assert page.inner_text("#run-retries") == "1"
 
 
 def test_a_node_turns_queued_running_success_without_a_reload(stack: dict[str, Any], page: Any,

@@ -189,3 +189,26 @@ def test_run_watch_reads_only_what_can_have_changed_and_sends_only_changes() -> 
     assert watch.look() == [("reload", None)]  # new tasks (a map expanded): the page reads the run again
     client.delete(keys.run(run_id))
     assert watch.look() == [("gone", None)]
+
+
+def test_a_page_drawn_before_the_run_moved_gets_every_task_first() -> None:
+    from orchestrator import Workflow
+    from orchestrator.dashboard.views import MARKER_FIELDS, marker_token
+    from orchestrator.distributed import run_distributed
+    from orchestrator.run_store import read_meta
+
+    client = fakeredis.FakeRedis()
+    wf = Workflow("w")
+    wf.add_task(Task("a", noop))
+    run_id, _ = run_distributed(wf, "redis://unused", connection=client, detach=True)
+    drawn_at = marker_token(read_meta(client, run_id, MARKER_FIELDS))
+    same = RunWatch(client, run_id)
+    same.start(drawn_at)
+    assert same.look() == []
+    client.hset(keys.tasks(run_id), "a", json.dumps({"state": "running", "attempt": 1}))
+    client.hset(keys.run(run_id), "counts", json.dumps({"running": 1}))
+    moved = RunWatch(client, run_id)
+    moved.start(drawn_at)  # the run moved between the page's data and its event stream
+    events = dict(moved.look())
+    assert events["tasks"] == [["a", "running", 1, None, None, None, None]]
+    assert moved.look() == []

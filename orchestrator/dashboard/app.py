@@ -187,7 +187,7 @@ def create_app(connection: redis.Redis, users: Users, secret: Optional[str] = No
 
     async def run_events(request: Request) -> Response:
         watch = RunWatch(connection, request.path_params["run_id"])
-        await run_in_threadpool(watch.start)
+        await run_in_threadpool(watch.start, request.query_params.get("since"))
         return EventSourceResponse(_stream(watch.look, POLL, request), ping=15)
 
     async def task(request: Request) -> Response:

@@ -15,7 +15,7 @@ from typing import Any, Optional
 
 import redis
 
-from orchestrator.dashboard.views import HEADER_FIELDS, header_document, log_document, record_row
+from orchestrator.dashboard.views import MARKER_FIELDS, header_document, log_document, marker_token, record_row
 from orchestrator.run_store import (decode_task_record, load_tasks, raw_task_records, read_meta,
                                    read_task_record)
 from shared import keys
@@ -23,8 +23,6 @@ from shared.states import TERMINAL_STATES, RunState, TaskState
 
 POLL = 0.5
 """Seconds between two looks at Redis for one open page: every change shows within a second."""
-MARKER_FIELDS = [*HEADER_FIELDS, "last_event", "total"]
-"""The run hash's fields read at each look: the header, and what changes with every step."""
 
 
 class RunWatch:
@@ -46,9 +44,11 @@ class RunWatch:
         self.dependencies: dict[str, list[str]] = {}
         self.strangers: set[str] = set()
         """Records of names the run does not have (damaged or forged): ignored."""
+        self.resend = False
 
-    def start(self) -> None:
-        """Take the state the page was drawn from as the first snapshot (read right after it)."""
+    def start(self, since: Optional[str] = None) -> None:
+        """Take the run as it is now as the first snapshot. ``since``: the :func:`marker_token` of the
+        data the page was drawn from; when the run moved since, the first look sends every task."""
         _, _, tasks = load_tasks(self.connection, self.run_id, with_results=False)
         self.dependencies = {name: [dep for dep in task.dependencies if dep in tasks] for name, task in tasks.items()}
         self.marker = read_meta(self.connection, self.run_id, MARKER_FIELDS)
@@ -56,6 +56,7 @@ class RunWatch:
         self.strangers = set(records) - set(self.dependencies)
         self._take({name: raw for name, raw in records.items() if name not in self.strangers})
         self.states.update({name: task.state.value for name, task in tasks.items() if name not in self.records})
+        self.resend = since is not None and since != marker_token(self.marker)
 
     def _take(self, records: dict[str, bytes]) -> list[str]:
         """Keep ``records`` (all or some of the run's); return the names whose record changed."""
@@ -84,6 +85,11 @@ class RunWatch:
     def look(self) -> list[tuple[str, Any]]:
         """``[("tasks", rows), ("header", header)]`` for what changed; ``("reload", None)`` when the
         run gained tasks (a mapped task expanded), ``("gone", None)`` when it vanished."""
+        if self.resend:  # the run moved between the page's reading and this stream's: send it all
+            self.resend = False
+            rows = [record_row(name, record) for name, raw in self.records.items()
+                    if (record := decode_task_record(raw)) is not None]
+            return [("tasks", rows), ("header", header_document(self.run_id, self.marker or {}))]
         marker = read_meta(self.connection, self.run_id, MARKER_FIELDS)
         if marker == self.marker:
             return []

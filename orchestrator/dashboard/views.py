@@ -7,6 +7,7 @@ template or for JSON; nothing here knows about HTTP. Reads go through
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from dataclasses import asdict
@@ -48,6 +49,13 @@ def runs_page(connection: redis.Redis, *, state: Optional[str], workflow: Option
 HEADER_FIELDS = ["workflow", "state", "params", "retries", "created_at", "finished_at", "cancelled_by", "cancelled_at",
                  "warning", "counts", "schedule", "tick"]
 """The run hash's fields :func:`header_document` reads."""
+MARKER_FIELDS = [*HEADER_FIELDS, "last_event", "total"]
+"""The run hash's fields a live page reads at each look: the header, and what changes with every step."""
+
+
+def marker_token(marker: Optional[dict[str, str]]) -> str:
+    """A short digest of a run's :data:`MARKER_FIELDS`: what a page's data was read at."""
+    return hashlib.sha1(json.dumps(marker or {}, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def header_document(run_id: str, meta: dict[str, Any]) -> dict[str, Any]:
@@ -107,10 +115,12 @@ def _order(tasks: dict[str, Task]) -> list[str]:
 def run_document(connection: redis.Redis, run_id: str) -> dict[str, Any]:
     """The run page's data: header, every task as a grid row (execution order), the graph, and
     for each row the index of the graph node that shows it."""
+    marker = read_meta(connection, run_id, MARKER_FIELDS)  # before the tasks: a change meanwhile shows as one
     meta, _, tasks = load_tasks(connection, run_id, with_results=False)
     order = _order(tasks)
     graph = build_graph(order, tasks)
-    return {"header": header_document(run_id, meta), "rows": [task_row(tasks[name]) for name in order],
+    return {"header": header_document(run_id, meta), "marker": marker_token(marker),
+            "rows": [task_row(tasks[name]) for name in order],
             "node_of": [graph.node_of.get(name, -1) for name in order], "graph": graph.document()}
 
 

@@ -15,6 +15,7 @@ function orchRunPage(runId) {
   let nodeEls = [];       // their <g> elements
   let shown = [];         // row indexes that pass the grid's filter
   let source = null;
+  let marker = null;      // what the data was read at: the event stream catches up from there
 
   const grid = document.getElementById("grid");
   const spacer = document.getElementById("grid-spacer");
@@ -25,6 +26,7 @@ function orchRunPage(runId) {
       .then((r) => r.json())
       .then((data) => {
         rows = data.rows;
+        marker = data.marker;
         nodeOf = data.node_of;
         position = new Map(rows.map((row, i) => [row[0], i]));
         nodes = data.graph.nodes;
@@ -262,7 +264,7 @@ function orchRunPage(runId) {
   }
 
   function connect() {
-    source = new EventSource(`/api/runs/${enc(runId)}/events`);
+    source = new EventSource(`/api/runs/${enc(runId)}/events?since=${enc(marker)}`);
     source.addEventListener("tasks", (e) => applyRows(JSON.parse(e.data)));
     source.addEventListener("header", (e) => setHeader(JSON.parse(e.data)));
     source.addEventListener("reload", () => { load(); });
