@@ -105,3 +105,12 @@ def rerun_workflow() -> Workflow:
     wf.add_task(Task("broken", fail_loudly, dependencies=["extract"]))
     wf.add_task(Task("after", say, dependencies=["broken"], args=("after",)))
     return wf
+
+
+def mapped_unserved_workflow(n: int, queue: str) -> Workflow:
+    """items (on the default queue) -> double mapped over its n items on ``queue``: once expanded,
+    its children wait there (a queue no worker serves) until the run is cancelled."""
+    wf = Workflow("dash-big-map")
+    wf.add_task(Task("items", items, args=(n,)))
+    wf.add_task(Task("double", double, dependencies=["items"], map_over="items", queue=queue))
+    return wf

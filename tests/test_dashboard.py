@@ -448,6 +448,28 @@ def _cancel_quietly(url: str, run_id: str) -> None:
     cancel_run(connect(url), run_id, "the dashboard tests")
 
 
+def test_a_run_with_a_map_of_10000_children_opens_within_3_seconds(stack: dict[str, Any], page: Any) -> None:
+    import dashboard_tasks
+
+    run_id, thread = _run(stack["url"], dashboard_tasks.mapped_unserved_workflow(10_000, "dash-nobody"))
+    _wait(lambda: stack["client"].hlen(keys.tasks(run_id)) > 10_000, 60, "the map's 10,000 children")
+    started = time.monotonic()
+    page.goto(f"{stack['dashboard'].base}/runs/{run_id}")
+    page.wait_for_selector('#grid [data-task="double[5]"]')
+    page.wait_for_selector('#graph [data-task="double"][data-kind="map"]')
+    opened = time.monotonic() - started
+    assert opened < 3.0, f"the run with 10,000 mapped children took {opened:.2f}s to open"
+    assert page.inner_text("#grid-count") == "(10002)"
+    assert page.locator("#graph [data-task]").count() == 2  # items, and double with its children counted
+    page.wait_for_function("""() => document.querySelector('#graph [data-task="double"] text.counts')
+                              .textContent === 'queued 10000'""")
+    _shot(page, "large-map")
+    page.click("#cancel-run")
+    page.wait_for_selector('#run-header[data-state="cancelled"]', timeout=30000)
+    assert thread is not None
+    thread.join(30)
+
+
 def test_login_with_and_without_the_right_password(stack: dict[str, Any], page: Any, tmp_path: Path) -> None:
     secured = Dashboard(stack["url"], tmp_path, env={"ORCH_DASHBOARD_USER": "ada",
                                                      "ORCH_DASHBOARD_PASSWORD": "correct horse"})
