@@ -189,6 +189,9 @@ def test_runs_page_and_a_finished_run_show_every_task_in_its_state(stack: dict[s
     assert row.get_attribute("data-state") == "failure"
     assert "dash-small" in row.inner_text()
     _shot(page, "runs")
+    missing = page.goto(stack["dashboard"].base + "/runs/20990101T000000-000000000000")
+    assert missing.status == 404 and "no run '20990101T000000-000000000000'" in page.inner_text("#error")
+    page.goto(stack["dashboard"].base + "/")
     page.click(f'#runs a[href="/runs/{finished_run}"]')
     page.wait_for_selector('#graph [data-task="load"]')
     status = _orch_json(stack["url"], "status", finished_run)

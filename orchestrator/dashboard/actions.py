@@ -56,6 +56,8 @@ class Access:
                 allowed = True
             except redis.exceptions.NoPermissionError:
                 allowed = False
+            except (redis.ConnectionError, redis.TimeoutError):
+                return self._known[0] if self._known is not None else False  # Redis away: ask again later
             self._known = (allowed, time.monotonic())
             return allowed
 

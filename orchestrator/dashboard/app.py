@@ -106,6 +106,8 @@ class Dashboard:
                 return self.render(request, "error.html", 404, message=str(exc).strip('"'))
             except redis.exceptions.NoPermissionError as exc:
                 return self.render(request, "error.html", 403, message=f"Redis refused a command: {exc}")
+            except (redis.ConnectionError, redis.TimeoutError) as exc:
+                return self.render(request, "error.html", 503, message=f"lost Redis ({exc}): retry in a moment")
             except WorkflowError as exc:
                 return self.render(request, "error.html", 400, message=str(exc))
         return wrapped
