@@ -58,7 +58,7 @@ INF = "+Inf"
 
 FLUSH_INTERVAL = 1.0
 """Most seconds a coordinator keeps increments in memory while its run goes on."""
-FIELDS_PER_CALL = 500
+FIELDS_PER_CALL = 1000
 """Fields the flush script reads and writes per HMGET/HSET (Lua's ``unpack`` takes a few thousand)."""
 
 _ADD = """
