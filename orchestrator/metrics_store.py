@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import bisect
 import json
+import logging
 import math
 import time
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Optional, Sequence
@@ -31,6 +32,8 @@ from shared.states import ACTIVE_STATES, TaskState
 
 if TYPE_CHECKING:
     from orchestrator.coordinator import Step
+
+log = logging.getLogger("orch.metrics")
 
 RUNS_STARTED = "runs_started"
 """Counter; labels: workflow. Runs created (``orch run``, ``orch submit``, a schedule's tick)."""
@@ -191,7 +194,9 @@ def count_run_started(pipeline: Any, workflow: str, queues: Iterable[str]) -> No
     """Queue, on the pipeline that writes a new run, its ``runs_started`` increment and the names of
     the queues its tasks use (for the queue depth gauges): two commands per run."""
     pipeline.hincrbyfloat(keys.METRICS, metric_field(RUNS_STARTED, workflow), 1)
-    pipeline.sadd(keys.QUEUES, *sorted(set(queues)))
+    names = sorted(set(queues))
+    if names:
+        pipeline.sadd(keys.QUEUES, *names)
 
 
 def record_schedule_lag(pipeline_or_connection: Any, schedule: str, seconds: float) -> None:
@@ -205,7 +210,11 @@ def record_schedule_lag(pipeline_or_connection: Any, schedule: str, seconds: flo
 
 class RunMetrics:
     """A coordinator's metrics of one run: added to as steps are written, flushed at most once a
-    :data:`FLUSH_INTERVAL` and when the run ends. A failed flush keeps its increments for the next."""
+    :data:`FLUSH_INTERVAL` and when the run ends.
+
+    A flush cut off by a connection error keeps its increments and raises (the backend retries it
+    as it retries its own writes); one that Redis refuses (out of memory, a missing ACL right) is
+    logged and dropped: metrics never stop a run."""
 
     def __init__(self, connection: redis.Redis, workflow: str, tasks: Mapping[str, Any],
                  clock: Callable[[], float] = time.monotonic) -> None:
@@ -229,10 +238,13 @@ class RunMetrics:
         increments = self.tally.take()
         try:
             self._add(increments)
-        except redis.RedisError:
+        except (redis.ConnectionError, redis.TimeoutError):
             for field, amount in increments.items():  # kept for the next flush
                 self.tally.pending[field] = self.tally.pending.get(field, 0.0) + amount
             raise
+        except redis.RedisError as exc:
+            log.warning("metrics of workflow %r: Redis refused %d increments (%s); dropped",
+                        self.workflow, len(increments), exc)
 
 
 def read_all(connection: redis.Redis) -> Iterable[tuple[str, tuple[str, ...], float]]:

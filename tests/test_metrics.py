@@ -161,6 +161,17 @@ def test_run_metrics_flush_at_most_once_a_second_and_keep_what_a_failed_flush_he
     assert conn.hget(keys.METRICS, field) == b"3"
 
 
+def test_a_refused_flush_is_logged_and_dropped_never_raised(caplog: pytest.LogCaptureFixture) -> None:
+    conn = fakeredis.FakeRedis()
+    metrics = store.RunMetrics(conn, "wf", {"a": FakeTask()})
+    metrics.count(Step(transitions=[Transition("a", R, S, 1, 10.0)]))
+    conn.set(keys.METRICS, "not a hash")  # WRONGTYPE: what a refusal (OOM, NOPERM) looks like to the flush
+    with caplog.at_level("WARNING", logger="orch.metrics"):
+        metrics.flush()
+    assert "metrics of workflow 'wf': Redis refused 1 increments" in caplog.text
+    assert not metrics.tally
+
+
 def test_schedule_lag_is_recorded_on_a_pipeline_with_its_round_trip() -> None:
     conn = fakeredis.FakeRedis()
     pipe = conn.pipeline(transaction=True)
