@@ -63,6 +63,8 @@ def test_cumulative_buckets_add_up_to_the_count() -> None:
     assert pairs[0] == ("0.01", 0.0)
     assert dict(pairs)["0.5"] == 2.0 and dict(pairs)["5.0"] == 2.0 and dict(pairs)["10.0"] == 5.0
     assert pairs[-1] == ("+Inf", 6.0)
+    regrouped = dict(cumulative_buckets({"0.3": 1.0, "7.0": 1.0, "1e9": 1.0, "junk": 5.0}, store.DURATION_BUCKETS))
+    assert (regrouped["0.25"], regrouped["0.5"], regrouped["10.0"], regrouped["+Inf"]) == (0.0, 1.0, 2.0, 3.0)
 
 
 class FakeTask:
