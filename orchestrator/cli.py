@@ -296,6 +296,7 @@ def graph(target: str, fmt: str) -> None:
 
 from orchestrator import cli_cluster  # noqa: E402,F401  (registers worker, status, runs, cancel, ...)
 from orchestrator import cli_logs  # noqa: E402,F401  (registers logs)
+from orchestrator import cli_schedules  # noqa: E402,F401  (registers schedule ...)
 
 if __name__ == "__main__":  # python -m orchestrator.cli: run the group that cli_cluster registered on
     from orchestrator.cli import main as registered_main

@@ -118,6 +118,8 @@ def worker(options: CliOptions, queues: str, concurrency: int, burst: bool, path
 @main.command()
 @click.option("--poll", type=click.FloatRange(min=0.05), default=0.5, show_default=True,
               help="Seconds between looks for runs to adopt.")
+@click.option("--path", "paths", multiple=True, type=click.Path(file_okay=False), metavar="DIR",
+              help="Put DIR first on sys.path so schedules' targets and their modules import (repeatable).")
 @click.option("--metrics-port", type=click.IntRange(1, 65535), default=None,
               help="Also serve Prometheus metrics (read from Redis) at http://HOST:PORT/metrics.")
 @click.option("--metrics-host", default="127.0.0.1", show_default=True,
@@ -125,12 +127,15 @@ def worker(options: CliOptions, queues: str, concurrency: int, burst: bool, path
 @redis_url_option
 @pass_options
 @handle_errors
-def coordinator(options: CliOptions, poll: float, metrics_port: Optional[int], metrics_host: str) -> None:
-    """Drive runs submitted with --detach and adopt runs whose coordinator died.
+def coordinator(options: CliOptions, poll: float, paths: tuple[str, ...], metrics_port: Optional[int],
+                metrics_host: str) -> None:
+    """Drive runs submitted with --detach, adopt runs whose coordinator died, and fire schedules.
 
-    Run one or more: a lease makes exactly one drive each run.
+    Run one or more: a lease makes exactly one drive each run, a fenced claim exactly one fire each tick.
     """
     connection = _redis(options, "coordinator")
+    for path in reversed(paths):
+        sys.path.insert(0, os.path.abspath(path))
     Signer.from_environment()  # a bad key setting: one error line now, not one per run adopted
     logging.basicConfig(level="INFO", format="%(asctime)s %(name)s %(levelname)s %(message)s")
     if metrics_port is not None:
@@ -138,7 +143,8 @@ def coordinator(options: CliOptions, poll: float, metrics_port: Optional[int], m
 
         serve_metrics(connect(options.require_redis_url("coordinator")), metrics_port, metrics_host)
         click.echo(f"metrics at http://{metrics_host}:{metrics_port}/metrics", err=True)
-    click.echo(f"orch coordinator on {socket.gethostname()} (pid {os.getpid()}) watching for runs", err=True)
+    click.echo(f"orch coordinator on {socket.gethostname()} (pid {os.getpid()}) watching for runs and schedules",
+               err=True)
     try:
         serve_coordinator(connection, poll=poll)
     except KeyboardInterrupt:
@@ -179,6 +185,8 @@ def _print_status(run_id: str, meta: dict, tasks: dict) -> None:
                f"finished {_when(meta.get('finished_at'))}")
     if meta.get("cancelled_by"):
         click.echo(f"cancelled by {meta['cancelled_by']} at {_when(meta.get('cancelled_at'))}")
+    if meta.get("schedule"):
+        click.echo(f"schedule {meta['schedule']} ({meta.get('trigger') or 'fired'}), tick {_when(meta.get('tick'))}")
     if meta.get("warning") and meta.get("state") == RunState.RUNNING.value:
         click.echo(f"warning: {meta['warning']}")
     params = run_params(meta)
@@ -208,14 +216,16 @@ def _print_earlier_attempts(workflow: Workflow, limit: int = 20) -> None:
 @main.command()
 @click.option("--state", type=click.Choice([s.value for s in RunState]), default=None, help="Only runs in STATE.")
 @click.option("--workflow", default=None, metavar="NAME", help="Only runs of workflow NAME.")
+@click.option("--schedule", default=None, metavar="NAME", help="Only runs schedule NAME started (removed ones too).")
 @click.option("--limit", "-n", type=click.IntRange(min=1), default=20, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="A JSON list (shape in the README) instead of the table.")
 @redis_url_option
 @pass_options
 @handle_errors
-def runs(options: CliOptions, state: Optional[str], workflow: Optional[str], limit: int, as_json: bool) -> None:
+def runs(options: CliOptions, state: Optional[str], workflow: Optional[str], schedule: Optional[str], limit: int,
+         as_json: bool) -> None:
     """List the most recent runs, newest first, with their state and task counts."""
-    found = find_runs(_redis(options, "runs"), state=state, workflow=workflow, limit=limit)
+    found = find_runs(_redis(options, "runs"), state=state, workflow=workflow, schedule=schedule, limit=limit)
     if as_json:
         click.echo(json.dumps([run_summary(snapshot) for snapshot in found]))
         return

@@ -30,7 +30,8 @@ from orchestrator.coordinator import Coordinator, ProgressCallback
 from orchestrator.dag import Graph
 from orchestrator.lease import Lease, LeaseLost
 from orchestrator.run_spec import RunSpec
-from orchestrator.run_store import create_run, ensure_event_stream, load_tasks, new_run_id, request_cancel, run_retries
+from orchestrator.run_store import (Apply, create_run, ensure_event_stream, load_tasks, new_run_id, request_cancel,
+                                    run_retries)
 from orchestrator.scheduler import Scheduler
 from orchestrator.task import Task
 from shared import keys
@@ -102,18 +103,20 @@ class Submission:
 
 def submit_run(workflow: Any, connection: redis.Redis, *, lease: Optional[Lease] = None,
                settings: Optional[Settings] = None, transport: str = AUTO,
-               params: Optional[Mapping[str, Any]] = None) -> Submission:
+               params: Optional[Mapping[str, Any]] = None, extra: Optional[dict[str, str]] = None,
+               apply: Optional[Apply] = None) -> Submission:
     """Check and write a new run. Nothing is written on a bad input (parameters the codec
     cannot encode included).
 
-    Task records are written as tasks move; a task without one is pending.
+    Task records are written as tasks move; a task without one is pending. ``extra`` and
+    ``apply``: see :func:`~orchestrator.run_store.create_run` (how a schedule fences its runs).
     """
     settings = settings or Settings()
     if transport not in TRANSPORTS:
         raise WorkflowError(f"unknown transport {transport!r}; expected one of {', '.join(TRANSPORTS)}")
     encoded = encode_params(params)
     with _no_cyclic_gc():
-        return _submit(workflow, connection, lease, settings, transport, encoded)
+        return _submit(workflow, connection, lease, settings, transport, encoded, extra, apply)
 
 
 @contextlib.contextmanager
@@ -130,7 +133,8 @@ def _no_cyclic_gc() -> Iterator[None]:
 
 
 def _submit(workflow: Any, connection: redis.Redis, lease: Optional[Lease], settings: Settings,
-            transport: str, params: Optional[bytes]) -> Submission:
+            transport: str, params: Optional[bytes], extra: Optional[dict[str, str]] = None,
+            apply: Optional[Apply] = None) -> Submission:
     tasks: dict[str, Task] = workflow.tasks
     Signer.from_environment()  # a bad key setting: one error before anything is written
     _check_task_count(workflow.name, len(tasks), max_tasks())
@@ -144,7 +148,7 @@ def _submit(workflow: Any, connection: redis.Redis, lease: Optional[Lease], sett
         lease.run_id, lease.key, lease.held = run_id, keys.lease(run_id), True
     create_run(connection, run_id, workflow.name, specs,
                lease_token=lease.token if lease else None, lease_ttl=settings.lease_ttl, transport=transport,
-               params=params)
+               params=params, extra=extra, apply=apply)
     return Submission(run_id, specs)
 
 
@@ -404,17 +408,22 @@ def cancel_run(connection: redis.Redis, run_id: str, by: Optional[str] = None,
 
 
 def serve_coordinator(connection: redis.Redis, *, settings: Optional[Settings] = None, poll: float = 0.5,
-                      stop: Optional[threading.Event] = None) -> None:
-    """Drive every active run that has no live coordinator, each in its own thread, until ``stop``.
+                      stop: Optional[threading.Event] = None, schedules: bool = True) -> None:
+    """Drive every active run that has no live coordinator, each in its own thread, and fire the
+    schedules that are due (unless ``schedules`` is false), until ``stop``.
 
     A run submitted with ``--detach`` has no lease at all; a run whose
     coordinator died has a lease that lapses ``lease_ttl`` seconds later. Both
     are adopted within ``poll`` seconds after that. Several services may run:
-    the lease makes exactly one of them drive each run.
+    the lease makes exactly one of them drive each run, a schedule's fenced
+    claim exactly one of them fire each tick. A run a schedule starts is driven at once.
     """
+    from orchestrator.schedule_service import ScheduleService
+
     settings = settings or Settings()
     stop = stop or threading.Event()
     driving: dict[str, threading.Thread] = {}
+    lock = threading.Lock()
 
     def drive(run_id: str) -> None:
         try:
@@ -427,21 +436,33 @@ def serve_coordinator(connection: redis.Redis, *, settings: Optional[Settings] =
         except Exception:
             log.exception("run %s: coordinator failed; another coordinator may adopt it", run_id)
 
+    def adopt(run_id: str) -> None:
+        with lock:
+            if run_id in driving and driving[run_id].is_alive():
+                return
+            thread = threading.Thread(target=drive, args=(run_id,), name=f"run-{run_id}", daemon=True)
+            driving[run_id] = thread
+            for finished in [other for other, t in driving.items() if not t.is_alive()]:
+                del driving[finished]
+            thread.start()
+
+    if schedules:
+        service = ScheduleService(connection, settings=settings, on_started=adopt)
+        threading.Thread(target=service.serve, args=(stop,), name="schedules", daemon=True).start()
     while not stop.is_set():
         try:
             for raw in connection.smembers(keys.ACTIVE):
                 run_id = raw.decode() if isinstance(raw, bytes) else raw
-                if run_id in driving and driving[run_id].is_alive():
-                    continue
+                with lock:
+                    if run_id in driving and driving[run_id].is_alive():
+                        continue
                 if not connection.exists(keys.run(run_id)):
                     connection.srem(keys.ACTIVE, run_id)
                     continue
                 if connection.exists(keys.lease(run_id)):
                     continue
                 log.info("adopting run %s", run_id)
-                thread = threading.Thread(target=drive, args=(run_id,), name=f"run-{run_id}", daemon=True)
-                driving[run_id] = thread
-                thread.start()
+                adopt(run_id)
         except redis.RedisError as exc:
             log.warning("coordinator service: Redis error (%s); retrying", exc)
         stop.wait(poll)

@@ -49,9 +49,11 @@ _LOADED_MARK = "__orch_target_file__"
 """Set on modules this loader executed from a file, so loading the file again may replace them."""
 
 
-def load_workflow(target: str, params: Optional[Mapping[str, Any]] = None) -> Workflow:
+def load_workflow(target: str, params: Optional[Mapping[str, Any]] = None, reload: bool = False) -> Workflow:
     """The :class:`Workflow` that ``target`` names; see the module docstring for the forms.
     A factory that accepts ``params`` receives ``params`` (``{}`` when none are given).
+    A file target is executed anew each time; with ``reload`` a module target imported before
+    is reloaded too (a schedule picks up a changed workflow at its next tick).
 
     Raises :class:`TargetError` (one line, naming ``target``) if the file or
     module cannot be found or imported, the attribute does not exist, is not a
@@ -61,7 +63,7 @@ def load_workflow(target: str, params: Optional[Mapping[str, Any]] = None) -> Wo
     if _is_file_target(source):
         module = _load_file(Path(source), target)
     else:
-        module = _import_module(source, target)
+        module = _import_module(source, target, reload)
     return _workflow_from(module, attr, target, dict(params or {}))
 
 
@@ -120,11 +122,13 @@ def _load_file(path: Path, target: str) -> ModuleType:
     return module
 
 
-def _import_module(name: str, target: str) -> ModuleType:
+def _import_module(name: str, target: str, reload: bool = False) -> ModuleType:
     cwd = os.getcwd()
     if "" not in sys.path and cwd not in sys.path:
         sys.path.insert(0, cwd)
     try:
+        if reload and name in sys.modules:
+            return importlib.reload(sys.modules[name])
         return importlib.import_module(name)
     except ModuleNotFoundError as exc:
         if exc.name and (name == exc.name or name.startswith(exc.name + ".")):

@@ -202,10 +202,16 @@ def count_run_started(pipeline: Any, workflow: str, queues: Iterable[str]) -> No
 def record_schedule_lag(pipeline_or_connection: Any, schedule: str, seconds: float) -> None:
     """Record that a tick of ``schedule`` created its run ``seconds`` after its time (the schedule service
     calls this; on a pipeline it joins that pipeline's round trip). Two commands, once per tick."""
+    for command in schedule_lag_commands(schedule, seconds):
+        pipeline_or_connection.execute_command(*command)
+
+
+def schedule_lag_commands(schedule: str, seconds: float) -> list[tuple]:
+    """The same as command tuples, for a caller that commits a list of them in one script
+    (the schedule service's fenced commit)."""
     tally = Tally()
     tally.observe(SCHEDULE_LAG, [schedule], seconds)
-    for field, amount in tally.take().items():
-        pipeline_or_connection.hincrbyfloat(keys.METRICS, field, amount)
+    return [("HINCRBYFLOAT", keys.METRICS, field, repr(amount)) for field, amount in tally.take().items()]
 
 
 class RunMetrics:

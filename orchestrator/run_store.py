@@ -14,7 +14,7 @@ import secrets
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import redis
 
@@ -51,14 +51,21 @@ def task_record(task: Task) -> str:
     return json.dumps(record, separators=(",", ":"))
 
 
+Apply = Callable[[list[tuple]], None]
+"""Runs a list of commands (argument tuples) atomically, e.g. behind a fence (a schedule's tick)."""
+
+
 def create_run(connection: redis.Redis, run_id: str, workflow: str, spec: RunSpec,
                lease_token: Optional[str] = None, lease_ttl: float = 5.0,
-               transport: str = "auto", params: Optional[bytes] = None) -> None:
+               transport: str = "auto", params: Optional[bytes] = None,
+               extra: Optional[dict[str, str]] = None, apply: Optional[Apply] = None) -> None:
     """Write a new run in one MULTI, so a failure leaves nothing half-written.
 
     With ``lease_token`` the submitter holds the run's lease from the start;
     without it (``orch submit --detach``) the run waits for an ``orch coordinator``.
     ``params``: the run's parameters, encoded by :func:`shared.params.encode_params`.
+    ``extra``: more fields of the run's hash (a scheduled run's schedule and tick).
+    ``apply``: given, it runs the commands instead of a MULTI (with commands of its own).
     """
     now = time.time()
     pipe = connection.pipeline(transaction=True)
@@ -75,12 +82,18 @@ def create_run(connection: redis.Redis, run_id: str, workflow: str, spec: RunSpe
     }
     if params is not None:
         meta[PARAMS_FIELD] = params
+    meta.update(extra or {})
     pipe.hset(keys.run(run_id), mapping=meta)
     pipe.zadd(keys.RUNS, {run_id: now})
     pipe.sadd(keys.ACTIVE, run_id)
     open_event_stream(pipe, run_id)
     count_run_started(pipe, workflow, (profile.queue for profile in spec.profiles))
-    pipe.execute()
+    if apply is None:
+        pipe.execute()
+        return
+    commands = [args for args, _options in pipe.command_stack]
+    pipe.reset()
+    apply(commands)
 
 
 def run_keys(connection: redis.Redis, run_id: str) -> list[Any]:
@@ -222,6 +235,10 @@ class RunSnapshot:
     finished_at: Optional[float]
     cancelled_by: Optional[str]
     counts: dict[str, int] = field(default_factory=dict)
+    schedule: Optional[str] = None
+    """The schedule that started the run, with its ``tick`` (epoch s) and ``trigger`` (fired, manual, backfill)."""
+    tick: Optional[float] = None
+    trigger: Optional[str] = None
 
 
 def _text(value: Any) -> str:
@@ -251,6 +268,9 @@ def read_run(connection: redis.Redis, run_id: str) -> RunSnapshot:
         created_at=epoch(meta.get("created_at")) or 0.0,
         finished_at=epoch(meta.get("finished_at")),
         cancelled_by=meta.get("cancelled_by"),
+        schedule=meta.get("schedule"),
+        tick=epoch(meta.get("tick")),
+        trigger=meta.get("trigger"),
     )
     try:
         counts = json.loads(meta.get("counts") or "{}")

@@ -55,16 +55,22 @@ def status_document(run_id: str, meta: dict[str, Any], tasks: dict[str, Task],
         "finished_at": _epoch(meta.get("finished_at")),
         "tasks": [task_document(tasks[name]) for name in order],
     }
-    for optional in ("cancelled_by", "warning"):
+    for optional in ("cancelled_by", "warning", "schedule", "trigger"):
         if meta.get(optional):
             document[optional] = meta[optional]
+    if meta.get("tick"):
+        document["tick"] = _epoch(meta.get("tick"))
     return document
 
 
 def run_summary(snapshot: RunSnapshot) -> dict[str, Any]:
-    """One element of ``orch runs --json``."""
-    return {"run_id": snapshot.run_id, "workflow": snapshot.workflow, "state": snapshot.state,
-            "created_at": snapshot.created_at, "finished_at": snapshot.finished_at, "counts": dict(snapshot.counts)}
+    """One element of ``orch runs --json`` (``schedule`` and ``tick`` for a run a schedule started)."""
+    summary = {"run_id": snapshot.run_id, "workflow": snapshot.workflow, "state": snapshot.state,
+               "created_at": snapshot.created_at, "finished_at": snapshot.finished_at,
+               "counts": dict(snapshot.counts)}
+    if snapshot.schedule:
+        summary.update(schedule=snapshot.schedule, tick=snapshot.tick, trigger=snapshot.trigger)
+    return summary
 
 
 def _newest_first(connection: redis.Redis) -> Iterator[str]:
@@ -78,12 +84,31 @@ def _newest_first(connection: redis.Redis) -> Iterator[str]:
         start += PAGE
 
 
+def schedule_run_ids(connection: redis.Redis, name: str, limit: int = 20) -> list[str]:
+    """The newest ``limit`` runs a schedule started (removed schedules included), newest first;
+    ids whose run expired leave the index."""
+    found: list[str] = []
+    for raw in connection.zrevrange(keys.schedule_runs(name), 0, -1):
+        run_id = raw.decode() if isinstance(raw, bytes) else str(raw)
+        if not connection.exists(keys.run(run_id)):
+            try:
+                connection.zrem(keys.schedule_runs(name), run_id)
+            except redis.exceptions.NoPermissionError:
+                pass
+            continue
+        found.append(run_id)
+        if len(found) >= limit:
+            break
+    return found
+
+
 def find_runs(connection: redis.Redis, *, state: Optional[str] = None, workflow: Optional[str] = None,
-              limit: int = 20) -> list[RunSnapshot]:
-    """The newest ``limit`` retained runs in ``state`` of ``workflow`` (either ``None``: any), newest first.
-    Ids whose keys expired leave the index."""
+              schedule: Optional[str] = None, limit: int = 20) -> list[RunSnapshot]:
+    """The newest ``limit`` retained runs in ``state`` of ``workflow`` started by ``schedule`` (each
+    ``None``: any), newest first. Ids whose keys expired leave the index."""
     found: list[RunSnapshot] = []
-    for run_id in _newest_first(connection):
+    ids = _newest_first(connection) if schedule is None else iter(schedule_run_ids(connection, schedule, 10**9))
+    for run_id in ids:
         try:
             snapshot = read_run(connection, run_id)
         except RunNotFoundError:

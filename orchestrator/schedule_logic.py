@@ -21,7 +21,7 @@ import enum
 import hashlib
 import re
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from typing import Iterator, Optional
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
@@ -191,3 +191,138 @@ def on_tick(overlap: Overlap, previous_running: bool, tick_waiting: bool) -> Tic
     if overlap is Overlap.QUEUE and not tick_waiting:
         return TickAction.QUEUE
     return TickAction.SKIP
+
+
+class Outcome(str, enum.Enum):
+    """What became of a tick, as the schedule's history records it."""
+
+    FIRED = "fired"
+    SKIPPED = "skipped"
+    MISSED = "missed"
+    QUEUED = "queued"
+    FAILED = "failed"      # the target did not load or validate (recorded by the service)
+    MANUAL = "manual"      # orch schedule trigger
+    BACKFILL = "backfill"  # orch schedule backfill
+
+
+@dataclass(frozen=True)
+class Decision:
+    """One tick's fate. ``cancel`` names the run a ``cancel`` overlap stops first; a ``missed``
+    decision may stand for ``count`` ticks, from ``tick`` to ``until``."""
+
+    tick: float
+    outcome: Outcome
+    reason: str = ""
+    cancel: Optional[str] = None
+    count: int = 1
+    until: Optional[float] = None
+
+
+@dataclass(frozen=True)
+class Policies:
+    overlap: Overlap = Overlap.SKIP
+    catchup: Catchup = Catchup.LATEST
+    max_catchup: int = 100
+    grace: Optional[float] = None
+
+
+@dataclass(frozen=True)
+class ScheduleState:
+    """What the store knows of a schedule between two handlings of its due ticks."""
+
+    last_tick: float
+    waiting: Optional[float] = None
+    paused: bool = False
+    previous_run: Optional[str] = None
+    previous_running: bool = False
+
+
+@dataclass(frozen=True)
+class TickPlan:
+    decisions: list[Decision]
+    last_tick: float
+    waiting: Optional[float]
+    next_fire: Optional[float]
+    """When the schedule next needs handling (``None``: it has ended)."""
+
+
+RECHECK = 1.0
+"""Seconds between looks at a schedule whose queued tick waits for the previous run to end."""
+
+
+def plan_ticks(name: str, timing: Timing, policies: Policies, state: ScheduleState, now: float,
+               least_grace: float = 0.0) -> TickPlan:
+    """Decide every tick due by ``now`` since ``state.last_tick``.
+
+    A tick queued behind the previous run fires first once that run ended. The ticks due now
+    form one batch, decided against the run that was going before the batch (catch-up ticks of
+    a downtime all fire, in order, when nothing was running: the user asked for them); paused
+    ticks are skipped. ``least_grace`` keeps the default grace at least the time a failover takes,
+    so a tick fired late because the coordinator about to fire it died is fired, not missed (a
+    grace the user gave is kept as given).
+    """
+    decisions: list[Decision] = []
+    running, waiting = state.previous_running, state.waiting
+    if waiting is not None and not running and not state.paused:
+        decisions.append(Decision(waiting, Outcome.FIRED, "queued until the previous run ended"))
+        waiting, running = None, True
+    grace = policies.grace if policies.grace is not None else max(timing.grace(), least_grace)
+    due = due_ticks(timing, state.last_tick, now, policies.catchup, policies.max_catchup, grace)
+    if due.missed:
+        decisions.append(_missed(due.missed, policies.catchup))
+    for tick in due.fire:
+        decisions.append(_decide(tick, policies.overlap, state, running, waiting is not None))
+        if decisions[-1].outcome is Outcome.QUEUED:
+            waiting = tick
+    handled = [state.last_tick, *due.fire, *due.missed]
+    last_tick = max(handled)
+    upcoming = timing.next_tick(max(last_tick, now))
+    next_fire = None if upcoming is None else fire_at(name, upcoming, timing.jitter)
+    if waiting is not None:
+        next_fire = now + RECHECK if next_fire is None else min(next_fire, now + RECHECK)
+    return TickPlan(decisions, last_tick, waiting, next_fire)
+
+
+def _missed(ticks: list[float], catchup: Catchup) -> Decision:
+    why = {Catchup.NONE: "catch-up 'none' fires no late tick",
+           Catchup.LATEST: "catch-up 'latest' fires only the most recent late tick",
+           Catchup.ALL: "over the catch-up limit (--max-catchup)"}[catchup]
+    return Decision(ticks[0], Outcome.MISSED, f"no coordinator fired it within its grace; {why}",
+                    count=len(ticks), until=ticks[-1])
+
+
+def _decide(tick: float, overlap: Overlap, state: ScheduleState, running: bool, tick_waiting: bool) -> Decision:
+    if state.paused:
+        return Decision(tick, Outcome.SKIPPED, "the schedule is paused")
+    action = on_tick(overlap, running, tick_waiting)
+    previous = state.previous_run or "the previous run"
+    if action is TickAction.FIRE:
+        return Decision(tick, Outcome.FIRED)
+    if action is TickAction.CANCEL_AND_FIRE:
+        return Decision(tick, Outcome.FIRED, f"cancelled {previous} (overlap 'cancel')", cancel=state.previous_run)
+    if action is TickAction.QUEUE:
+        return Decision(tick, Outcome.QUEUED, f"waits for {previous} to end (overlap 'queue')")
+    why = "a tick already waits" if tick_waiting else f"{previous} was still running"
+    return Decision(tick, Outcome.SKIPPED, f"{why} (overlap '{overlap.value}')")
+
+
+def parse_moment(text: str, tz: str, end_of_day: bool = False) -> float:
+    """An ISO 8601 date or date-time as epoch seconds; without an offset it is a local time in
+    ``tz``. A bare date is its midnight, or with ``end_of_day`` the last instant before the next."""
+    try:
+        moment = datetime.fromisoformat(text.strip())
+    except (ValueError, AttributeError):
+        raise ScheduleError(f"{text!r} is not an ISO 8601 date or date-time (e.g. 2026-11-01 or "
+                            f"2026-11-01T02:30)") from None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=zone(tz))
+    stamp = moment.timestamp()
+    if end_of_day and len(text.strip()) == 10:
+        following = (moment.replace(tzinfo=None) + timedelta(days=1)).replace(tzinfo=moment.tzinfo)
+        return following.timestamp() - 1e-3
+    return stamp
+
+
+def iso(tick: float, tz: str) -> str:
+    """A tick as ISO 8601 with its offset, in the schedule's zone (what ``scheduled_at`` holds)."""
+    return datetime.fromtimestamp(tick, zone(tz)).isoformat()

@@ -230,6 +230,18 @@ class ScheduleError(DefinitionError):
     """A schedule that cannot be: a bad cron expression, interval, time zone or policy."""
 
 
+class ScheduleNotFoundError(WorkflowError, LookupError):
+    def __init__(self, name: str) -> None:
+        self.name = name
+        super().__init__(f"no schedule named {name!r} (orch schedule list shows them)")
+
+
+class ScheduleExistsError(WorkflowError):
+    def __init__(self, name: str) -> None:
+        self.name = name
+        super().__init__(f"a schedule named {name!r} exists already; remove it first or pick another name")
+
+
 class SigningKeyError(WorkflowError, ValueError):
     """The signing key setting (``ORCH_SIGNING_KEY`` / ``ORCH_SIGNING_KEY_FILE``) is unusable; the
     message names the setting to fix."""

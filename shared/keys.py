@@ -49,12 +49,27 @@ key                                 type    contents
 ``orch:lean-workers``               set     lean mode: the slots (``{worker}#{n}``) whose in-flight
                                             lists may hold attempts; what the LossWatch inspects
 ``orch:stop`` (pub/sub)             channel lean mode: "stop this attempt" requests (cancellation)
+``orch:schedules``                  set     names of the schedules (``orch schedule list``)
+``orch:schedules:due``              zset    schedule name -> when its next tick fires (epoch s, jitter
+                                            included): the one place coordinators look for due ticks
+``orch:schedule:{name}``            hash    a schedule: definition (JSON: target, cron or every, tz,
+                                            start, end, jitter, policies), params (codec-encoded),
+                                            paused, last_tick (the last tick handled: the fence of
+                                            every firing), last_run, waiting (a tick queued behind
+                                            the running run: overlap ``queue``), created_at
+``orch:schedule:{name}:claim``      string  token of the coordinator handling the schedule's due
+                                            ticks (TTL: ``ORCH_LEASE_TTL``)
+``orch:schedule:{name}:ticks``      list    what became of each tick, newest first (JSON: tick,
+                                            outcome fired/skipped/missed/failed/queued/manual/
+                                            backfill, reason, run_id, at); the last 200
+``orch:schedule:{name}:runs``       zset    run id -> tick of each run the schedule started (kept,
+                                            with the ticks, for the retention after ``remove``)
 ``orch:metrics``                    hash    the Prometheus counters and histograms coordinators keep:
                                             ``["name","label value",...]`` (JSON) -> number; a
                                             histogram's buckets (non-cumulative) and sum are fields
                                             of their own (see orchestrator/metrics_store.py). Never
                                             expires
-``orch:queues``                     set     names of the queues coordinators sent jobs to (what
+``orch:queues``                     set     names of the queues runs were created with (what
                                             the metrics' queue depth gauge reads)
 ==================================  ======  ==================================================
 
@@ -77,6 +92,8 @@ ACTIVE = f"{PREFIX}:active"
 STOP_CHANNEL = f"{PREFIX}:stop"
 LEAN_WORKERS = f"{PREFIX}:lean-workers"
 WORKERS = f"{PREFIX}:workers"
+SCHEDULES = f"{PREFIX}:schedules"
+SCHEDULES_DUE = f"{PREFIX}:schedules:due"
 METRICS = f"{PREFIX}:metrics"
 QUEUES = f"{PREFIX}:queues"
 ORPHAN_TTL = 24 * 3600
@@ -182,3 +199,20 @@ def job_id(run_id: str, task_index: int, attempt: int) -> str:
     names may hold any character and RQ job ids are used inside key names.
     """
     return f"{PREFIX}-{run_id}-{task_index}-{attempt}"
+
+
+def schedule(name: str) -> str:
+    """A schedule's hash (names are checked by :func:`orchestrator.schedules.check_name`)."""
+    return f"{PREFIX}:schedule:{name}"
+
+
+def schedule_claim(name: str) -> str:
+    return f"{PREFIX}:schedule:{name}:claim"
+
+
+def schedule_ticks(name: str) -> str:
+    return f"{PREFIX}:schedule:{name}:ticks"
+
+
+def schedule_runs(name: str) -> str:
+    return f"{PREFIX}:schedule:{name}:runs"

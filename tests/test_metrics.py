@@ -182,12 +182,15 @@ def test_schedule_lag_is_recorded_on_a_pipeline_with_its_round_trip() -> None:
     assert not conn.exists(keys.METRICS)
     pipe.execute()
     store.record_schedule_lag(conn, "hourly", 0.01)
+    for command in store.schedule_lag_commands("hourly", 7.0):
+        conn.execute_command(*command)
     found = samples(conn)
     assert value(found, "orch_schedule_lag_seconds_count", schedule="nightly") == 2
     assert value(found, "orch_schedule_lag_seconds_sum", schedule="nightly") == pytest.approx(42.3)
     assert value(found, "orch_schedule_lag_seconds_bucket", schedule="nightly", le="0.5") == 1
     assert value(found, "orch_schedule_lag_seconds_bucket", schedule="nightly", le="60.0") == 2
-    assert value(found, "orch_schedule_lag_seconds_count", schedule="hourly") == 1
+    assert value(found, "orch_schedule_lag_seconds_count", schedule="hourly") == 2
+    assert value(found, "orch_schedule_lag_seconds_sum", schedule="hourly") == pytest.approx(7.01)
 
 
 def test_damaged_fields_are_skipped_not_fatal() -> None:

@@ -1,0 +1,171 @@
+"""The part of ``orch coordinator`` that fires schedules: claim, decide, record, submit.
+
+Each coordinator looks at one sorted set (``orch:schedules:due``: schedule -> next fire
+time) and handles the schedules whose time has come. To handle one it takes the
+schedule's claim (``SET NX`` with the lease TTL), so that coordinators do not all load the
+same target; decides the due ticks with the pure :func:`~orchestrator.schedule_logic.plan_ticks`;
+loads the target for each tick that fires; and writes the runs, the history and the
+schedule's new state in one fenced script (:func:`orchestrator.schedules.commit`): if
+another coordinator handled the tick meanwhile (this one paused past its claim), nothing
+is written. A coordinator killed while it held the claim leaves the schedule due: another
+takes the claim once it lapses and fires the tick, within ``ORCH_LEASE_TTL`` + the poll.
+"""
+from __future__ import annotations
+
+import logging
+import secrets
+import threading
+import time
+from typing import Callable, Optional
+
+import redis
+
+from orchestrator.schedule_logic import Decision, Outcome, TickPlan, plan_ticks
+from orchestrator.schedules import (Schedule, TickTaken, commit, history_commands, load_schedule, run_index_command,
+                                    schedule_state, start_run, tick_record)
+from shared import keys
+from shared.config import Settings
+from shared.errors import ScheduleError, ScheduleNotFoundError, WorkflowError
+from shared.messages import cancel_fields
+from shared.signing import Signer
+
+log = logging.getLogger("orch.schedules")
+
+_RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
+"""
+BATCH = 100
+"""Due schedules read per look."""
+
+
+class ScheduleService:
+    """Fires the schedules that are due. ``on_started(run_id)`` is called for each run it starts
+    (the coordinator service drives it at once). ``clock`` is injectable for tests."""
+
+    def __init__(self, connection: redis.Redis, *, settings: Optional[Settings] = None, poll: float = 0.25,
+                 on_started: Optional[Callable[[str], None]] = None,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.connection = connection
+        self.settings = settings or Settings()
+        self.poll = poll
+        self.on_started = on_started or (lambda run_id: None)
+        self.clock = clock
+        self.token = secrets.token_hex(12)
+        self._release = connection.register_script(_RELEASE)
+
+    def serve(self, stop: threading.Event) -> None:
+        while not stop.is_set():
+            try:
+                wait = self.step()
+            except redis.RedisError as exc:
+                log.warning("schedules: Redis error (%s); retrying", exc)
+                wait = 1.0
+            stop.wait(wait)
+
+    def step(self) -> float:
+        """Handle the schedules due now; return how long to wait before the next look."""
+        now = self.clock()
+        due = self.connection.zrangebyscore(keys.SCHEDULES_DUE, "-inf", now, start=0, num=BATCH)
+        for raw in due:
+            self.handle(raw.decode() if isinstance(raw, bytes) else raw)
+        if len(due) == BATCH:
+            return 0.0
+        first = self.connection.zrange(keys.SCHEDULES_DUE, 0, 0, withscores=True)
+        if not first:
+            return self.poll
+        return max(0.01, min(self.poll, first[0][1] - self.clock()))
+
+    @property
+    def failover(self) -> float:
+        """How late a tick can be when the coordinator about to fire it died: it still fires."""
+        return self.settings.lease_ttl + 2 * self.poll + 1.0
+
+    def handle(self, name: str) -> list[str]:
+        """Handle one due schedule if no other coordinator is; the ids of the runs started."""
+        claim = keys.schedule_claim(name)
+        if not self.connection.set(claim, self.token, nx=True, px=int(self.settings.lease_ttl * 1000)):
+            return []
+        try:
+            return self._handle_claimed(name)
+        except TickTaken as exc:
+            log.info("%s", exc)
+        except ScheduleNotFoundError:
+            self.connection.zrem(keys.SCHEDULES_DUE, name)
+        except ScheduleError as exc:
+            log.error("%s", exc)
+            self.connection.zadd(keys.SCHEDULES_DUE, {name: self.clock() + 60})
+        finally:
+            self._release(keys=[claim], args=[self.token])
+        return []
+
+    def _handle_claimed(self, name: str) -> list[str]:
+        schedule, record = load_schedule(self.connection, name)
+        state = schedule_state(self.connection, schedule, record)
+        now = self.clock()
+        plan = plan_ticks(name, schedule.timing, schedule.policies, state, now, least_grace=self.failover)
+        commands: list[tuple] = []
+        records: list[str] = []
+        started: list[tuple[str, Decision]] = []
+        for decision in plan.decisions:
+            if decision.outcome is not Outcome.FIRED:
+                records.append(tick_record(decision, at=now))
+                continue
+            if decision.cancel:
+                commands.append(self._cancel(decision.cancel, name))
+            run_id, error = self._prepare(schedule, decision, commands)
+            records.append(tick_record(decision, run_id, error=error) if run_id
+                           else tick_record(Decision(decision.tick, Outcome.FAILED), error=error, at=now))
+            if run_id:
+                started.append((run_id, decision))
+        commands += self._state_commands(schedule, plan, [run_id for run_id, _ in started])
+        commands += history_commands(name, records)
+        commit(self.connection, name, record.get("last_tick", ""), commands, token=self.token)
+        for run_id, decision in started:
+            log.info("schedule %s: tick %s started run %s", name, decision.tick, run_id)
+            self.on_started(run_id)
+        return [run_id for run_id, _ in started]
+
+    def _prepare(self, schedule: Schedule, decision: Decision, commands: list[tuple]
+                 ) -> tuple[Optional[str], Optional[str]]:
+        """Load the target for the tick and add its run's writes to ``commands``; on a target that
+        does not load or validate, ``(None, error)`` and nothing is added."""
+        def collect(run_commands: list[tuple]) -> None:
+            commands.extend(run_commands)
+
+        try:
+            run_id = start_run(self.connection, schedule, decision.tick, Outcome.FIRED, [], collect,
+                               settings=self.settings)
+        except WorkflowError as exc:
+            log.error("schedule %s: tick %s failed: %s", schedule.name, decision.tick, exc)
+            return None, str(exc)
+        except Exception as exc:  # a target's own code raised something else while building the workflow
+            log.exception("schedule %s: tick %s failed", schedule.name, decision.tick)
+            return None, f"{type(exc).__name__}: {exc}"
+        commands.append(run_index_command(schedule.name, run_id, decision.tick))
+        return run_id, None
+
+    def _cancel(self, run_id: str, schedule: str) -> tuple:
+        fields = cancel_fields(f"schedule {schedule} (overlap 'cancel')", run_id, Signer.from_environment())
+        flat: list = []
+        for field, value in fields.items():
+            flat += [field, value]
+        return ("XADD", keys.events(run_id), "NOMKSTREAM", "*", *flat)
+
+    def _state_commands(self, schedule: Schedule, plan: TickPlan, run_ids: list[str]) -> list[tuple]:
+        name = schedule.name
+        mapping: list = ["last_tick", repr(plan.last_tick)]
+        if run_ids:
+            mapping += ["last_run", run_ids[-1]]
+        commands: list[tuple] = [("HSET", keys.schedule(name), *mapping)]
+        if plan.waiting is None:
+            commands.append(("HDEL", keys.schedule(name), "waiting"))
+        else:
+            commands.append(("HSET", keys.schedule(name), "waiting", repr(plan.waiting)))
+        if plan.next_fire is None:
+            commands.append(("ZREM", keys.SCHEDULES_DUE, name))
+        else:
+            commands.append(("ZADD", keys.SCHEDULES_DUE, repr(plan.next_fire), name))
+        return commands

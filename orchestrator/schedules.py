@@ -1,0 +1,437 @@
+"""Schedules in Redis, and what ``orch schedule ...`` does with them: the Python API.
+
+A schedule is one hash (``orch:schedule:{name}``, layout in :mod:`shared.keys`): its
+definition, its parameters, and the state the coordinators keep (``last_tick``, the tick
+handled last; ``last_run``; a ``waiting`` tick; ``paused``). Its next fire time sits in
+one sorted set, ``orch:schedules:due``, which is all an idle coordinator reads.
+
+Every write that starts a run for a tick goes through :func:`commit`, one Lua script
+that checks the schedule's ``last_tick`` is still what the writer read (and, for the
+coordinator service, that it still holds the schedule's claim): two coordinators that
+decided the same tick cannot both start its run. The run's own keys are written by that
+same script, so a run exists if and only if its tick was recorded as fired.
+
+Functions here take a redis-py connection (``shared.connection.connect(url)``); the CLI and
+the dashboard call them, so both do exactly the same thing.
+"""
+from __future__ import annotations
+
+import json
+import math
+import re
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Mapping, Optional
+
+import redis
+
+from orchestrator.distributed import submit_run
+from orchestrator.lease import flatten
+from orchestrator.loading import load_workflow
+from orchestrator.run_store import read_run
+from orchestrator.run_views import schedule_run_ids
+from orchestrator.schedule_logic import (Catchup, Decision, Outcome, Overlap, Policies, ScheduleState, Timing, fire_at,
+                                         iso, parse_every, parse_moment)
+from shared import keys
+from shared.config import Settings, retention
+from shared.errors import (RunNotFoundError, ScheduleError, ScheduleExistsError, ScheduleNotFoundError,
+                           WorkflowError)
+from shared.params import decode_params, encode_params
+from shared.states import RunState
+
+HISTORY = 200
+"""Tick records kept per schedule (``orch:schedule:{name}:ticks``)."""
+MAX_BACKFILL = 1000
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+
+_COMMIT = """
+-- KEYS: schedule hash, claim. ARGV: claim token ('' = no claim needed), last_tick as read
+-- ('' = none, '*' = any: a manual run), then commands as count, args..., count, args...
+if ARGV[1] ~= '' and redis.call('GET', KEYS[2]) ~= ARGV[1] then
+  return redis.error_reply('ORCH_CLAIM_LOST')
+end
+if redis.call('EXISTS', KEYS[1]) == 0 then
+  return redis.error_reply('ORCH_SCHEDULE_GONE')
+end
+local last = redis.call('HGET', KEYS[1], 'last_tick') or ''
+if ARGV[2] ~= '*' and last ~= ARGV[2] then
+  return redis.error_reply('ORCH_TICK_TAKEN')
+end
+local i = 3
+local n = #ARGV
+while i <= n do
+  local count = tonumber(ARGV[i])
+  redis.call(unpack(ARGV, i + 1, i + count))
+  i = i + count + 1
+end
+return 1
+"""
+
+
+class TickTaken(WorkflowError):
+    """Another coordinator handled the tick first (or the schedule went away): nothing was written."""
+
+
+def check_name(name: str) -> str:
+    if not isinstance(name, str) or not _NAME.match(name):
+        raise ScheduleError(f"schedule name {name!r}: use 1-100 letters, digits, '.', '_' or '-', "
+                            "starting with a letter or digit")
+    return name
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """A schedule's definition: what it starts (``target``, as ``orch submit`` takes it, with
+    ``params``), when (``timing``) and how ticks that overlap or come late are treated."""
+
+    name: str
+    target: str
+    timing: Timing
+    params: dict[str, Any] = field(default_factory=dict)
+    policies: Policies = field(default_factory=Policies)
+    created_at: float = 0.0
+
+    def definition(self) -> str:
+        timing, policies = asdict(self.timing), asdict(self.policies)
+        policies["overlap"], policies["catchup"] = self.policies.overlap.value, self.policies.catchup.value
+        return json.dumps({"target": self.target, "timing": timing, "policies": policies,
+                           "created_at": self.created_at})
+
+    @classmethod
+    def from_record(cls, name: str, record: Mapping[str, Any]) -> "Schedule":
+        try:
+            document = json.loads(record["definition"])
+            policies = dict(document["policies"])
+            policies["overlap"], policies["catchup"] = Overlap(policies["overlap"]), Catchup(policies["catchup"])
+            params = decode_params(record["params"]) if record.get("params") else {}
+            return cls(name, str(document["target"]), Timing(**document["timing"]), params, Policies(**policies),
+                       float(document.get("created_at") or 0.0))
+        except (KeyError, TypeError, ValueError, WorkflowError) as exc:
+            raise ScheduleError(f"schedule {name!r} is damaged in Redis ({exc}); remove it and add it again") from None
+
+    def describe_timing(self) -> str:
+        if self.timing.cron is not None:
+            return f"cron {self.timing.cron!r} in {self.timing.tz}"
+        return f"every {self.timing.every:g}s"
+
+
+def _text(value: Any) -> str:
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
+
+
+def read_record(connection: redis.Redis, name: str) -> dict[str, Any]:
+    """The schedule's hash, text fields decoded (``params`` kept as stored); ``{}`` if absent."""
+    raw = connection.hgetall(keys.schedule(name))
+    return {_text(k): (v if _text(k) == "params" else _text(v)) for k, v in raw.items()}
+
+
+def load_schedule(connection: redis.Redis, name: str) -> tuple[Schedule, dict[str, Any]]:
+    """The schedule and its raw record; raises :class:`ScheduleNotFoundError`."""
+    record = read_record(connection, check_name(name))
+    if not record:
+        raise ScheduleNotFoundError(name)
+    return Schedule.from_record(name, record), record
+
+
+def _number(value: Any) -> Optional[float]:
+    try:
+        return None if value in (None, "") else float(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def run_state(connection: redis.Redis, run_id: Optional[str]) -> Optional[str]:
+    if not run_id:
+        return None
+    state = connection.hget(keys.run(run_id), "state")
+    return None if state is None else _text(state)
+
+
+def schedule_state(connection: redis.Redis, schedule: Schedule, record: Mapping[str, Any]) -> ScheduleState:
+    """The state :func:`~orchestrator.schedule_logic.plan_ticks` decides from (one more read: the
+    state of the schedule's last run)."""
+    previous = record.get("last_run") or None
+    return ScheduleState(last_tick=_number(record.get("last_tick")) or schedule.created_at,
+                         waiting=_number(record.get("waiting")), paused=record.get("paused") == "1",
+                         previous_run=previous,
+                         previous_running=run_state(connection, previous) == RunState.RUNNING.value)
+
+
+def add_schedule(connection: redis.Redis, name: str, target: str, *, cron: Optional[str] = None,
+                 every: Optional[float | str] = None, tz: str = "UTC", params: Optional[Mapping[str, Any]] = None,
+                 start: Optional[float | str] = None, end: Optional[float | str] = None,
+                 jitter: float | str = 0.0, overlap: str = "skip", catchup: str = "latest", max_catchup: int = 100,
+                 grace: Optional[float | str] = None, check: bool = True, now: Optional[float] = None) -> Schedule:
+    """Write a new schedule; its first tick is the first after ``now`` (or ``start``).
+
+    With ``check`` the target is loaded here first (with the parameters and a ``scheduled_at``),
+    so a typo is one error now rather than a failed tick later; give ``check=False`` when the
+    code lives only where the coordinators run. Nothing is written on a bad input.
+    """
+    check_name(name)
+    now = time.time() if now is None else now
+    seconds = _seconds(every, "every") if every is not None else None
+    anchor = _moment(start, tz) if start is not None else (float(math.floor(now)) if seconds is not None else 0.0)
+    timing = Timing(cron=cron, tz=tz, every=seconds, start=anchor,
+                    end=_moment(end, tz, end_of_day=True) if end is not None else None,
+                    jitter=_seconds(jitter, "jitter") if jitter else 0.0)
+    policies = Policies(overlap=_choice(Overlap, overlap, "overlap"), catchup=_choice(Catchup, catchup, "catchup"),
+                        max_catchup=_count(max_catchup), grace=_seconds(grace, "grace") if grace is not None else None)
+    encoded = encode_params(dict(params or {}))
+    schedule = Schedule(name, target, timing, dict(params or {}), policies, now)
+    if check:
+        load_workflow(target, {**schedule.params, "scheduled_at": iso(now, tz)})
+    first = timing.next_tick(max(now, timing.start))
+    with connection.pipeline(transaction=True) as pipe:
+        try:
+            pipe.watch(keys.schedule(name))
+            if pipe.exists(keys.schedule(name)):
+                raise ScheduleExistsError(name)
+            pipe.multi()
+            pipe.hset(keys.schedule(name), mapping={"definition": schedule.definition(), "params": encoded or b"",
+                                                    "last_tick": repr(now), "paused": "0"})
+            pipe.sadd(keys.SCHEDULES, name)
+            if first is not None:
+                pipe.zadd(keys.SCHEDULES_DUE, {name: fire_at(name, first, timing.jitter)})
+            pipe.persist(keys.schedule_ticks(name))
+            pipe.persist(keys.schedule_runs(name))
+            pipe.execute()
+        except redis.WatchError:
+            raise ScheduleExistsError(name) from None
+    return schedule
+
+
+def _seconds(value: float | str | None, what: str) -> float:
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if value < 0:
+            raise ScheduleError(f"{what} cannot be negative")
+        return float(value)
+    if isinstance(value, str) and what != "every" and value.strip() in ("0", "0s"):
+        return 0.0
+    return parse_every(value)  # type: ignore[arg-type]
+
+
+def _moment(value: float | str, tz: str, end_of_day: bool = False) -> float:
+    if isinstance(value, (int, float)):
+        return float(value)
+    return parse_moment(value, tz, end_of_day)
+
+
+def _choice(kind: Any, value: str, what: str) -> Any:
+    try:
+        return kind(value)
+    except ValueError:
+        raise ScheduleError(f"{what} {value!r}: expected one of {', '.join(m.value for m in kind)}") from None
+
+
+def _count(value: int) -> int:
+    if not isinstance(value, int) or value < 0:
+        raise ScheduleError(f"max catch-up {value!r}: expected a whole number, 0 or more")
+    return value
+
+
+def commit(connection: redis.Redis, name: str, last_tick_read: str, commands: list[tuple],
+           token: str = "") -> None:
+    """Run ``commands`` atomically if the schedule's ``last_tick`` is still ``last_tick_read`` (and,
+    with ``token``, the caller still holds the schedule's claim); else :class:`TickTaken`.
+    ``last_tick_read`` ``"*"``: whatever it is (a manual run fences nothing)."""
+    script = connection.register_script(_COMMIT)
+    try:
+        script(keys=[keys.schedule(name), keys.schedule_claim(name)],
+               args=[token, last_tick_read, *flatten(commands)])
+    except redis.ResponseError as exc:
+        if "ORCH_SCHEDULE_GONE" in str(exc):
+            raise ScheduleNotFoundError(name) from None
+        if "ORCH_CLAIM_LOST" in str(exc) or "ORCH_TICK_TAKEN" in str(exc):
+            raise TickTaken(f"schedule {name!r}: another coordinator handled this tick") from None
+        raise
+
+
+def tick_record(decision: Decision, run_id: Optional[str] = None, error: Optional[str] = None,
+                at: Optional[float] = None) -> str:
+    """One entry of the schedule's history (``orch:schedule:{name}:ticks``)."""
+    record: dict[str, Any] = {"tick": decision.tick, "outcome": decision.outcome.value, "at": at or time.time()}
+    if decision.reason or error:
+        record["reason"] = error or decision.reason
+    if run_id:
+        record["run_id"] = run_id
+    if decision.count > 1:
+        record["count"], record["until"] = decision.count, decision.until
+    return json.dumps(record)
+
+
+def history_commands(name: str, records: list[str]) -> list[tuple]:
+    if not records:
+        return []
+    return [("LPUSH", keys.schedule_ticks(name), *records), ("LTRIM", keys.schedule_ticks(name), 0, HISTORY - 1)]
+
+
+def start_run(connection: redis.Redis, schedule: Schedule, tick: float, trigger: Outcome,
+              commands: list[tuple], apply: Any, extra_params: Optional[Mapping[str, Any]] = None,
+              settings: Optional[Settings] = None) -> str:
+    """Load the schedule's target for ``tick`` and write its run through ``apply`` together with
+    ``commands`` (one atomic write). Raises what loading or submitting raises; writes nothing then."""
+    params = {**schedule.params, **dict(extra_params or {}), "scheduled_at": iso(tick, schedule.timing.tz)}
+    workflow = load_workflow(schedule.target, params, reload=True)
+    extra = {"schedule": schedule.name, "tick": repr(tick), "trigger": trigger.value}
+    submission = submit_run(workflow, connection, settings=settings, params=params, extra=extra,
+                            apply=lambda run_commands: apply(run_commands + commands))
+    return submission.run_id
+
+
+def run_index_command(name: str, run_id: str, tick: float) -> tuple:
+    return ("ZADD", keys.schedule_runs(name), repr(tick), run_id)
+
+
+def trigger_schedule(connection: redis.Redis, name: str, params: Optional[Mapping[str, Any]] = None,
+                     now: Optional[float] = None) -> str:
+    """Start one run of the schedule now, recorded as manual (``orch schedule trigger``); an
+    ``orch coordinator`` drives it. Returns its run id."""
+    schedule, record = load_schedule(connection, name)
+    now = time.time() if now is None else now
+    return _manual_run(connection, schedule, record, now, Outcome.MANUAL, params, last_run=True)
+
+
+def _manual_run(connection: redis.Redis, schedule: Schedule, record: Mapping[str, Any], tick: float,
+                trigger: Outcome, params: Optional[Mapping[str, Any]], last_run: bool) -> str:
+    run_ids: list[str] = []
+
+    def apply(commands: list[tuple]) -> None:
+        run_id = _run_id_of(commands)
+        ours = [run_index_command(schedule.name, run_id, tick),
+                *history_commands(schedule.name, [tick_record(Decision(tick, trigger), run_id)])]
+        if last_run:
+            ours.append(("HSET", keys.schedule(schedule.name), "last_run", run_id))
+        commit(connection, schedule.name, "*", commands + ours)
+        run_ids.append(run_id)
+
+    start_run(connection, schedule, tick, trigger, [], apply, params)
+    return run_ids[0]
+
+
+def _run_id_of(commands: list[tuple]) -> str:
+    """The run id in the commands that create a run (its hash is the first HSET)."""
+    for args in commands:
+        if str(args[0]).upper() == "HSET" and str(args[1]).startswith(keys.run("")):
+            return str(args[1])[len(keys.run("")):]
+    raise WorkflowError("no run in the commands")  # a programming error: create_run always writes the hash
+
+
+def backfill_schedule(connection: redis.Redis, name: str, start: float | str, end: float | str,
+                      params: Optional[Mapping[str, Any]] = None, limit: int = MAX_BACKFILL) -> list[str]:
+    """One run per tick of the schedule in ``[start, end]`` (a bare end date counts whole), oldest
+    first, each with its tick as ``scheduled_at``, recorded as backfill; coordinators drive them.
+    More than ``limit`` ticks is refused before anything is written."""
+    schedule, record = load_schedule(connection, name)
+    tz = schedule.timing.tz
+    first, last = _moment(start, tz), _moment(end, tz, end_of_day=True)
+    if last < first:
+        raise ScheduleError(f"backfill of {name!r}: the end is before the start")
+    ticks: list[float] = []
+    for tick in Timing(cron=schedule.timing.cron, tz=tz, every=schedule.timing.every,
+                       start=schedule.timing.start).ticks(first - 1e-6):
+        if tick > last:
+            break
+        ticks.append(tick)
+        if len(ticks) > limit:
+            raise ScheduleError(f"backfill of {name!r}: more than {limit} ticks in the range; give a shorter range")
+    if not ticks:
+        raise ScheduleError(f"backfill of {name!r}: no tick of {schedule.describe_timing()} in the range")
+    return [_manual_run(connection, schedule, read_record(connection, name), tick, Outcome.BACKFILL, params,
+                        last_run=False) for tick in ticks]
+
+
+def set_paused(connection: redis.Redis, name: str, paused: bool) -> None:
+    """Pause or resume (``orch schedule pause|resume``): the next tick sees it. Ticks that come
+    while paused are recorded as skipped."""
+    load_schedule(connection, name)
+    connection.hset(keys.schedule(name), "paused", "1" if paused else "0")
+
+
+def pause_schedule(connection: redis.Redis, name: str) -> None:
+    set_paused(connection, name, True)
+
+
+def resume_schedule(connection: redis.Redis, name: str) -> None:
+    set_paused(connection, name, False)
+
+
+def remove_schedule(connection: redis.Redis, name: str) -> None:
+    """Remove the schedule; its history of ticks and runs stays for the retention
+    (``orch runs --schedule NAME`` lists the runs). Runs going on are not touched."""
+    load_schedule(connection, name)
+    keep = retention()
+    with connection.pipeline(transaction=True) as pipe:
+        pipe.delete(keys.schedule(name), keys.schedule_claim(name))
+        pipe.srem(keys.SCHEDULES, name)
+        pipe.zrem(keys.SCHEDULES_DUE, name)
+        pipe.expire(keys.schedule_ticks(name), keep)
+        pipe.expire(keys.schedule_runs(name), keep)
+        pipe.execute()
+
+
+def list_schedules(connection: redis.Redis, now: Optional[float] = None) -> list[dict[str, Any]]:
+    """``orch schedule list --json``: every schedule, by name."""
+    now = time.time() if now is None else now
+    out = []
+    for name in sorted(_text(raw) for raw in connection.smembers(keys.SCHEDULES)):
+        try:
+            schedule, record = load_schedule(connection, name)
+        except (ScheduleNotFoundError, ScheduleError):
+            continue
+        out.append(_summary(connection, schedule, record, now))
+    return out
+
+
+def _summary(connection: redis.Redis, schedule: Schedule, record: Mapping[str, Any], now: float) -> dict[str, Any]:
+    upcoming = schedule.timing.next_tick(max(now, _number(record.get("last_tick")) or 0.0))
+    last_run = record.get("last_run") or None
+    return {"name": schedule.name, "target": schedule.target, "timing": schedule.describe_timing(),
+            "cron": schedule.timing.cron, "every": schedule.timing.every, "tz": schedule.timing.tz,
+            "paused": record.get("paused") == "1",
+            "next": None if upcoming is None else iso(upcoming, schedule.timing.tz),
+            "last_run": last_run, "last_run_state": run_state(connection, last_run),
+            "overlap": schedule.policies.overlap.value, "catchup": schedule.policies.catchup.value}
+
+
+def describe_schedule(connection: redis.Redis, name: str, now: Optional[float] = None,
+                      runs: int = 10, ticks: int = 20) -> dict[str, Any]:
+    """``orch schedule show --json``: the definition, the next 5 fire times, the last runs with
+    their states, and the ticks skipped, missed, queued or failed, with why."""
+    schedule, record = load_schedule(connection, name)
+    now = time.time() if now is None else now
+    document = _summary(connection, schedule, record, now)
+    tz = schedule.timing.tz
+    after = max(now, _number(record.get("last_tick")) or 0.0)
+    upcoming = []
+    for tick in schedule.timing.ticks(after):
+        upcoming.append(iso(tick, tz))
+        if len(upcoming) == 5:
+            break
+    last_runs = []
+    for run_id in schedule_run_ids(connection, name, runs):
+        try:
+            snapshot = read_run(connection, run_id)
+        except RunNotFoundError:
+            continue
+        last_runs.append({"run_id": run_id, "state": snapshot.state, "created_at": snapshot.created_at,
+                          "trigger": snapshot.trigger,
+                          "tick": None if snapshot.tick is None else iso(snapshot.tick, tz)})
+    history = []
+    for raw in connection.lrange(keys.schedule_ticks(name), 0, HISTORY - 1):
+        try:
+            entry = json.loads(raw)
+            entry["tick"] = iso(float(entry["tick"]), tz)
+            if entry.get("until") is not None:
+                entry["until"] = iso(float(entry["until"]), tz)
+        except (ValueError, TypeError, KeyError):
+            continue
+        if entry.get("outcome") not in (Outcome.FIRED.value, Outcome.MANUAL.value, Outcome.BACKFILL.value):
+            history.append(entry)
+        if len(history) >= ticks:
+            break
+    document.update({"params": schedule.params, "start": schedule.timing.start or None, "end": schedule.timing.end,
+                     "jitter": schedule.timing.jitter, "max_catchup": schedule.policies.max_catchup,
+                     "grace": schedule.policies.grace, "next_fires": upcoming, "runs": last_runs,
+                     "ticks": history, "waiting": _number(record.get("waiting"))})
+    return document
