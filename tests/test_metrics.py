@@ -280,3 +280,16 @@ def test_a_distributed_run_keeps_its_counters_in_redis(cluster: FakeCluster) -> 
     assert value(found, "orch_runs_started_total", workflow="metered") == 2
     assert value(found, "orch_runs_finished_total", workflow="metered", state="failure") == 3
     assert value(found, "orch_task_attempts_total", workflow="metered", task="flaky", outcome="error") == 2
+
+
+def test_a_scheduled_run_counts_as_started_through_the_schedules_fenced_commit(tmp_path: Any) -> None:
+    from orchestrator.schedules import add_schedule, trigger_schedule
+
+    conn = fakeredis.FakeRedis()
+    add_schedule(conn, "nightly", "schedule_tasks:marking", every=3600, params={"directory": str(tmp_path)})
+    run_id = trigger_schedule(conn, "nightly")
+    workflow = conn.hget(keys.run(run_id), "workflow").decode()
+    found = samples(conn)
+    assert value(found, "orch_runs_started_total", workflow=workflow) == 1
+    assert value(found, "orch_runs_active") == 1
+    assert ("orch_queue_depth", (("queue", "default"),)) in found
