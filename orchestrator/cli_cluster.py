@@ -120,6 +120,9 @@ def worker(options: CliOptions, queues: str, concurrency: int, burst: bool, path
               help="Seconds between looks for runs to adopt.")
 @click.option("--path", "paths", multiple=True, type=click.Path(file_okay=False), metavar="DIR",
               help="Put DIR first on sys.path so schedules' targets and their modules import (repeatable).")
+@click.option("--allow", "allow", multiple=True, metavar="PREFIX",
+              help="Load schedule targets and accept task functions only from these modules (repeatable; also "
+                   "ORCH_ALLOW).")
 @click.option("--metrics-port", type=click.IntRange(1, 65535), default=None,
               help="Also serve Prometheus metrics (read from Redis) at http://HOST:PORT/metrics.")
 @click.option("--metrics-host", default="127.0.0.1", show_default=True,
@@ -127,13 +130,14 @@ def worker(options: CliOptions, queues: str, concurrency: int, burst: bool, path
 @redis_url_option
 @pass_options
 @handle_errors
-def coordinator(options: CliOptions, poll: float, paths: tuple[str, ...], metrics_port: Optional[int],
-                metrics_host: str) -> None:
+def coordinator(options: CliOptions, poll: float, paths: tuple[str, ...], allow: tuple[str, ...],
+                metrics_port: Optional[int], metrics_host: str) -> None:
     """Drive runs submitted with --detach, adopt runs whose coordinator died, and fire schedules.
 
     Run one or more: a lease makes exactly one drive each run, a fenced claim exactly one fire each tick.
     """
     connection = _redis(options, "coordinator")
+    _allowlist(allow)
     for path in reversed(paths):
         sys.path.insert(0, os.path.abspath(path))
     Signer.from_environment()  # a bad key setting: one error line now, not one per run adopted

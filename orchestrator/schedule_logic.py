@@ -259,14 +259,15 @@ def plan_ticks(name: str, timing: Timing, policies: Policies, state: ScheduleSta
     a downtime all fire, in order, when nothing was running: the user asked for them); paused
     ticks are skipped. ``least_grace`` keeps the default grace at least the time a failover takes,
     so a tick fired late because the coordinator about to fire it died is fired, not missed (a
-    grace the user gave is kept as given).
+    grace the user gave is kept as given). A tick's jitter adds to its grace: it fires that late
+    on purpose.
     """
     decisions: list[Decision] = []
     running, waiting = state.previous_running, state.waiting
     if waiting is not None and not running and not state.paused:
         decisions.append(Decision(waiting, Outcome.FIRED, "queued until the previous run ended"))
         waiting, running = None, True
-    grace = policies.grace if policies.grace is not None else max(timing.grace(), least_grace)
+    grace = timing.jitter + (policies.grace if policies.grace is not None else max(timing.grace(), least_grace))
     due = due_ticks(timing, state.last_tick, now, policies.catchup, policies.max_catchup, grace)
     if due.missed:
         decisions.append(_missed(due.missed, policies.catchup))

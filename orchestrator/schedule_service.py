@@ -22,8 +22,9 @@ import redis
 
 from orchestrator.schedule_logic import Decision, Outcome, TickPlan, plan_ticks
 from orchestrator.schedules import (Schedule, TickTaken, commit, history_commands, load_schedule, run_index_command,
-                                    schedule_state, start_run, tick_record)
+                                    schedule_state, start_run, tick_record, vet)
 from shared import keys
+from shared.allow import Allowlist
 from shared.config import Settings
 from shared.errors import ScheduleError, ScheduleNotFoundError, WorkflowError
 from shared.messages import cancel_fields
@@ -54,6 +55,8 @@ class ScheduleService:
         self.on_started = on_started or (lambda run_id: None)
         self.clock = clock
         self.token = secrets.token_hex(12)
+        self.signer = Signer.from_environment()
+        self.allowlist = Allowlist.from_settings()
         self._release = connection.register_script(_RELEASE)
 
     def serve(self, stop: threading.Event) -> None:
@@ -115,7 +118,7 @@ class ScheduleService:
                 continue
             if decision.cancel:
                 commands.append(self._cancel(decision.cancel, name))
-            run_id, error = self._prepare(schedule, decision, commands)
+            run_id, error = self._prepare(schedule, record, decision, commands)
             records.append(tick_record(decision, run_id, error=error) if run_id
                            else tick_record(Decision(decision.tick, Outcome.FAILED), error=error, at=now))
             if run_id:
@@ -128,7 +131,7 @@ class ScheduleService:
             self.on_started(run_id)
         return [run_id for run_id, _ in started]
 
-    def _prepare(self, schedule: Schedule, decision: Decision, commands: list[tuple]
+    def _prepare(self, schedule: Schedule, record: dict, decision: Decision, commands: list[tuple]
                  ) -> tuple[Optional[str], Optional[str]]:
         """Load the target for the tick and add its run's writes to ``commands``; on a target that
         does not load or validate, ``(None, error)`` and nothing is added."""
@@ -136,6 +139,7 @@ class ScheduleService:
             commands.extend(run_commands)
 
         try:
+            vet(schedule, record, self.signer, self.allowlist)
             run_id = start_run(self.connection, schedule, decision.tick, Outcome.FIRED, [], collect,
                                settings=self.settings)
         except WorkflowError as exc:

@@ -21,27 +21,31 @@ import math
 import re
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any, Mapping, Optional
 
 import redis
 
 from orchestrator.distributed import submit_run
 from orchestrator.lease import flatten
-from orchestrator.loading import load_workflow
+from orchestrator.loading import load_workflow, split_target
 from orchestrator.run_store import read_run
 from orchestrator.run_views import schedule_run_ids
 from orchestrator.schedule_logic import (Catchup, Decision, Outcome, Overlap, Policies, ScheduleState, Timing, fire_at,
                                          iso, parse_every, parse_moment)
 from shared import keys
+from shared.allow import Allowlist
 from shared.config import Settings, retention
 from shared.errors import (RunNotFoundError, ScheduleError, ScheduleExistsError, ScheduleNotFoundError,
                            WorkflowError)
 from shared.params import decode_params, encode_params
+from shared.signing import Signer
 from shared.states import RunState
 
 HISTORY = 200
 """Tick records kept per schedule (``orch:schedule:{name}:ticks``)."""
 MAX_BACKFILL = 1000
+SIGNATURE_KIND = "schedule"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 
 _COMMIT = """
@@ -188,8 +192,12 @@ def add_schedule(connection: redis.Redis, name: str, target: str, *, cron: Optio
             if pipe.exists(keys.schedule(name)):
                 raise ScheduleExistsError(name)
             pipe.multi()
-            pipe.hset(keys.schedule(name), mapping={"definition": schedule.definition(), "params": encoded or b"",
-                                                    "last_tick": repr(now), "paused": "0"})
+            record: dict[str, Any] = {"definition": schedule.definition(), "params": encoded or b"",
+                                      "last_tick": repr(now), "paused": "0"}
+            signer = Signer.from_environment()
+            if signer is not None:
+                record["signature"] = definition_signature(signer, name, record["definition"], record["params"])
+            pipe.hset(keys.schedule(name), mapping=record)
             pipe.sadd(keys.SCHEDULES, name)
             if first is not None:
                 pipe.zadd(keys.SCHEDULES_DUE, {name: fire_at(name, first, timing.jitter)})
@@ -199,6 +207,37 @@ def add_schedule(connection: redis.Redis, name: str, target: str, *, cron: Optio
         except redis.WatchError:
             raise ScheduleExistsError(name) from None
     return schedule
+
+
+def definition_signature(signer: Signer, name: str, definition: str | bytes, params: str | bytes) -> str:
+    """The HMAC a schedule carries when signing is on: over its name, definition and parameters, so
+    that a schedule written to Redis by someone without the key never fires (see :func:`vet`)."""
+    raw = [part.encode() if isinstance(part, str) else part for part in (definition, params)]
+    return signer.sign(SIGNATURE_KIND, name, 0, raw[0] + b"\0" + raw[1])
+
+
+def vet(schedule: Schedule, record: Mapping[str, Any], signer: Optional[Signer], allowlist: Allowlist) -> None:
+    """Refuse, before anything is imported, a schedule this process must not load: one not signed
+    with its key (when it has one), or whose target module is outside its allowlist (the
+    standard library's and orch's own are refused without one, as on workers)."""
+    if signer is not None:
+        params = record.get("params") or b""
+        expected = record.get("signature") or ""
+        if not signer.verify(SIGNATURE_KIND, schedule.name, 0, _raw(record.get("definition", "")) + b"\0" +
+                             _raw(params), expected):
+            raise ScheduleError(f"schedule {schedule.name!r} is not signed with this coordinator's key "
+                                f"(ORCH_SIGNING_KEY): refused; add it again where the key is set")
+    source, _ = split_target(schedule.target)
+    module = Path(source).stem if source.endswith(".py") or "/" in source else source
+    if not allowlist.allows(f"{module}:workflow"):
+        why = (f"allowed: {', '.join(allowlist.prefixes)}" if allowlist.prefixes else
+               "standard-library, builtin and orch's own modules are refused")
+        raise ScheduleError(f"schedule {schedule.name!r}: target module {module!r} is not allowed on this "
+                            f"coordinator ({why}; --allow / ORCH_ALLOW choose what loads)")
+
+
+def _raw(value: Any) -> bytes:
+    return value if isinstance(value, bytes) else str(value).encode()
 
 
 def _seconds(value: float | str | None, what: str) -> float:
@@ -294,6 +333,9 @@ def trigger_schedule(connection: redis.Redis, name: str, params: Optional[Mappin
 
 def _manual_run(connection: redis.Redis, schedule: Schedule, record: Mapping[str, Any], tick: float,
                 trigger: Outcome, params: Optional[Mapping[str, Any]], last_run: bool) -> str:
+    """Whoever loads a schedule's target vets it first with its own key and allowlist (this process
+    may be a dashboard reading a schedule someone else wrote)."""
+    vet(schedule, record, Signer.from_environment(), Allowlist.from_settings())
     run_ids: list[str] = []
 
     def apply(commands: list[tuple]) -> None:

@@ -153,3 +153,112 @@ def test_jitter_is_deterministic_within_bounds_and_spreads_schedules() -> None:
     assert all(0 <= offset < 30 for offset in offsets) and max(offsets) - min(offsets) > 25
     assert fire_at("job-1", 1000.0, 30.0) == fire_at("job-1", 1000.0, 30.0)
     assert fire_at("job-1", 1000.0, 0.0) == 1000.0
+
+
+# ------------------------------------------------------------------ plan_ticks: the service's decisions
+from orchestrator.schedule_logic import Outcome, Policies, ScheduleState, iso, parse_moment, plan_ticks  # noqa: E402
+
+EVERY_10 = Timing(every=10.0, start=1000.0)
+
+
+def test_a_plan_fires_the_tick_due_and_says_when_to_look_next() -> None:
+    plan = plan_ticks("s", EVERY_10, Policies(), ScheduleState(last_tick=1000.0), now=1010.2)
+    assert [(d.tick, d.outcome) for d in plan.decisions] == [(1010.0, Outcome.FIRED)]
+    assert (plan.last_tick, plan.next_fire, plan.waiting) == (1010.0, 1020.0, None)
+
+
+def test_a_plan_with_nothing_due_changes_nothing() -> None:
+    plan = plan_ticks("s", EVERY_10, Policies(), ScheduleState(last_tick=1010.0), now=1015.0)
+    assert plan.decisions == [] and plan.last_tick == 1010.0 and plan.next_fire == 1020.0
+
+
+def test_overlap_skip_records_the_tick_skipped_naming_the_running_run() -> None:
+    state = ScheduleState(last_tick=1000.0, previous_run="r1", previous_running=True)
+    (decision,) = plan_ticks("s", EVERY_10, Policies(), state, now=1010.0).decisions
+    assert decision.outcome is Outcome.SKIPPED and decision.reason == "r1 was still running (overlap 'skip')"
+
+
+def test_overlap_queue_keeps_one_tick_waiting_then_fires_it_once_the_previous_run_ended() -> None:
+    policies = Policies(overlap=Overlap.QUEUE)
+    busy = ScheduleState(last_tick=1000.0, previous_run="r1", previous_running=True)
+    plan = plan_ticks("s", EVERY_10, policies, busy, now=1010.0)
+    assert [d.outcome for d in plan.decisions] == [Outcome.QUEUED] and plan.waiting == 1010.0
+    assert plan.next_fire == 1011.0  # looked at again within RECHECK, not at the next tick
+    still = ScheduleState(last_tick=1010.0, waiting=1010.0, previous_run="r1", previous_running=True)
+    plan = plan_ticks("s", EVERY_10, policies, still, now=1020.0)
+    assert [(d.tick, d.outcome) for d in plan.decisions] == [(1020.0, Outcome.SKIPPED)]
+    assert "already waits" in plan.decisions[0].reason and plan.waiting == 1010.0
+    ended = ScheduleState(last_tick=1020.0, waiting=1010.0, previous_run="r1", previous_running=False)
+    plan = plan_ticks("s", EVERY_10, policies, ended, now=1021.0)
+    assert [(d.tick, d.outcome) for d in plan.decisions] == [(1010.0, Outcome.FIRED)] and plan.waiting is None
+
+
+def test_overlap_cancel_names_the_run_to_cancel_and_allow_fires_beside_it() -> None:
+    state = ScheduleState(last_tick=1000.0, previous_run="r1", previous_running=True)
+    (cancel,) = plan_ticks("s", EVERY_10, Policies(overlap=Overlap.CANCEL), state, now=1010.0).decisions
+    assert (cancel.outcome, cancel.cancel) == (Outcome.FIRED, "r1")
+    (allow,) = plan_ticks("s", EVERY_10, Policies(overlap=Overlap.ALLOW), state, now=1010.0).decisions
+    assert (allow.outcome, allow.cancel) == (Outcome.FIRED, None)
+
+
+def test_paused_ticks_are_skipped_as_paused_and_still_handled() -> None:
+    plan = plan_ticks("s", EVERY_10, Policies(), ScheduleState(last_tick=1000.0, paused=True), now=1010.0)
+    assert [(d.outcome, d.reason) for d in plan.decisions] == [(Outcome.SKIPPED, "the schedule is paused")]
+    assert plan.last_tick == 1010.0
+
+
+@pytest.mark.parametrize("catchup, fired, missed", [(Catchup.ALL, 10, 0), (Catchup.LATEST, 1, 9),
+                                                    (Catchup.NONE, 0, 10)])
+def test_a_downtime_of_ten_ticks_by_catch_up_policy(catchup, fired, missed) -> None:
+    # at 1106 the last tick (1100) is 6 s late: over a grace of 5 s, so all ten are late
+    plan = plan_ticks("s", EVERY_10, Policies(catchup=catchup, grace=5.0), ScheduleState(last_tick=1000.0),
+                      now=1106.0)
+    fires = [d for d in plan.decisions if d.outcome is Outcome.FIRED]
+    assert len(fires) == fired and plan.last_tick == 1100.0 and plan.next_fire == 1110.0
+    misses = [d for d in plan.decisions if d.outcome is Outcome.MISSED]
+    assert sum(d.count for d in misses) == missed
+    if catchup is Catchup.LATEST:
+        assert fires[0].tick == 1100.0 and misses[0].until == 1090.0
+    if catchup is Catchup.ALL:
+        assert [d.tick for d in fires] == [1010.0 + 10 * k for k in range(10)]  # in order
+
+
+def test_catch_up_all_beyond_its_limit_records_the_oldest_as_missed() -> None:
+    plan = plan_ticks("s", EVERY_10, Policies(catchup=Catchup.ALL, max_catchup=3), ScheduleState(last_tick=1000.0),
+                      now=1100.5)
+    # 1100 is on time (within the grace); of the nine late ones the three most recent fire
+    assert [d.tick for d in plan.decisions if d.outcome is Outcome.FIRED] == [1070.0, 1080.0, 1090.0, 1100.0]
+    (missed,) = [d for d in plan.decisions if d.outcome is Outcome.MISSED]
+    assert (missed.tick, missed.until, missed.count) == (1010.0, 1060.0, 6) and "max-catchup" in missed.reason
+
+
+def test_the_default_grace_covers_a_failover_but_a_given_grace_is_kept() -> None:
+    late = ScheduleState(last_tick=1000.0)
+    plan = plan_ticks("s", EVERY_10, Policies(catchup=Catchup.NONE), late, now=1017.0, least_grace=8.0)
+    assert [d.outcome for d in plan.decisions] == [Outcome.FIRED]  # 7 s late: within the failover time
+    plan = plan_ticks("s", EVERY_10, Policies(catchup=Catchup.NONE, grace=5.0), late, now=1017.0, least_grace=8.0)
+    assert [d.outcome for d in plan.decisions] == [Outcome.MISSED]
+
+
+def test_jitter_delays_the_next_fire_within_its_bound_and_adds_to_the_grace() -> None:
+    timing = Timing(every=60.0, start=0.0, jitter=30.0)
+    plan = plan_ticks("s", timing, Policies(catchup=Catchup.NONE, grace=1.0), ScheduleState(last_tick=0.0), now=1.0)
+    assert plan.next_fire is not None and 60.0 <= plan.next_fire < 90.0
+    fired = plan_ticks("s", timing, Policies(catchup=Catchup.NONE, grace=1.0), ScheduleState(last_tick=0.0),
+                       now=plan.next_fire)
+    assert [d.outcome for d in fired.decisions] == [Outcome.FIRED]
+
+
+def test_a_schedule_past_its_end_needs_no_more_looks() -> None:
+    timing = Timing(every=10.0, start=1000.0, end=1020.0)
+    plan = plan_ticks("s", timing, Policies(), ScheduleState(last_tick=1010.0), now=1020.5)
+    assert [d.tick for d in plan.decisions] == [1020.0] and plan.next_fire is None
+
+
+def test_parse_moment_reads_local_times_in_the_zone_and_whole_days() -> None:
+    assert parse_moment("2026-11-01T02:30", "Europe/Paris") == at(PARIS, 2026, 11, 1, 2, 30)
+    assert parse_moment("2026-11-01T02:30+00:00", "Europe/Paris") == at(timezone.utc, 2026, 11, 1, 2, 30)
+    assert parse_moment("2026-11-07", "UTC", end_of_day=True) == at(timezone.utc, 2026, 11, 8, 0, 0) - 1e-3
+    with pytest.raises(ScheduleError, match="not an ISO 8601 date"):
+        parse_moment("next tuesday", "UTC")
+    assert iso(at(PARIS, 2026, 7, 1, 2, 30), "Europe/Paris") == "2026-07-01T02:30:00+02:00"
