@@ -106,7 +106,7 @@ class Schedule:
     def from_record(cls, name: str, record: Mapping[str, Any]) -> "Schedule":
         """The schedule a stored record holds (the same object while the record is unchanged: a
         coordinator handling a thousand schedules a minute parses each definition once)."""
-        return _parsed(cls, name, record.get("definition"), record.get("params") or b"")
+        return _parsed(name, record.get("definition"), record.get("params") or b"")
 
     @classmethod
     def _from_record(cls, name: str, record: Mapping[str, Any]) -> "Schedule":
@@ -127,8 +127,8 @@ class Schedule:
 
 
 @functools.lru_cache(maxsize=4096)
-def _parsed(cls: Any, name: str, definition: Any, params: Any) -> Schedule:
-    return cls._from_record(name, {"definition": definition, "params": params})  # type: ignore[no-any-return]
+def _parsed(name: str, definition: Any, params: Any) -> Schedule:
+    return Schedule._from_record(name, {"definition": definition, "params": params})
 
 
 def _text(value: Any) -> str:
