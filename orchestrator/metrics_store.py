@@ -179,11 +179,14 @@ class _Adder:
     """The flush script registered on one connection (loaded into Redis on its first use)."""
 
     def __init__(self, connection: redis.Redis) -> None:
-        self.script = connection.register_script(_ADD)
+        self.connection = connection
+        self.script: Any = None
 
     def __call__(self, increments: Mapping[str, float]) -> None:
         if not increments:
             return
+        if self.script is None:  # registered when first needed: a backend that never flushes needs no script
+            self.script = self.connection.register_script(_ADD)
         args: list[Any] = []
         for field, amount in increments.items():
             args += [field, repr(float(amount))]
