@@ -47,13 +47,32 @@ DEFAULT_ATTRIBUTE = "workflow"
 _ATTR = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*$")
 _LOADED_MARK = "__orch_target_file__"
 """Set on modules this loader executed from a file, so loading the file again may replace them."""
+_STAT_MARK = "__orch_target_stat__"
+"""The (mtime, size) of a module's file when this loader last executed it: unchanged, it is reused."""
+
+
+def _stat(path: Optional[Path]) -> Optional[tuple[int, int]]:
+    try:
+        info = os.stat(path) if path is not None else None
+    except OSError:
+        return None
+    return None if info is None else (info.st_mtime_ns, info.st_size)
+
+
+def _unchanged(module: ModuleType, path: Optional[Path]) -> bool:
+    """Whether ``module``'s file is as it was when loaded (a module without a file: yes)."""
+    if path is None:
+        return True
+    recorded = getattr(module, _STAT_MARK, None)
+    return recorded is not None and recorded == _stat(path)
 
 
 def load_workflow(target: str, params: Optional[Mapping[str, Any]] = None, reload: bool = False) -> Workflow:
     """The :class:`Workflow` that ``target`` names; see the module docstring for the forms.
     A factory that accepts ``params`` receives ``params`` (``{}`` when none are given).
-    A file target is executed anew each time; with ``reload`` a module target imported before
-    is reloaded too (a schedule picks up a changed workflow at its next tick).
+    A file target is executed anew each time its file changed; with ``reload`` a module target
+    imported before is reloaded when its file changed (a schedule picks up a changed workflow at its
+    next tick). An unchanged file is not executed again.
 
     Raises :class:`TargetError` (one line, naming ``target``) if the file or
     module cannot be found or imported, the attribute does not exist, is not a
@@ -94,6 +113,8 @@ def _load_file(path: Path, target: str) -> ModuleType:
     path = path.resolve()
     name = path.stem
     previous = sys.modules.get(name)
+    if previous is not None and getattr(previous, _LOADED_MARK, None) == str(path) and _unchanged(previous, path):
+        return previous  # loaded from this file, which has not changed since
     if previous is not None and not getattr(previous, _LOADED_MARK, None):
         if _file_of(previous) == path:
             return previous  # already imported normally from this very file
@@ -109,6 +130,7 @@ def _load_file(path: Path, target: str) -> ModuleType:
         raise TargetError(f"cannot load {target!r}: {str(path)!r} cannot be imported as a Python module")
     module = importlib.util.module_from_spec(spec)
     setattr(module, _LOADED_MARK, str(path))
+    setattr(module, _STAT_MARK, _stat(path))
     sys.modules[name] = module
     try:
         spec.loader.exec_module(module)
@@ -127,9 +149,14 @@ def _import_module(name: str, target: str, reload: bool = False) -> ModuleType:
     if "" not in sys.path and cwd not in sys.path:
         sys.path.insert(0, cwd)
     try:
-        if reload and name in sys.modules:
-            return importlib.reload(sys.modules[name])
-        return importlib.import_module(name)
+        previous = sys.modules.get(name)
+        if reload and previous is not None and not _unchanged(previous, _file_of(previous)):
+            module = importlib.reload(previous)
+        else:
+            module = importlib.import_module(name)
+        if getattr(module, _STAT_MARK, None) is None and _file_of(module) is not None:
+            setattr(module, _STAT_MARK, _stat(_file_of(module)))
+        return module
     except ModuleNotFoundError as exc:
         if exc.name and (name == exc.name or name.startswith(exc.name + ".")):
             raise TargetError(

@@ -13,6 +13,7 @@ serves it); :func:`serve_metrics` serves it over HTTP with prometheus_client's o
 """
 from __future__ import annotations
 
+import bisect
 from collections import defaultdict
 from typing import Any, Iterable, Iterator, Optional
 
@@ -133,12 +134,21 @@ def stored_families(values: Iterable[tuple[str, tuple[str, ...], float]]) -> Ite
 
 
 def cumulative_buckets(counts: dict[str, float], bounds: tuple[float, ...]) -> list[tuple[str, float]]:
-    """Prometheus's cumulative ``(le, count)`` pairs, ``+Inf`` last, from per-bucket counts keyed by ``le``."""
-    total, out = 0.0, []
-    for le in [repr(float(b)) for b in bounds] + [store.INF]:
-        total += counts.get(le, 0.0)
-        out.append((le, total))
-    return out
+    """Prometheus's cumulative ``(le, count)`` pairs, ``+Inf`` last, from per-bucket counts keyed by ``le``.
+
+    A stored ``le`` that is not one of ``bounds`` (kept by a version with other buckets) counts in the
+    first bucket at or above it, so the total and every bucket's upper bound stay true."""
+    own = [0.0] * (len(bounds) + 1)
+    for le, count in counts.items():
+        try:
+            own[bisect.bisect_left(bounds, float(le))] += count
+        except ValueError:
+            continue
+    pairs, total = [], 0.0
+    for le, count in zip([repr(float(b)) for b in bounds] + [store.INF], own):
+        total += count
+        pairs.append((le, total))
+    return pairs
 
 
 def registry_for(connection: redis.Redis) -> CollectorRegistry:

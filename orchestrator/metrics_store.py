@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import bisect
 import json
+import logging
 import math
 import time
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Optional, Sequence
@@ -31,6 +32,8 @@ from shared.states import ACTIVE_STATES, TaskState
 
 if TYPE_CHECKING:
     from orchestrator.coordinator import Step
+
+log = logging.getLogger("orch.metrics")
 
 RUNS_STARTED = "runs_started"
 """Counter; labels: workflow. Runs created (``orch run``, ``orch submit``, a schedule's tick)."""
@@ -58,7 +61,7 @@ INF = "+Inf"
 
 FLUSH_INTERVAL = 1.0
 """Most seconds a coordinator keeps increments in memory while its run goes on."""
-FIELDS_PER_CALL = 500
+FIELDS_PER_CALL = 1000
 """Fields the flush script reads and writes per HMGET/HSET (Lua's ``unpack`` takes a few thousand)."""
 
 _ADD = """
@@ -176,11 +179,14 @@ class _Adder:
     """The flush script registered on one connection (loaded into Redis on its first use)."""
 
     def __init__(self, connection: redis.Redis) -> None:
-        self.script = connection.register_script(_ADD)
+        self.connection = connection
+        self.script: Any = None
 
     def __call__(self, increments: Mapping[str, float]) -> None:
         if not increments:
             return
+        if self.script is None:  # registered when first needed: a backend that never flushes needs no script
+            self.script = self.connection.register_script(_ADD)
         args: list[Any] = []
         for field, amount in increments.items():
             args += [field, repr(float(amount))]
@@ -191,21 +197,33 @@ def count_run_started(pipeline: Any, workflow: str, queues: Iterable[str]) -> No
     """Queue, on the pipeline that writes a new run, its ``runs_started`` increment and the names of
     the queues its tasks use (for the queue depth gauges): two commands per run."""
     pipeline.hincrbyfloat(keys.METRICS, metric_field(RUNS_STARTED, workflow), 1)
-    pipeline.sadd(keys.QUEUES, *sorted(set(queues)))
+    names = sorted(set(queues))
+    if names:
+        pipeline.sadd(keys.QUEUES, *names)
 
 
 def record_schedule_lag(pipeline_or_connection: Any, schedule: str, seconds: float) -> None:
     """Record that a tick of ``schedule`` created its run ``seconds`` after its time (the schedule service
     calls this; on a pipeline it joins that pipeline's round trip). Two commands, once per tick."""
+    for command in schedule_lag_commands(schedule, seconds):
+        pipeline_or_connection.execute_command(*command)
+
+
+def schedule_lag_commands(schedule: str, seconds: float) -> list[tuple]:
+    """The same as command tuples, for a caller that commits a list of them in one script
+    (the schedule service's fenced commit)."""
     tally = Tally()
     tally.observe(SCHEDULE_LAG, [schedule], seconds)
-    for field, amount in tally.take().items():
-        pipeline_or_connection.hincrbyfloat(keys.METRICS, field, amount)
+    return [("HINCRBYFLOAT", keys.METRICS, field, repr(amount)) for field, amount in tally.take().items()]
 
 
 class RunMetrics:
     """A coordinator's metrics of one run: added to as steps are written, flushed at most once a
-    :data:`FLUSH_INTERVAL` and when the run ends. A failed flush keeps its increments for the next."""
+    :data:`FLUSH_INTERVAL` and when the run ends.
+
+    A flush cut off by a connection error keeps its increments and raises (the backend retries it
+    as it retries its own writes); one that Redis refuses (out of memory, a missing ACL right) is
+    logged and dropped: metrics never stop a run."""
 
     def __init__(self, connection: redis.Redis, workflow: str, tasks: Mapping[str, Any],
                  clock: Callable[[], float] = time.monotonic) -> None:
@@ -229,10 +247,13 @@ class RunMetrics:
         increments = self.tally.take()
         try:
             self._add(increments)
-        except redis.RedisError:
+        except (redis.ConnectionError, redis.TimeoutError):
             for field, amount in increments.items():  # kept for the next flush
                 self.tally.pending[field] = self.tally.pending.get(field, 0.0) + amount
             raise
+        except redis.RedisError as exc:
+            log.warning("metrics of workflow %r: Redis refused %d increments (%s); dropped",
+                        self.workflow, len(increments), exc)
 
 
 def read_all(connection: redis.Redis) -> Iterable[tuple[str, tuple[str, ...], float]]:

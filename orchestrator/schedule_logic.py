@@ -18,6 +18,7 @@ only claims ticks, records them and submits runs.
 from __future__ import annotations
 
 import enum
+import functools
 import hashlib
 import re
 from dataclasses import dataclass
@@ -134,14 +135,19 @@ class Timing:
             out.append(tick)
         return out
 
+    @functools.cached_property
+    def typical_gap(self) -> float:
+        """The interval, or a cron's gap between its first two ticks after ``start`` (computed once)."""
+        if self.every is not None:
+            return self.every
+        first = self.next_tick(self.start or 0.0) or 0.0
+        second = self.next_tick(first) or first + MAX_GRACE
+        return second - first
+
     def grace(self) -> float:
         """How late a tick may fire and still count as on time: the interval (a cron's, its typical gap),
         at most one hour."""
-        if self.every is not None:
-            return min(self.every, MAX_GRACE)
-        first = self.next_tick(self.start or 0.0) or 0.0
-        second = self.next_tick(first) or first + MAX_GRACE
-        return min(max(second - first, MIN_INTERVAL), MAX_GRACE)
+        return min(max(self.typical_gap, MIN_INTERVAL), MAX_GRACE)
 
 
 def fire_at(name: str, tick: float, jitter: float) -> float:

@@ -16,12 +16,13 @@ import logging
 import secrets
 import threading
 import time
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import redis
 
+from orchestrator.metrics_store import schedule_lag_commands
 from orchestrator.schedule_logic import Decision, Outcome, TickPlan, plan_ticks
-from orchestrator.schedules import (Schedule, TickTaken, commit, history_commands, load_schedule, run_index_command,
+from orchestrator.schedules import (Schedule, TickTaken, commit, decode_record, history_commands, run_index_command,
                                     schedule_state, start_run, tick_record, vet)
 from shared import keys
 from shared.allow import Allowlist
@@ -58,6 +59,7 @@ class ScheduleService:
         self.signer = Signer.from_environment()
         self.allowlist = Allowlist.from_settings()
         self._release = connection.register_script(_RELEASE)
+        self._started: list[str] = []
 
     def serve(self, stop: threading.Event) -> None:
         while not stop.is_set():
@@ -69,13 +71,17 @@ class ScheduleService:
             stop.wait(wait)
 
     def step(self) -> float:
-        """Handle the schedules due now; return how long to wait before the next look."""
+        """Handle the schedules due now; return how long to wait before the next look. The runs
+        started are handed to ``on_started`` once every due schedule is handled: writing the runs of
+        a minute's 1,000 ticks on time comes before driving them (which is what threads would compete for)."""
         now = self.clock()
         due = self.connection.zrangebyscore(keys.SCHEDULES_DUE, "-inf", now, start=0, num=BATCH)
-        for raw in due:
-            self.handle(raw.decode() if isinstance(raw, bytes) else raw)
+        self._started += self.handle_all([raw.decode() if isinstance(raw, bytes) else raw for raw in due])
         if len(due) == BATCH:
             return 0.0
+        started, self._started = self._started, []
+        for run_id in started:
+            self.on_started(run_id)
         first = self.connection.zrange(keys.SCHEDULES_DUE, 0, 0, withscores=True)
         if not first:
             return self.poll
@@ -88,11 +94,45 @@ class ScheduleService:
 
     def handle(self, name: str) -> list[str]:
         """Handle one due schedule if no other coordinator is; the ids of the runs started."""
-        claim = keys.schedule_claim(name)
-        if not self.connection.set(claim, self.token, nx=True, px=int(self.settings.lease_ttl * 1000)):
+        started = self.handle_all([name])
+        for run_id in started:
+            self.on_started(run_id)
+        return started
+
+    def handle_all(self, names: list[str]) -> list[str]:
+        """Claim, read and handle the due schedules ``names`` (three round trips for them all, then
+        one write each); the ids of the runs started. A schedule another coordinator holds is left."""
+        if not names:
             return []
+        ttl = int(self.settings.lease_ttl * 1000)
+        with self.connection.pipeline(transaction=False) as pipe:
+            for name in names:
+                pipe.set(keys.schedule_claim(name), self.token, nx=True, px=ttl)
+            mine = [name for name, claimed in zip(names, pipe.execute()) if claimed]
+        started: list[str] = []
         try:
-            return self._handle_claimed(name)
+            with self.connection.pipeline(transaction=False) as pipe:
+                for name in mine:
+                    pipe.hgetall(keys.schedule(name))
+                records = [decode_record(raw) for raw in pipe.execute()]
+            with self.connection.pipeline(transaction=False) as pipe:
+                for record in records:
+                    pipe.hget(keys.run(record.get("last_run") or "-"), "state")
+                previous = [None if raw is None else raw.decode() for raw in pipe.execute()]
+            for name, record, state in zip(mine, records, previous):
+                started += self._handle_one(name, record, state)
+        finally:
+            with self.connection.pipeline(transaction=False) as pipe:
+                for name in mine:
+                    self._release(keys=[keys.schedule_claim(name)], args=[self.token], client=pipe)
+                pipe.execute()
+        return started
+
+    def _handle_one(self, name: str, record: dict[str, Any], previous_state: Optional[str]) -> list[str]:
+        try:
+            if not record:
+                raise ScheduleNotFoundError(name)
+            return self._handle_claimed(Schedule.from_record(name, record), record, previous_state)
         except TickTaken as exc:
             log.info("%s", exc)
         except ScheduleNotFoundError:
@@ -100,13 +140,12 @@ class ScheduleService:
         except ScheduleError as exc:
             log.error("%s", exc)
             self.connection.zadd(keys.SCHEDULES_DUE, {name: self.clock() + 60})
-        finally:
-            self._release(keys=[claim], args=[self.token])
         return []
 
-    def _handle_claimed(self, name: str) -> list[str]:
-        schedule, record = load_schedule(self.connection, name)
-        state = schedule_state(self.connection, schedule, record)
+    def _handle_claimed(self, schedule: Schedule, record: dict[str, Any], previous_state: Optional[str]
+                        ) -> list[str]:
+        name = schedule.name
+        state = schedule_state(schedule, record, previous_state)
         now = self.clock()
         plan = plan_ticks(name, schedule.timing, schedule.policies, state, now, least_grace=self.failover)
         commands: list[tuple] = []
@@ -119,6 +158,8 @@ class ScheduleService:
             if decision.cancel:
                 commands.append(self._cancel(decision.cancel, name))
             run_id, error = self._prepare(schedule, record, decision, commands)
+            if run_id:
+                commands += schedule_lag_commands(name, max(0.0, self.clock() - decision.tick))
             records.append(tick_record(decision, run_id, error=error) if run_id
                            else tick_record(Decision(decision.tick, Outcome.FAILED), error=error, at=now))
             if run_id:
@@ -128,7 +169,6 @@ class ScheduleService:
         commit(self.connection, name, record.get("last_tick", ""), commands, token=self.token)
         for run_id, decision in started:
             log.info("schedule %s: tick %s started run %s", name, decision.tick, run_id)
-            self.on_started(run_id)
         return [run_id for run_id, _ in started]
 
     def _prepare(self, schedule: Schedule, record: dict, decision: Decision, commands: list[tuple]

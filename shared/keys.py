@@ -51,13 +51,6 @@ key                                 type    contents
 ``orch:stop`` (pub/sub)             channel lean mode: "stop this attempt" requests (cancellation)
 ``orch:dashboard:write-probe``      (none)  never exists: ``orch dashboard`` deletes it to learn whether
                                             its Redis user may write (a read-only ACL user may not)
-``orch:metrics``                    hash    the Prometheus counters and histograms coordinators keep:
-                                            ``["name","label value",...]`` (JSON) -> number; a
-                                            histogram's buckets (non-cumulative) and sum are fields
-                                            of their own (see orchestrator/metrics_store.py). Never
-                                            expires
-``orch:queues``                     set     names of the queues coordinators sent jobs to (what
-                                            the metrics' queue depth gauge reads)
 ``orch:schedules``                  set     names of the schedules (``orch schedule list``)
 ``orch:schedules:due``              zset    schedule name -> when its next tick fires (epoch s, jitter
                                             included): the one place coordinators look for due ticks
@@ -73,6 +66,13 @@ key                                 type    contents
                                             backfill, reason, run_id, at); the last 200
 ``orch:schedule:{name}:runs``       zset    run id -> tick of each run the schedule started (kept,
                                             with the ticks, for the retention after ``remove``)
+``orch:metrics``                    hash    the Prometheus counters and histograms coordinators keep:
+                                            ``["name","label value",...]`` (JSON) -> number; a
+                                            histogram's buckets (non-cumulative) and sum are fields
+                                            of their own (see orchestrator/metrics_store.py). Never
+                                            expires
+``orch:queues``                     set     names of the queues runs were created with (what
+                                            the metrics' queue depth gauge reads)
 ==================================  ======  ==================================================
 
 All keys of a run get the run's retention as TTL when the run finishes: those of
@@ -95,10 +95,10 @@ STOP_CHANNEL = f"{PREFIX}:stop"
 LEAN_WORKERS = f"{PREFIX}:lean-workers"
 WORKERS = f"{PREFIX}:workers"
 DASHBOARD_WRITE_PROBE = f"{PREFIX}:dashboard:write-probe"
-METRICS = f"{PREFIX}:metrics"
-QUEUES = f"{PREFIX}:queues"
 SCHEDULES = f"{PREFIX}:schedules"
 SCHEDULES_DUE = f"{PREFIX}:schedules:due"
+METRICS = f"{PREFIX}:metrics"
+QUEUES = f"{PREFIX}:queues"
 ORPHAN_TTL = 24 * 3600
 """Seconds RQ keeps what it files for a job without a failure TTL of its own (none of orch's)."""
 

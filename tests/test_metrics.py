@@ -63,6 +63,8 @@ def test_cumulative_buckets_add_up_to_the_count() -> None:
     assert pairs[0] == ("0.01", 0.0)
     assert dict(pairs)["0.5"] == 2.0 and dict(pairs)["5.0"] == 2.0 and dict(pairs)["10.0"] == 5.0
     assert pairs[-1] == ("+Inf", 6.0)
+    regrouped = dict(cumulative_buckets({"0.3": 1.0, "7.0": 1.0, "1e9": 1.0, "junk": 5.0}, store.DURATION_BUCKETS))
+    assert (regrouped["0.25"], regrouped["0.5"], regrouped["10.0"], regrouped["+Inf"]) == (0.0, 1.0, 2.0, 3.0)
 
 
 class FakeTask:
@@ -161,6 +163,17 @@ def test_run_metrics_flush_at_most_once_a_second_and_keep_what_a_failed_flush_he
     assert conn.hget(keys.METRICS, field) == b"3"
 
 
+def test_a_refused_flush_is_logged_and_dropped_never_raised(caplog: pytest.LogCaptureFixture) -> None:
+    conn = fakeredis.FakeRedis()
+    metrics = store.RunMetrics(conn, "wf", {"a": FakeTask()})
+    metrics.count(Step(transitions=[Transition("a", R, S, 1, 10.0)]))
+    conn.set(keys.METRICS, "not a hash")  # WRONGTYPE: what a refusal (OOM, NOPERM) looks like to the flush
+    with caplog.at_level("WARNING", logger="orch.metrics"):
+        metrics.flush()
+    assert "metrics of workflow 'wf': Redis refused 1 increments" in caplog.text
+    assert not metrics.tally
+
+
 def test_schedule_lag_is_recorded_on_a_pipeline_with_its_round_trip() -> None:
     conn = fakeredis.FakeRedis()
     pipe = conn.pipeline(transaction=True)
@@ -169,12 +182,15 @@ def test_schedule_lag_is_recorded_on_a_pipeline_with_its_round_trip() -> None:
     assert not conn.exists(keys.METRICS)
     pipe.execute()
     store.record_schedule_lag(conn, "hourly", 0.01)
+    for command in store.schedule_lag_commands("hourly", 7.0):
+        conn.execute_command(*command)
     found = samples(conn)
     assert value(found, "orch_schedule_lag_seconds_count", schedule="nightly") == 2
     assert value(found, "orch_schedule_lag_seconds_sum", schedule="nightly") == pytest.approx(42.3)
     assert value(found, "orch_schedule_lag_seconds_bucket", schedule="nightly", le="0.5") == 1
     assert value(found, "orch_schedule_lag_seconds_bucket", schedule="nightly", le="60.0") == 2
-    assert value(found, "orch_schedule_lag_seconds_count", schedule="hourly") == 1
+    assert value(found, "orch_schedule_lag_seconds_count", schedule="hourly") == 2
+    assert value(found, "orch_schedule_lag_seconds_sum", schedule="hourly") == pytest.approx(7.01)
 
 
 def test_damaged_fields_are_skipped_not_fatal() -> None:
@@ -264,3 +280,16 @@ def test_a_distributed_run_keeps_its_counters_in_redis(cluster: FakeCluster) -> 
     assert value(found, "orch_runs_started_total", workflow="metered") == 2
     assert value(found, "orch_runs_finished_total", workflow="metered", state="failure") == 3
     assert value(found, "orch_task_attempts_total", workflow="metered", task="flaky", outcome="error") == 2
+
+
+def test_a_scheduled_run_counts_as_started_through_the_schedules_fenced_commit(tmp_path: Any) -> None:
+    from orchestrator.schedules import add_schedule, trigger_schedule
+
+    conn = fakeredis.FakeRedis()
+    add_schedule(conn, "nightly", "schedule_tasks:marking", every=3600, params={"directory": str(tmp_path)})
+    run_id = trigger_schedule(conn, "nightly")
+    workflow = conn.hget(keys.run(run_id), "workflow").decode()
+    found = samples(conn)
+    assert value(found, "orch_runs_started_total", workflow=workflow) == 1
+    assert value(found, "orch_runs_active") == 1
+    assert ("orch_queue_depth", (("queue", "default"),)) in found

@@ -19,9 +19,15 @@ import dist_tasks
 from bench.procs import free_port, orch_command, send_signal
 from orchestrator import Task, Workflow
 from orchestrator.distributed import run_distributed
-from orchestrator.metrics_store import record_schedule_lag
+from orchestrator.metrics import metrics_text
+from orchestrator.metrics_store import (TASK_ATTEMPTS, add_to_metrics, count_run_started, metric_field,
+                                        record_schedule_lag)
 from orchestrator.run_views import wait_until_final
+from shared.connection import connect
 from shared.states import RunState
+from shared.workers import WorkerInfo, beat
+from tests.test_acl import acl_server, url  # noqa: F401  (a fixture, and the README users' URLs)
+from tests.test_redis_access import started  # noqa: F401  (the fixture acl_server uses)
 
 pytestmark = pytest.mark.slow
 
@@ -190,3 +196,25 @@ def test_a_taken_metrics_port_is_one_clear_error(redis_server, metrics_coordinat
     assert f"error: cannot serve metrics on 127.0.0.1:{first.port}: " in second.stderr
     assert "pick a free --metrics-port" in second.stderr
     assert "Traceback" not in second.stderr
+
+
+def test_the_readme_acl_users_can_keep_and_read_metrics(acl_server: str) -> None:
+    """The coordinator user can flush (Lua, HMGET, HSET) and count a run; the read-only user can scrape."""
+    coordinator = connect(url("coordinator", acl_server))
+    add_to_metrics(coordinator, {metric_field(TASK_ATTEMPTS, "wf", "t", "success"): 2.0})
+    pipe = coordinator.pipeline(transaction=True)
+    count_run_started(pipe, "wf", ["default"])
+    pipe.execute()
+    record_schedule_lag(coordinator, "nightly", 0.2)
+    beat(coordinator, WorkerInfo("w1", "lean", ("default",)), ttl=60)
+    reader = connect(url("reader", acl_server))
+    body, _ = metrics_text(reader)
+    found = {(s.name, tuple(sorted(s.labels.items()))): s.value
+             for family in text_string_to_metric_families(body.decode()) for s in family.samples}
+    assert value(found, "orch_task_attempts_total", workflow="wf", task="t", outcome="success") == 2
+    assert value(found, "orch_runs_started_total", workflow="wf") == 1
+    assert value(found, "orch_schedule_lag_seconds_count", schedule="nightly") == 1
+    assert value(found, "orch_workers_alive", kind="lean") == 1
+    assert ("orch_queue_depth", (("queue", "default"),)) in found
+    coordinator.close()
+    reader.close()
