@@ -26,7 +26,8 @@ from orchestrator.task import Task
 from shared import keys
 from shared.config import Settings
 from shared.errors import RunNotFoundError, UnknownTaskError
-from shared.workers import kinds_by_queue, live_workers
+from orchestrator.metrics import RQ_QUEUE_PREFIX, RQ_QUEUES
+from shared.workers import WorkerInfo, kinds_by_queue, live_workers
 
 RUNS_PER_PAGE = 25
 
@@ -155,25 +156,22 @@ def log_document(connection: redis.Redis, run_id: str, task: str, attempt: int, 
             "first": page.first, "last": page.last, "more_before": page.more_before}
 
 
-def _queue_depths(connection: redis.Redis) -> dict[str, dict[str, int]]:
-    """queue -> {"lean": waiting on orch's queue, "rq": waiting on RQ's}: orch's queues found by
-    ``SCAN`` (no ``KEYS``), RQ's from its own registry of queues."""
-    depths: dict[str, dict[str, int]] = {}
-    prefix = keys.lean_queue("")
-    lean = [key.decode() if isinstance(key, bytes) else key
-            for key in connection.scan_iter(match=f"{prefix}*", count=1000)]
-    rq_names = sorted(q.decode() if isinstance(q, bytes) else q for q in connection.smembers("rq:queues"))
+def _queue_depths(connection: redis.Redis, workers: list[WorkerInfo]) -> dict[str, dict[str, int]]:
+    """queue -> {"lean": waiting on orch's queue, "rq": waiting on RQ's}, for the queues the metrics'
+    depth gauge covers: every queue a run was created with (``orch:queues``), RQ knows, or a live
+    worker serves."""
+    names = {q.decode() if isinstance(q, bytes) else q for q in connection.smembers(keys.QUEUES)}
+    names.update(q.removeprefix(RQ_QUEUE_PREFIX) for q in (r.decode() if isinstance(r, bytes) else r
+                                                           for r in connection.smembers(RQ_QUEUES))
+                 if q.startswith(RQ_QUEUE_PREFIX))
+    names.update(queue for info in workers for queue in info.queues)
+    ordered = sorted(names)
     pipe = connection.pipeline(transaction=False)
-    for key in lean:
-        pipe.llen(key)
-    for key in rq_names:
-        pipe.llen(key)
-    replies = pipe.execute()
-    for key, depth in zip(lean, replies[:len(lean)]):
-        depths.setdefault(key[len(prefix):], {"lean": 0, "rq": 0})["lean"] = int(depth)
-    for key, depth in zip(rq_names, replies[len(lean):]):
-        depths.setdefault(key.removeprefix("rq:queue:"), {"lean": 0, "rq": 0})["rq"] = int(depth)
-    return depths
+    for queue in ordered:
+        pipe.llen(keys.lean_queue(queue))
+        pipe.llen(RQ_QUEUE_PREFIX + queue)
+    lengths = pipe.execute() if ordered else []
+    return {queue: {"lean": int(lengths[2 * i]), "rq": int(lengths[2 * i + 1])} for i, queue in enumerate(ordered)}
 
 
 def _running_by_worker(connection: redis.Redis) -> dict[str, list[str]]:
@@ -209,10 +207,8 @@ def workers_document(connection: redis.Redis) -> dict[str, Any]:
         rows.append({"name": info.name, "kind": info.kind, "queues": list(info.queues), "host": info.host,
                      "pid": info.pid, "concurrency": info.concurrency, "heartbeat_age": age,
                      "running": running.get(info.name, [])})
-    depths = _queue_depths(connection)
+    depths = _queue_depths(connection, workers)
     served = kinds_by_queue(workers)
-    for queue in served:
-        depths.setdefault(queue, {"lean": 0, "rq": 0})
     queues = [{"name": name, "lean": d["lean"], "rq": d["rq"], "served_by": sorted(served.get(name, ()))}
               for name, d in sorted(depths.items())]
     warning = waiting_notice({name: d["lean"] + d["rq"] for name, d in depths.items()}, served)
