@@ -289,6 +289,13 @@ def test_rerun_a_task_from_its_page_as_orch_retry_does(stack: dict[str, Any], pa
     assert tasks["extract"]["attempts"] == 1  # upstream of the rerun: not run again
     page.wait_for_selector('#graph [data-task="broken"][data-state="failure"]')
     assert page.inner_text("#run-retries") == "1"
+    page.wait_for_selector("#retry-run:not([disabled])")
+    page.click("#retry-run")  # the run failed again: retry it from failure, as 'orch retry --detach'
+    assert "reopened from where it failed" in page.inner_text("#flash")
+    resume_run(connect(stack["url"]), run_id)
+    status = _orch_json(stack["url"], "status", run_id)
+    assert status["retries"] == 2
+    assert {task["name"]: task["attempts"] for task in status["tasks"]} == {"extract": 1, "broken": 3, "after": 0}
 
 
 def test_a_node_turns_queued_running_success_without_a_reload(stack: dict[str, Any], page: Any,
