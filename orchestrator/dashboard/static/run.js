@@ -87,11 +87,14 @@ function orchRunPage(runId) {
     const size = g.graph();
     svg.setAttribute("width", Math.max(size.width || 0, 100));
     svg.setAttribute("height", Math.max(size.height || 0, 40));
+    svg.innerHTML = '<defs><marker id="arrow" viewBox="0 0 10 10" refX="10" refY="5" markerWidth="7" ' +
+      'markerHeight="7" orient="auto-start-reverse"><path d="M 0 0 L 10 5 L 0 10 z" fill="#9ca3af"/></marker></defs>';
     g.edges().forEach((e) => {
       const path = document.createElementNS(NS, "path");
       const pts = g.edge(e).points;
       path.setAttribute("d", "M" + pts.map((p) => `${p.x},${p.y}`).join(" L"));
       path.setAttribute("class", "edge");
+      path.setAttribute("marker-end", "url(#arrow)");
       svg.appendChild(path);
     });
     nodeEls = graph.nodes.map((node, i) => {
@@ -154,6 +157,7 @@ function orchRunPage(runId) {
       if (!words || rows[i][0].toLowerCase().includes(words) || rows[i][1] === words) shown.push(i);
     }
     spacer.style.height = `${shown.length * ROW}px`;
+    grid.style.height = `${Math.max(3 * ROW, Math.min(shown.length * ROW + 2, window.innerHeight * 0.6))}px`;
     document.getElementById("grid-count").textContent =
       shown.length === rows.length ? `(${rows.length})` : `(${shown.length} of ${rows.length})`;
     renderGrid(true);
