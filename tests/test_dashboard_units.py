@@ -81,6 +81,19 @@ def test_cli_refuses_a_public_bind_without_login_in_one_line(monkeypatch: pytest
     assert len(lines) == 1 and lines[0].startswith("error: refusing to bind 0.0.0.0 without a login"), lines
 
 
+def test_cli_says_in_one_line_that_its_port_is_taken() -> None:
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = CliRunner().invoke(main, ["dashboard", "--port", str(port), "--redis-url", "redis://127.0.0.1:1/0"])
+    assert result.exit_code == 2
+    assert result.output.strip() == (f"error: cannot serve the dashboard on 127.0.0.1:{port}: Address already in use; "
+                                     f"pick a free --port (or a --host of this machine)")
+
+
 def test_cli_prints_an_auth_file_line() -> None:
     result = CliRunner().invoke(main, ["dashboard", "--hash-password", "ada"], input="s3cret\n")
     assert result.exit_code == 0, result.output

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import getpass
 import os
+import socket
 import sys
 from pathlib import Path
 from typing import Optional
@@ -20,6 +21,18 @@ from shared.connection import connect, redacted
 
 SECRET_ENV = "ORCH_DASHBOARD_SECRET"
 """Key that signs the session cookies (default: a random one per start, which logs everyone out)."""
+
+
+def _check_port(host: str, port: int) -> None:
+    """One clear error line for an address this machine cannot listen on (rather than uvicorn's log)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            raise CliError(f"cannot serve the dashboard on {host}:{port}: {exc.strerror or exc}; "
+                           f"pick a free --port (or a --host of this machine)") from None
 
 
 @main.command()
@@ -65,6 +78,7 @@ def dashboard(options: CliOptions, host: str, port: int, auth_file: Optional[Pat
     for path in reversed(paths):
         sys.path.insert(0, os.path.abspath(path))
     url = options.require_redis_url("dashboard")
+    _check_port(host, port)
     connection = connect(url, check=True)
     app = create_app(connection, users, os.environ.get(SECRET_ENV) or None)
     login = "login required" if users.required else "no login"
