@@ -225,3 +225,28 @@ def test_a_page_drawn_before_the_run_moved_gets_every_task_first() -> None:
     events = dict(moved.look())
     assert events["tasks"] == [["a", "running", 1, None, None, None, None]]
     assert moved.look() == []
+
+
+def test_workers_document_shows_what_each_worker_runs_and_unserved_queues() -> None:
+    from orchestrator.dashboard.views import workers_document
+    from shared.workers import LEAN, RQ, WorkerInfo, beat
+
+    from shared.config import Settings
+
+    client = fakeredis.FakeRedis()
+    ttl = Settings().heartbeat_ttl
+    beat(client, WorkerInfo("lean-1", LEAN, ("default",), concurrency=2), ttl)
+    beat(client, WorkerInfo("rq-1", RQ, ("io",)), ttl)
+    client.sadd(keys.LEAN_WORKERS, keys.lean_slot("lean-1", 0), keys.lean_slot("lean-1", 1))
+    client.rpush(keys.inflight(keys.lean_slot("lean-1", 1)), json.dumps(["20260101T000000-ab", "load", 2, "m:f", "p"]))
+    client.hset("rq:worker:rq-1", "current_job", "orch-20260101T000000-ab-7-1")
+    client.sadd(keys.QUEUES, "default", "orphans")
+    client.rpush(keys.lean_queue("orphans"), "job-a", "job-b")
+    document = workers_document(client)
+    running = {row["name"]: row["running"] for row in document["workers"]}
+    assert running == {"lean-1": ["20260101T000000-ab / load #2"], "rq-1": ["20260101T000000-ab / task number 7 #1"]}
+    assert all(0 <= row["heartbeat_age"] < 1 for row in document["workers"])
+    queues = {queue["name"]: queue for queue in document["queues"]}
+    assert queues["orphans"]["lean"] == 2 and queues["orphans"]["served_by"] == []
+    assert queues["io"]["served_by"] == ["rq"]
+    assert document["warning"] == "2 tasks waiting on queue 'orphans': no live worker serves it"

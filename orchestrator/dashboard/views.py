@@ -27,7 +27,7 @@ from shared import keys
 from shared.config import Settings
 from shared.errors import RunNotFoundError, UnknownTaskError
 from orchestrator.metrics import RQ_QUEUE_PREFIX, RQ_QUEUES
-from shared.workers import WorkerInfo, kinds_by_queue, live_workers
+from shared.workers import RQ, WorkerInfo, kinds_by_queue, live_workers
 
 RUNS_PER_PAGE = 25
 
@@ -174,14 +174,24 @@ def _queue_depths(connection: redis.Redis, workers: list[WorkerInfo]) -> dict[st
     return {queue: {"lean": int(lengths[2 * i]), "rq": int(lengths[2 * i + 1])} for i, queue in enumerate(ordered)}
 
 
-def _running_by_worker(connection: redis.Redis) -> dict[str, list[str]]:
-    """worker -> ``run/task #attempt`` of the attempts its lean work processes hold."""
+def _running_by_worker(connection: redis.Redis, workers: list[WorkerInfo]) -> dict[str, list[str]]:
+    """worker -> ``run / task #attempt`` of the attempts its lean work processes hold; for an RQ
+    worker, ``run / task number N #attempt`` of the job RQ records as its current one."""
     slots = sorted(s.decode() if isinstance(s, bytes) else s for s in connection.smembers(keys.LEAN_WORKERS))
+    rq_names = [info.name for info in workers if info.kind == RQ]
     pipe = connection.pipeline(transaction=False)
     for slot in slots:
         pipe.lrange(keys.inflight(slot), 0, -1)
+    for name in rq_names:
+        pipe.hget(f"rq:worker:{name}", "current_job")
+    replies = pipe.execute()
     running: dict[str, list[str]] = {}
-    for slot, entries in zip(slots, pipe.execute()):
+    for name, job in zip(rq_names, replies[len(slots):]):
+        prefix, _, rest = (job.decode() if isinstance(job, bytes) else job or "").partition("-")
+        run_id, index, attempt = (rest.rsplit("-", 2) + ["", ""])[:3] if prefix == keys.PREFIX else ("", "", "")
+        if run_id and index.isdigit() and attempt.isdigit():
+            running.setdefault(name, []).append(f"{run_id} / task number {index} #{attempt}")
+    for slot, entries in zip(slots, replies[:len(slots)]):
         for entry in entries:
             try:
                 run_id, task, attempt = json.loads(entry)[:3]
@@ -199,7 +209,7 @@ def workers_document(connection: redis.Redis) -> dict[str, Any]:
     for info in workers:
         pipe.pttl(keys.alive(info.name))
     ttls = pipe.execute() if workers else []
-    running = _running_by_worker(connection)
+    running = _running_by_worker(connection, workers)
     ttl = Settings().heartbeat_ttl
     rows = []
     for info, left in zip(workers, ttls):
