@@ -37,8 +37,10 @@ function orchTaskPage(runId, task, latest, state) {
 
   document.getElementById("log-attempt").textContent = attempt ? `(attempt ${attempt})` : "";
   earlier.addEventListener("click", () => {
+    earlier.disabled = true;  // one page at a time: the next starts where this one ends
     fetch(url(`&before=${first}`), {credentials: "same-origin"}).then((r) => r.json())
-      .then((page) => { page.more_before = page.more_before; showPage(page, true); });
+      .then((page) => { showPage(page, true); })
+      .finally(() => { earlier.disabled = false; });
   });
 
   function follow() {
