@@ -554,7 +554,13 @@ def test_metrics_parse_and_count_the_runs_done(stack: dict[str, Any], finished_r
     body = urllib.request.urlopen(f"{stack['dashboard'].base}/metrics", timeout=10).read().decode()
     samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
                for family in text_string_to_metric_families(body) for s in family.samples}
-    assert samples[("orch_runs_finished_total", (("state", "failure"), ("workflow", "dash-small")))] >= 1
+    failed = _orch_json(stack["url"], "runs", "--workflow", "dash-small", "--state", "failure")
+    assert [run["run_id"] for run in failed] == [finished_run]
+    assert samples[("orch_runs_finished_total", (("state", "failure"), ("workflow", "dash-small")))] == 1
+    assert samples[("orch_task_attempts_total", (("outcome", "error"), ("task", "broken"),
+                                                 ("workflow", "dash-small")))] == 1
+    assert samples[("orch_task_attempts_total", (("outcome", "success"), ("task", "load"),
+                                                 ("workflow", "dash-small")))] == 1
     assert samples[("orch_workers_alive", (("kind", "lean"),))] == 1
 
 
