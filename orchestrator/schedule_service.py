@@ -40,7 +40,13 @@ end
 return 0
 """
 BATCH = 100
+"""Due schedules claimed and read together."""
+WINDOW = 1000
 """Due schedules read per look."""
+RETRY_LATER = 60.0
+"""Seconds before a schedule that could not be handled (damaged, refused by Redis) is looked at again."""
+BUSY_WAIT = 0.05
+"""Seconds before looking again when every due schedule is held by another coordinator."""
 
 
 class ScheduleService:
@@ -71,21 +77,33 @@ class ScheduleService:
             stop.wait(wait)
 
     def step(self) -> float:
-        """Handle the schedules due now; return how long to wait before the next look. The runs
-        started are handed to ``on_started`` once every due schedule is handled: writing the runs of
-        a minute's 1,000 ticks on time comes before driving them (which is what threads would compete for)."""
+        """Handle the schedules due now; return how long to wait before the next look.
+
+        The due schedules are read oldest first, up to :data:`WINDOW`, and handled a batch at a
+        time; a batch another coordinator holds is passed over, so several coordinators share a
+        minute's thousand ticks instead of queueing behind one another. The runs started are handed
+        to ``on_started`` once every due schedule is handled: writing the runs of a minute's ticks
+        on time comes before driving them (which is what threads would compete for).
+        """
         now = self.clock()
-        due = self.connection.zrangebyscore(keys.SCHEDULES_DUE, "-inf", now, start=0, num=BATCH)
-        self._started += self.handle_all([raw.decode() if isinstance(raw, bytes) else raw for raw in due])
-        if len(due) == BATCH:
+        due = [raw.decode() if isinstance(raw, bytes) else raw for raw in
+               self.connection.zrangebyscore(keys.SCHEDULES_DUE, "-inf", now, start=0, num=WINDOW)]
+        handled = 0
+        for first in range(0, len(due), BATCH):
+            started, claimed = self.handle_all(due[first:first + BATCH])
+            self._started += started
+            handled += claimed
+        if len(due) == WINDOW and handled:
             return 0.0
         started, self._started = self._started, []
         for run_id in started:
             self.on_started(run_id)
-        first = self.connection.zrange(keys.SCHEDULES_DUE, 0, 0, withscores=True)
-        if not first:
+        if due and not handled:
+            return min(self.poll, BUSY_WAIT)  # all held by other coordinators: look again soon
+        first_due = self.connection.zrange(keys.SCHEDULES_DUE, 0, 0, withscores=True)
+        if not first_due:
             return self.poll
-        return max(0.01, min(self.poll, first[0][1] - self.clock()))
+        return max(0.01, min(self.poll, first_due[0][1] - self.clock()))
 
     @property
     def failover(self) -> float:
@@ -94,16 +112,17 @@ class ScheduleService:
 
     def handle(self, name: str) -> list[str]:
         """Handle one due schedule if no other coordinator is; the ids of the runs started."""
-        started = self.handle_all([name])
+        started, _ = self.handle_all([name])
         for run_id in started:
             self.on_started(run_id)
         return started
 
-    def handle_all(self, names: list[str]) -> list[str]:
+    def handle_all(self, names: list[str]) -> tuple[list[str], int]:
         """Claim, read and handle the due schedules ``names`` (three round trips for them all, then
-        one write each); the ids of the runs started. A schedule another coordinator holds is left."""
+        one write each); the ids of the runs started, and how many schedules this coordinator
+        claimed. A schedule another coordinator holds is left to it."""
         if not names:
-            return []
+            return [], 0
         ttl = int(self.settings.lease_ttl * 1000)
         with self.connection.pipeline(transaction=False) as pipe:
             for name in names:
@@ -126,7 +145,7 @@ class ScheduleService:
                 for name in mine:
                     self._release(keys=[keys.schedule_claim(name)], args=[self.token], client=pipe)
                 pipe.execute()
-        return started
+        return started, len(mine)
 
     def _handle_one(self, name: str, record: dict[str, Any], previous_state: Optional[str]) -> list[str]:
         try:
@@ -139,8 +158,16 @@ class ScheduleService:
             self.connection.zrem(keys.SCHEDULES_DUE, name)
         except ScheduleError as exc:
             log.error("%s", exc)
-            self.connection.zadd(keys.SCHEDULES_DUE, {name: self.clock() + 60})
+            self._later(name)
+        except (redis.ConnectionError, redis.TimeoutError):
+            raise  # Redis itself is away: the whole look is retried
+        except Exception:  # noqa: BLE001  (one bad schedule must not stop the others)
+            log.exception("schedule %s: could not be handled; looked at again in %g s", name, RETRY_LATER)
+            self._later(name)
         return []
+
+    def _later(self, name: str) -> None:
+        self.connection.zadd(keys.SCHEDULES_DUE, {name: self.clock() + RETRY_LATER})
 
     def _handle_claimed(self, schedule: Schedule, record: dict[str, Any], previous_state: Optional[str]
                         ) -> list[str]:

@@ -211,3 +211,25 @@ def test_a_coordinator_loads_no_schedule_target_outside_its_allowlist(
     assert len(runs_of(conn, "mine")) == 1
     assert "target module 'schedule_tasks' is not allowed on this coordinator (allowed: etl" in \
         _failed_reasons(conn, "mine")[0]
+
+
+def test_two_coordinators_share_a_minute_of_ticks_each_fired_once(conn: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    for i in range(250):
+        add_schedule(conn, f"m{i}", TARGET, cron="* * * * *", overlap="allow", check=False, now=T0 - 30)
+    clock = Clock(T0 + 0.5)
+    first, second = service(conn, clock), service(conn, clock)
+    real_start_run = service_module.start_run
+    by_second: list[str] = []
+
+    def meanwhile(*args: Any, **kwargs: Any) -> str:
+        if not by_second and not getattr(meanwhile, "busy", False):  # while the first holds its first batch
+            meanwhile.busy = True  # type: ignore[attr-defined]
+            by_second.extend(second.handle_all([f"m{i}" for i in range(250)])[0])
+        return real_start_run(*args, **kwargs)
+
+    monkeypatch.setattr(service_module, "start_run", meanwhile)
+    first.step()
+    assert 0 < len(by_second) < 250  # the second took what the first did not hold
+    ticks = [conn.zrange(keys.schedule_runs(f"m{i}"), 0, -1) for i in range(250)]
+    assert all(len(t) == 1 for t in ticks), "a schedule fired twice or not at all"
+    assert conn.zcard(keys.RUNS) == 250
