@@ -37,7 +37,7 @@ def _redis(options: CliOptions, command: str) -> redis.Redis:
     return connect(options.require_redis_url(command))
 
 
-def _allowlist(given: tuple[str, ...]) -> Allowlist:
+def apply_allowlist(given: tuple[str, ...]) -> Allowlist:
     """The allowlist from ``--allow`` (else ``ORCH_ALLOW``), put in ``ORCH_ALLOW`` for the processes
     this one starts (work processes, work horses, pool workers): it never comes from Redis."""
     try:
@@ -85,7 +85,7 @@ def worker(options: CliOptions, queues: str, concurrency: int, burst: bool, path
     """
     url = options.require_redis_url("worker")
     check_log_settings()
-    allowlist = _allowlist(allow)
+    allowlist = apply_allowlist(allow)
     for path in reversed(paths):
         sys.path.insert(0, os.path.abspath(path))
     os.environ["PYTHONPATH"] = os.pathsep.join([os.path.abspath(p) for p in paths] +
@@ -137,7 +137,7 @@ def coordinator(options: CliOptions, poll: float, paths: tuple[str, ...], allow:
     Run one or more: a lease makes exactly one drive each run, a fenced claim exactly one fire each tick.
     """
     connection = _redis(options, "coordinator")
-    _allowlist(allow)
+    apply_allowlist(allow)
     for path in reversed(paths):
         sys.path.insert(0, os.path.abspath(path))
     Signer.from_environment()  # a bad key setting: one error line now, not one per run adopted

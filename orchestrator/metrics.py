@@ -76,7 +76,7 @@ class OrchCollector(Collector):
                                   labels=["queue"])
         unserved = GaugeMetricFamily("orch_queue_unserved_tasks", "Attempts waiting on a queue that no live "
                                      "worker of their form serves (no live worker serves it).", labels=["queue"])
-        for queue, (lean, rq) in self._queue_lengths(workers).items():
+        for queue, (lean, rq) in queue_lengths(self.connection, workers).items():
             depth.add_metric([queue], lean + rq)
             unserved.add_metric([queue], waiting_unserved(queue, lean, rq, workers))
         yield depth
@@ -85,19 +85,20 @@ class OrchCollector(Collector):
         active.add_metric([], self.connection.scard(keys.ACTIVE))
         yield active
 
-    def _queue_lengths(self, workers: list[WorkerInfo]) -> dict[str, tuple[int, int]]:
-        """queue -> (lean jobs, RQ jobs) waiting, for every queue a coordinator used, RQ knows or a worker serves."""
-        names = set(_texts(self.connection.smembers(keys.QUEUES)))
-        names.update(q[len(RQ_QUEUE_PREFIX):] for q in _texts(self.connection.smembers(RQ_QUEUES))
-                     if q.startswith(RQ_QUEUE_PREFIX))
-        names.update(q for w in workers for q in w.queues)
-        ordered = sorted(names)
-        pipe = self.connection.pipeline(transaction=False)
-        for queue in ordered:
-            pipe.llen(keys.lean_queue(queue))
-            pipe.llen(RQ_QUEUE_PREFIX + queue)
-        lengths = pipe.execute() if ordered else []
-        return {queue: (int(lengths[2 * i]), int(lengths[2 * i + 1])) for i, queue in enumerate(ordered)}
+def queue_lengths(connection: redis.Redis, workers: list[WorkerInfo]) -> dict[str, tuple[int, int]]:
+    """queue -> (lean jobs, RQ jobs) waiting, for every queue a coordinator used, RQ knows or a worker
+    serves (the depth gauges and the dashboard's workers page)."""
+    names = set(_texts(connection.smembers(keys.QUEUES)))
+    names.update(q[len(RQ_QUEUE_PREFIX):] for q in _texts(connection.smembers(RQ_QUEUES))
+                 if q.startswith(RQ_QUEUE_PREFIX))
+    names.update(q for w in workers for q in w.queues)
+    ordered = sorted(names)
+    pipe = connection.pipeline(transaction=False)
+    for queue in ordered:
+        pipe.llen(keys.lean_queue(queue))
+        pipe.llen(RQ_QUEUE_PREFIX + queue)
+    lengths = pipe.execute() if ordered else []
+    return {queue: (int(lengths[2 * i]), int(lengths[2 * i + 1])) for i, queue in enumerate(ordered)}
 
 
 def waiting_unserved(queue: str, lean: int, rq: int, workers: Iterable[WorkerInfo]) -> int:

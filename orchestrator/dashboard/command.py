@@ -15,7 +15,7 @@ from typing import Optional
 import click
 
 from orchestrator.cli import CliError, CliOptions, handle_errors, main, pass_options, redis_url_option
-from orchestrator.cli_cluster import _allowlist as allow_only
+from orchestrator.cli_cluster import apply_allowlist as allow_only
 from orchestrator.dashboard.security import check_bind, hash_password, load_users
 from shared.connection import connect, redacted
 

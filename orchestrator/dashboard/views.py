@@ -26,7 +26,7 @@ from orchestrator.task import Task
 from shared import keys
 from shared.config import Settings
 from shared.errors import RunNotFoundError, UnknownTaskError
-from orchestrator.metrics import RQ_QUEUE_PREFIX, RQ_QUEUES
+from orchestrator.metrics import queue_lengths
 from shared.workers import RQ, WorkerInfo, kinds_by_queue, live_workers
 
 RUNS_PER_PAGE = 25
@@ -156,24 +156,6 @@ def log_document(connection: redis.Redis, run_id: str, task: str, attempt: int, 
             "first": page.first, "last": page.last, "more_before": page.more_before}
 
 
-def _queue_depths(connection: redis.Redis, workers: list[WorkerInfo]) -> dict[str, dict[str, int]]:
-    """queue -> {"lean": waiting on orch's queue, "rq": waiting on RQ's}, for the queues the metrics'
-    depth gauge covers: every queue a run was created with (``orch:queues``), RQ knows, or a live
-    worker serves."""
-    names = {q.decode() if isinstance(q, bytes) else q for q in connection.smembers(keys.QUEUES)}
-    names.update(q.removeprefix(RQ_QUEUE_PREFIX) for q in (r.decode() if isinstance(r, bytes) else r
-                                                           for r in connection.smembers(RQ_QUEUES))
-                 if q.startswith(RQ_QUEUE_PREFIX))
-    names.update(queue for info in workers for queue in info.queues)
-    ordered = sorted(names)
-    pipe = connection.pipeline(transaction=False)
-    for queue in ordered:
-        pipe.llen(keys.lean_queue(queue))
-        pipe.llen(RQ_QUEUE_PREFIX + queue)
-    lengths = pipe.execute() if ordered else []
-    return {queue: {"lean": int(lengths[2 * i]), "rq": int(lengths[2 * i + 1])} for i, queue in enumerate(ordered)}
-
-
 def _running_by_worker(connection: redis.Redis, workers: list[WorkerInfo]) -> dict[str, list[str]]:
     """worker -> ``run / task #attempt`` of the attempts its lean work processes hold; for an RQ
     worker, ``run / task number N #attempt`` of the job RQ records as its current one."""
@@ -217,7 +199,7 @@ def workers_document(connection: redis.Redis) -> dict[str, Any]:
         rows.append({"name": info.name, "kind": info.kind, "queues": list(info.queues), "host": info.host,
                      "pid": info.pid, "concurrency": info.concurrency, "heartbeat_age": age,
                      "running": running.get(info.name, [])})
-    depths = _queue_depths(connection, workers)
+    depths = {name: {"lean": lean, "rq": rq} for name, (lean, rq) in queue_lengths(connection, workers).items()}
     served = kinds_by_queue(workers)
     queues = [{"name": name, "lean": d["lean"], "rq": d["rq"], "served_by": sorted(served.get(name, ()))}
               for name, d in sorted(depths.items())]
