@@ -64,6 +64,21 @@ return 0
 """
 
 
+def run_commands_lua(first: int) -> str:
+    """The Lua that runs the commands :func:`flatten` laid out in ``ARGV`` from index ``first`` on,
+    then returns 1: the tail of every fenced write script (a run's step here, a schedule's tick in
+    :mod:`orchestrator.schedules`)."""
+    return f"""local i = {first}
+local n = #ARGV
+while i <= n do
+  local count = tonumber(ARGV[i])
+  redis.call(unpack(ARGV, i + 1, i + count))
+  i = i + count + 1
+end
+return 1
+"""
+
+
 _APPLY = """
 -- KEYS: lease, run hash, active set. ARGV: token, ttl ms, run id, then the commands
 -- as count, args..., count, args... A lapsed lease is taken back on the same terms as
@@ -82,15 +97,7 @@ elseif holder ~= ARGV[1] then
   return redis.error_reply('ORCH_LEASE_LOST')
 end
 redis.call('PEXPIRE', KEYS[1], ARGV[2])
-local i = 4
-local n = #ARGV
-while i <= n do
-  local count = tonumber(ARGV[i])
-  redis.call(unpack(ARGV, i + 1, i + count))
-  i = i + count + 1
-end
-return 1
-"""
+""" + run_commands_lua(4)
 MAX_ITEMS_PER_COMMAND = 2000
 """Variadic commands longer than this are split: Lua's ``unpack`` takes at most ~8000 values."""
 _VARIADIC = {"HSET": 2, "HDEL": 1, "RPUSH": 1, "LPUSH": 1, "SADD": 1, "SREM": 1, "DEL": 1}

@@ -28,7 +28,7 @@ from typing import Any, Mapping, Optional
 import redis
 
 from orchestrator.distributed import submit_run
-from orchestrator.lease import flatten
+from orchestrator.lease import flatten, run_commands_lua
 from orchestrator.loading import load_workflow, split_target
 from orchestrator.run_store import read_run
 from orchestrator.run_views import schedule_run_ids
@@ -62,15 +62,7 @@ local last = redis.call('HGET', KEYS[1], 'last_tick') or ''
 if ARGV[2] ~= '*' and last ~= ARGV[2] then
   return redis.error_reply('ORCH_TICK_TAKEN')
 end
-local i = 3
-local n = #ARGV
-while i <= n do
-  local count = tonumber(ARGV[i])
-  redis.call(unpack(ARGV, i + 1, i + count))
-  i = i + count + 1
-end
-return 1
-"""
+""" + run_commands_lua(3)
 
 
 class TickTaken(WorkflowError):
