@@ -16,14 +16,15 @@ import logging
 import secrets
 import threading
 import time
+from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
 import redis
 
 from orchestrator.metrics_store import schedule_lag_commands
 from orchestrator.schedule_logic import Decision, Outcome, TickPlan, plan_ticks
-from orchestrator.schedules import (Schedule, TickTaken, commit, decode_record, history_commands, run_index_command,
-                                    schedule_state, start_run, tick_record, vet)
+from orchestrator.schedules import (Schedule, TickTaken, commit_many, decode_record, history_commands,
+                                    run_index_command, schedule_state, start_run, tick_record, vet)
 from shared import keys
 from shared.allow import Allowlist
 from shared.config import Settings
@@ -47,6 +48,16 @@ RETRY_LATER = 60.0
 """Seconds before a schedule that could not be handled (damaged, refused by Redis) is looked at again."""
 BUSY_WAIT = 0.05
 """Seconds before looking again when every due schedule is held by another coordinator."""
+
+
+@dataclass
+class Pending:
+    """One schedule's decided ticks, ready to write: the fenced write and the runs it starts."""
+
+    name: str
+    last_tick_read: str
+    commands: list[tuple]
+    started: list[tuple[str, float]]
 
 
 class ScheduleService:
@@ -118,9 +129,9 @@ class ScheduleService:
         return started
 
     def handle_all(self, names: list[str]) -> tuple[list[str], int]:
-        """Claim, read and handle the due schedules ``names`` (three round trips for them all, then
-        one write each); the ids of the runs started, and how many schedules this coordinator
-        claimed. A schedule another coordinator holds is left to it."""
+        """Claim, read, decide and write the due schedules ``names`` (five round trips for them all:
+        claim, read, read their last runs' states, write, release); the ids of the runs started, and
+        how many schedules this coordinator claimed. A schedule another coordinator holds is left to it."""
         if not names:
             return [], 0
         ttl = int(self.settings.lease_ttl * 1000)
@@ -138,8 +149,8 @@ class ScheduleService:
                 for record in records:
                     pipe.hget(keys.run(record.get("last_run") or "-"), "state")
                 previous = [None if raw is None else raw.decode() for raw in pipe.execute()]
-            for name, record, state in zip(mine, records, previous):
-                started += self._handle_one(name, record, state)
+            pending = [self._plan_one(name, record, state) for name, record, state in zip(mine, records, previous)]
+            started = self._write([item for item in pending if item is not None])
         finally:
             with self.connection.pipeline(transaction=False) as pipe:
                 for name in mine:
@@ -147,30 +158,48 @@ class ScheduleService:
                 pipe.execute()
         return started, len(mine)
 
-    def _handle_one(self, name: str, record: dict[str, Any], previous_state: Optional[str]) -> list[str]:
+    def _plan_one(self, name: str, record: dict[str, Any], previous_state: Optional[str]) -> Optional[Pending]:
         try:
             if not record:
                 raise ScheduleNotFoundError(name)
-            return self._handle_claimed(Schedule.from_record(name, record), record, previous_state)
-        except TickTaken as exc:
-            log.info("%s", exc)
-        except ScheduleNotFoundError:
-            self.connection.zrem(keys.SCHEDULES_DUE, name)
-        except ScheduleError as exc:
-            log.error("%s", exc)
-            self._later(name)
+            return self._decide(Schedule.from_record(name, record), record, previous_state)
         except (redis.ConnectionError, redis.TimeoutError):
             raise  # Redis itself is away: the whole look is retried
-        except Exception:  # noqa: BLE001  (one bad schedule must not stop the others)
-            log.exception("schedule %s: could not be handled; looked at again in %g s", name, RETRY_LATER)
+        except Exception as exc:  # noqa: BLE001  (one bad schedule must not stop the others)
+            self._refused(name, exc)
+        return None
+
+    def _write(self, pending: list[Pending]) -> list[str]:
+        """Commit the schedules' writes in one round trip; the runs of those that were written."""
+        started: list[str] = []
+        errors = commit_many(self.connection, [(p.name, p.last_tick_read, p.commands) for p in pending], self.token)
+        for item, error in zip(pending, errors):
+            if error is not None:
+                self._refused(item.name, error)
+                continue
+            for run_id, tick in item.started:
+                log.info("schedule %s: tick %s started run %s", item.name, tick, run_id)
+                started.append(run_id)
+        return started
+
+    def _refused(self, name: str, error: Exception) -> None:
+        if isinstance(error, TickTaken):
+            log.info("%s", error)
+        elif isinstance(error, ScheduleNotFoundError):
+            self.connection.zrem(keys.SCHEDULES_DUE, name)
+        elif isinstance(error, ScheduleError):
+            log.error("%s", error)
             self._later(name)
-        return []
+        else:
+            log.error("schedule %s: could not be handled (%s: %s); looked at again in %g s", name,
+                      type(error).__name__, error, RETRY_LATER, exc_info=error)
+            self._later(name)
 
     def _later(self, name: str) -> None:
         self.connection.zadd(keys.SCHEDULES_DUE, {name: self.clock() + RETRY_LATER})
 
-    def _handle_claimed(self, schedule: Schedule, record: dict[str, Any], previous_state: Optional[str]
-                        ) -> list[str]:
+    def _decide(self, schedule: Schedule, record: dict[str, Any], previous_state: Optional[str]) -> Pending:
+        """Plan the schedule's due ticks and prepare their writes (runs loaded and built, not written)."""
         name = schedule.name
         state = schedule_state(schedule, record, previous_state)
         now = self.clock()
@@ -193,10 +222,7 @@ class ScheduleService:
                 started.append((run_id, decision))
         commands += self._state_commands(schedule, plan, [run_id for run_id, _ in started])
         commands += history_commands(name, records)
-        commit(self.connection, name, record.get("last_tick", ""), commands, token=self.token)
-        for run_id, decision in started:
-            log.info("schedule %s: tick %s started run %s", name, decision.tick, run_id)
-        return [run_id for run_id, _ in started]
+        return Pending(name, record.get("last_tick", ""), commands, [(r, d.tick) for r, d in started])
 
     def _prepare(self, schedule: Schedule, record: dict, decision: Decision, commands: list[tuple]
                  ) -> tuple[Optional[str], Optional[str]]:

@@ -280,16 +280,36 @@ def commit(connection: redis.Redis, name: str, last_tick_read: str, commands: li
     """Run ``commands`` atomically if the schedule's ``last_tick`` is still ``last_tick_read`` (and,
     with ``token``, the caller still holds the schedule's claim); else :class:`TickTaken`.
     ``last_tick_read`` ``"*"``: whatever it is (a manual run fences nothing)."""
+    (error,) = commit_many(connection, [(name, last_tick_read, commands)], token)
+    if error is not None:
+        raise error
+
+
+Write = tuple[str, str, list[tuple]]
+"""One schedule's fenced write: its name, its ``last_tick`` as read, the commands."""
+
+
+def commit_many(connection: redis.Redis, writes: list[Write], token: str = "") -> list[Optional[Exception]]:
+    """Several schedules' fenced writes (:func:`commit`) in one round trip, each atomic on its own;
+    per write ``None`` or the error that refused it (:class:`TickTaken`, :class:`ScheduleNotFoundError`,
+    or what Redis said)."""
     script = connection.register_script(_COMMIT)
-    try:
-        script(keys=[keys.schedule(name), keys.schedule_claim(name)],
-               args=[token, last_tick_read, *flatten(commands)])
-    except redis.ResponseError as exc:
-        if "ORCH_SCHEDULE_GONE" in str(exc):
-            raise ScheduleNotFoundError(name) from None
-        if "ORCH_CLAIM_LOST" in str(exc) or "ORCH_TICK_TAKEN" in str(exc):
-            raise TickTaken(f"schedule {name!r}: another coordinator handled this tick") from None
-        raise
+    with connection.pipeline(transaction=False) as pipe:
+        for name, last_tick_read, commands in writes:
+            script(keys=[keys.schedule(name), keys.schedule_claim(name)],
+                   args=[token, last_tick_read, *flatten(commands)], client=pipe)
+        replies = pipe.execute(raise_on_error=False)
+    return [_refusal(name, reply) for (name, _, _), reply in zip(writes, replies)]
+
+
+def _refusal(name: str, reply: Any) -> Optional[Exception]:
+    if not isinstance(reply, Exception):
+        return None
+    if "ORCH_SCHEDULE_GONE" in str(reply):
+        return ScheduleNotFoundError(name)
+    if "ORCH_CLAIM_LOST" in str(reply) or "ORCH_TICK_TAKEN" in str(reply):
+        return TickTaken(f"schedule {name!r}: another coordinator handled this tick")
+    return reply
 
 
 def tick_record(decision: Decision, run_id: Optional[str] = None, error: Optional[str] = None,
