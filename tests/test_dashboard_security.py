@@ -28,6 +28,7 @@ from orchestrator.dashboard.app import create_app  # noqa: E402
 from orchestrator.dashboard.security import (CredentialCache, LoginThrottle, Users, allowed_hosts,  # noqa: E402
                                              hash_password, host_allowed, local_path)
 from orchestrator.distributed import run_distributed  # noqa: E402
+from shared.params import PARAMS_FIELD, encode_params  # noqa: E402
 
 pytestmark = pytest.mark.timeout(120)
 HOSTILE = '<img src=x onerror=alert(1)>"><script>alert(2)</script>'
@@ -417,7 +418,7 @@ def _until(check: Callable[[], bool], seconds: float) -> None:
 # ------------------------------------------------------------------ what a page shows
 def test_names_from_redis_are_shown_as_text_in_every_page(served: Served, client: fakeredis.FakeRedis) -> None:
     run_id = _hostile_run(client)
-    client.hset(f"orch:run:{run_id}", "params", json.dumps({HOSTILE: HOSTILE}))
+    client.hset(f"orch:run:{run_id}", PARAMS_FIELD, encode_params({HOSTILE: HOSTILE}) or b"")
     cookie, _ = served.log_in()
     task = quote(f"b {HOSTILE}", safe="")
     for path in ("/", f"/runs/{run_id}", f"/runs/{run_id}/tasks/{task}", f"/?workflow={task}"):
