@@ -426,3 +426,44 @@ def test_names_from_redis_are_shown_as_text_in_every_page(served: Served, client
         assert status == 200, (path, status)
         assert "<img src=x" not in text and "<script>alert" not in text, path
         assert "&lt;img src=x onerror=alert(1)&gt;" in text or path.startswith("/?"), path
+
+
+def test_an_unexpected_failure_is_one_line_to_the_browser_and_to_the_log(served: Served, client: fakeredis.FakeRedis,
+                                                                        monkeypatch: pytest.MonkeyPatch,
+                                                                        caplog: pytest.LogCaptureFixture) -> None:
+    from orchestrator.dashboard import views
+
+    def broken(*args: Any) -> Any:
+        raise RuntimeError("a bug in the dashboard")
+    monkeypatch.setattr(views, "run_document", broken)
+    monkeypatch.setattr(views, "run_header", broken)
+    cookie, _ = served.log_in()
+    status, headers, text = served.ask("GET", "/api/runs/r1", cookie=cookie)
+    assert status == 500 and json.loads(text) == {"error": "the dashboard could not answer this request "
+                                                           "(its log says why)"}
+    status, headers, text = served.ask("GET", "/runs/r1", cookie=cookie)
+    assert status == 500 and "could not answer" in text and "a bug" not in text and "Traceback" not in text
+    logged = [r.getMessage() for r in caplog.records if r.name == "orch.dashboard"]
+    assert logged[0] == "orch dashboard: GET /api/runs/r1 failed: RuntimeError: a bug in the dashboard"
+    assert all("\n" not in line for line in logged)
+
+
+def test_an_overlong_request_line_is_refused_and_the_dashboard_goes_on(served: Served) -> None:
+    try:  # uvicorn answers 400, or closes the connection while the line is still arriving
+        status, _, text = served.ask("GET", "/?workflow=" + "x" * 200_000)
+        assert 400 <= status < 500 and "Traceback" not in text
+    except ConnectionError:
+        pass
+    status, _, _ = served.ask("GET", "/login")
+    assert status == 200
+
+
+def test_another_site_cannot_log_the_user_out(served: Served) -> None:
+    cookie, token = served.log_in()
+    status, headers, _ = served.ask("POST", "/logout", {"Origin": "http://evil.example"}, {"csrf": token},
+                                    cookie=cookie)
+    assert status == 303 and _cookie(headers) is None  # the session is untouched
+    assert served.ask("GET", "/workers", cookie=cookie)[0] == 200
+    status, headers, _ = served.ask("POST", "/logout", {"Origin": f"http://{served.host}"}, {"csrf": token},
+                                    cookie=cookie)
+    assert status == 303 and served.ask("GET", "/workers", cookie=_cookie(headers))[0] == 303

@@ -32,7 +32,7 @@ NONCE_KEY = "csp_nonce"
 
 
 def content_security_policy(nonce: str) -> str:
-    return (f"default-src 'self'; script-src 'self' 'nonce-{nonce}'; style-src 'self' 'unsafe-inline'; "
+    return (f"default-src 'self'; script-src 'self' 'nonce-{nonce}'; style-src 'self'; "
             f"img-src 'self' data:; object-src 'none'; base-uri 'none'; form-action 'self'; "
             f"frame-ancestors 'none'")
 

@@ -16,7 +16,7 @@ from starlette.responses import JSONResponse, RedirectResponse, Response
 
 from orchestrator.dashboard import actions, views
 from orchestrator.dashboard.live import POLL, LogFollow, RunWatch
-from orchestrator.dashboard.security import csrf_ok, local_path, new_csrf_token
+from orchestrator.dashboard.security import csrf_ok, local_path, new_csrf_token, same_origin
 
 WORKERS_REFRESH = 2.0
 """Seconds between two readings of the workers page's data (a handful of commands each)."""
@@ -200,7 +200,8 @@ async def login(request: Request) -> Response:
 async def logout(request: Request) -> Response:
     """``/logout`` (POST, with the CSRF token): end the session."""
     form = await request.form()
-    if csrf_ok(request.session.get("csrf"), str(form.get("csrf", ""))):
+    if csrf_ok(request.session.get("csrf"), str(form.get("csrf", ""))) and same_origin(
+            request.headers.get("origin"), request.headers.get("host")):
         request.session.clear()
     return RedirectResponse("/login", status_code=303)
 
