@@ -121,12 +121,15 @@ def page(browser: Any, tmp_path: Path) -> Iterator[Any]:
     tab = browser.new_page()
     errors: list[str] = []
     tab.on("pageerror", lambda exc: errors.append(str(exc)))
+    # what the Content-Security-Policy blocked (an inline script or style without the nonce): an error too
+    tab.on("console", lambda msg: errors.append(msg.text) if msg.type == "error" and "Content Security Policy"
+           in msg.text else None)
     tab.shots = tmp_path  # screenshots of this test's pages
     try:
         yield tab
     finally:
         tab.close()
-    assert not errors, f"JavaScript errors on the page: {errors}"
+    assert not errors, f"JavaScript errors or blocked content on the page: {errors}"
 
 
 def _wait(check: Callable[[], bool], timeout: float, what: str) -> None:
@@ -695,3 +698,26 @@ def test_markup_from_redis_is_shown_as_text_on_every_page(stack: dict[str, Any],
         client.delete(keys.alive(f"w {hostile}"))
         client.srem(keys.WORKERS, f"w {hostile}")
     assert dialogs == []
+
+
+def test_orch_dashboard_without_login_answers_only_its_own_host_names(stack: dict[str, Any], tmp_path: Path) -> None:
+    import http.client
+
+    def status(base: str, host: str) -> int:
+        conn = http.client.HTTPConnection(base.split("//")[1], timeout=10)
+        try:
+            conn.request("GET", "/workers", headers={"Host": host})
+            answer = conn.getresponse()
+            answer.read()
+            return answer.status
+        finally:
+            conn.close()
+    dashboard = stack["dashboard"]
+    assert status(dashboard.base, f"localhost:{dashboard.port}") == 200
+    assert status(dashboard.base, f"rebound.example:{dashboard.port}") == 421  # DNS rebinding
+    named = Dashboard(stack["url"], tmp_path, extra=("--allowed-host", "dash.internal"))
+    try:
+        assert status(named.base, "dash.internal") == 200
+        assert status(named.base, "other.internal") == 421
+    finally:
+        named.stop()
