@@ -467,3 +467,20 @@ def test_another_site_cannot_log_the_user_out(served: Served) -> None:
     status, headers, _ = served.ask("POST", "/logout", {"Origin": f"http://{served.host}"}, {"csrf": token},
                                     cookie=cookie)
     assert status == 303 and served.ask("GET", "/workers", cookie=_cookie(headers))[0] == 303
+
+
+def test_the_last_page_of_runs_has_no_older_link(served: Served, client: fakeredis.FakeRedis,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    from orchestrator.dashboard import routes
+
+    monkeypatch.setattr(routes, "MAX_PAGE", 1)
+    wf = Workflow("many")
+    wf.add_task(Task("a", noop))
+    for _ in range(60):
+        run_distributed(wf, "redis://unused", connection=client, detach=True)
+    cookie, _ = served.log_in()
+    assert "older »" in served.ask("GET", "/?page=0", cookie=cookie)[2]
+    last = served.ask("GET", "/?page=7", cookie=cookie)[2]
+    assert "page 2" in last and "older »" not in last and last.count('data-run="') == 25
+    odd = served.ask("GET", "/?page=1&state=x%26page%3D0", cookie=cookie)[2]
+    assert "?state=x%26page%3D0&workflow=" in odd  # the filter stays one parameter in the page links

@@ -84,6 +84,7 @@ async def runs(request: Request) -> Response:
     number = _int(request.query_params.get("page"), 0, high=MAX_PAGE) or 0
     data = await run_in_threadpool(views.runs_page, _dash(request).connection, state=state, workflow=workflow,
                                    schedule=schedule, page=number)
+    data["has_next"] = data["has_next"] and number < MAX_PAGE
     filters = {"state": state or "", "workflow": workflow or "", "schedule": schedule or ""}
     return _dash(request).render(request, "runs.html", filters=filters, **data)
 
