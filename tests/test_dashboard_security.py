@@ -484,3 +484,34 @@ def test_the_last_page_of_runs_has_no_older_link(served: Served, client: fakered
     assert "page 2" in last and "older »" not in last and last.count('data-run="') == 25
     odd = served.ask("GET", "/?page=1&state=x%26page%3D0", cookie=cookie)[2]
     assert "?state=x%26page%3D0&workflow=" in odd  # the filter stays one parameter in the page links
+
+
+def test_password_checks_run_two_at_a_time_whatever_the_flood(served: Served, monkeypatch: pytest.MonkeyPatch
+                                                              ) -> None:
+    running, most = [0], [0]
+    lock = threading.Lock()
+    real = hashlib.scrypt
+
+    def slow(*args: Any, **kwargs: Any) -> bytes:
+        with lock:
+            running[0] += 1
+            most[0] = max(most[0], running[0])
+        time.sleep(0.2)
+        try:
+            return real(*args, **kwargs)
+        finally:
+            with lock:
+                running[0] -= 1
+    monkeypatch.setattr(security.hashlib, "scrypt", slow)
+    statuses: list[int] = []
+
+    def guess(k: int) -> None:
+        header = {"Authorization": "Basic " + base64.b64encode(f"user{k}:guess".encode()).decode()}
+        statuses.append(served.ask("GET", "/metrics", header)[0])
+    threads = [threading.Thread(target=guess, args=(k,)) for k in range(5)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert len(statuses) == 5 and set(statuses) <= {401, 429}  # the 5th failure in a row is throttled
+    assert most[0] == 2, most

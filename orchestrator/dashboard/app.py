@@ -7,6 +7,7 @@ calls the very function its CLI command calls (:mod:`orchestrator.dashboard.acti
 """
 from __future__ import annotations
 
+import asyncio
 import base64
 import logging
 import secrets
@@ -39,6 +40,9 @@ HERE = Path(__file__).resolve().parent
 Handler = Callable[[Request], Awaitable[Response]]
 MAX_STREAMS = 100
 """Live event streams (open run, task and workers pages) served at once; more are refused (503)."""
+MAX_VERIFYING = 2
+"""Password checks (scrypt: tens of ms of CPU and 16 MiB each) run at once; more wait their turn, so a
+flood of logins from many addresses cannot take every thread or all memory of the dashboard."""
 log = logging.getLogger("orch.dashboard")
 
 
@@ -68,6 +72,7 @@ class Dashboard:
         self.credentials = CredentialCache()
         self.max_streams = max_streams
         self.open_streams = 0
+        self._verifying: Optional[asyncio.Semaphore] = None
         self.secret = secret or secrets.token_urlsafe(32)
         self.templates = Jinja2Templates(directory=str(HERE / "templates"))
         self.templates.env.filters["when"] = _when
@@ -84,6 +89,13 @@ class Dashboard:
         if user in self.users.hashes:
             return str(user)
         return getattr(request.state, "basic_user", None)
+
+    async def verify(self, user: str, password: str) -> bool:
+        """:meth:`Users.verify` in a thread, at most :data:`MAX_VERIFYING` at once."""
+        if self._verifying is None:
+            self._verifying = asyncio.Semaphore(MAX_VERIFYING)
+        async with self._verifying:
+            return bool(await run_in_threadpool(self.users.verify, user, password))
 
     async def identify(self, request: Request) -> Optional[str]:
         """:meth:`user_of`, after checking HTTP basic credentials if the request has some: known
@@ -104,7 +116,7 @@ class Dashboard:
             name, _, password = base64.b64decode(header[6:], validate=True).decode().partition(":")
         except (ValueError, UnicodeDecodeError):
             name, password = "", ""
-        verified: bool = bool(name) and await run_in_threadpool(self.users.verify, name, password)
+        verified = bool(name) and await self.verify(name, password)
         if verified:
             self.throttle.succeeded(address)
             self.credentials.put(header, name)

@@ -183,7 +183,7 @@ async def login(request: Request) -> Response:
             error, status = f"too many failed logins from your address: try again in {wait:.0f} s", 429
         elif not csrf_ok(request.session.get("csrf"), str(form.get("csrf", ""))):
             error, status = "this form is stale: try again", 403
-        elif await run_in_threadpool(users.verify, str(form.get("user", "")), str(form.get("password", ""))):
+        elif await dashboard.verify(str(form.get("user", "")), str(form.get("password", ""))):
             dashboard.throttle.succeeded(address)
             request.session.clear()  # a new session: nothing from before the login is kept
             request.session["user"] = str(form.get("user"))
