@@ -1,7 +1,8 @@
-"""Who may use the dashboard, and from where: logins, password hashes, CSRF tokens, the bind check.
+"""Who may use the dashboard, and from where: logins, password hashes, CSRF tokens, the bind and
+Host checks, where a redirect may lead, the failed-login throttle and the basic-credential cache.
 
-Pure functions and small records, no web framework: :mod:`orchestrator.dashboard.app`
-applies them. Passwords are kept as scrypt hashes (``hashlib.scrypt``, the standard
+Functions and small records, no web framework: :mod:`orchestrator.dashboard.app` and
+:mod:`orchestrator.dashboard.guard` apply them. Passwords are kept as scrypt hashes (``hashlib.scrypt``, the standard
 library's memory-hard KDF): an auth file holds one ``user:hash`` line per user, the
 hash as :func:`hash_password` prints it; ``ORCH_DASHBOARD_USER`` and
 ``ORCH_DASHBOARD_PASSWORD`` give one user from the environment instead (hashed in
