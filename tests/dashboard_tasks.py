@@ -32,6 +32,12 @@ def noop() -> None:
     return None
 
 
+def shout(text: str) -> None:
+    """Print ``text`` and fail with it: hostile text in a log line, an error and a traceback."""
+    print(text)
+    raise ValueError(text)
+
+
 def small_workflow() -> Workflow:
     """extract -> (clean, enrich) -> load, and a failing side task after extract."""
     wf = Workflow("dash-small")
@@ -113,4 +119,16 @@ def mapped_unserved_workflow(n: int, queue: str) -> Workflow:
     wf = Workflow("dash-big-map")
     wf.add_task(Task("items", items, args=(n,)))
     wf.add_task(Task("double", double, dependencies=["items"], map_over="items", queue=queue))
+    return wf
+
+
+HOSTILE = '<img src=x onerror="window.__xss=1">"><script>window.__xss=2</script><svg onload="window.__xss=3">'
+"""Text that runs script wherever a page inserts it as HTML rather than as text."""
+
+
+def hostile_workflow() -> Workflow:
+    """Names, a log line, an error and a traceback that are all markup."""
+    wf = Workflow(f"dash {HOSTILE}")
+    wf.add_task(Task("plain", say, args=(HOSTILE,)))
+    wf.add_task(Task(f"t {HOSTILE}", shout, dependencies=["plain"], args=(HOSTILE,)))
     return wf

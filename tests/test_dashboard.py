@@ -121,12 +121,15 @@ def page(browser: Any, tmp_path: Path) -> Iterator[Any]:
     tab = browser.new_page()
     errors: list[str] = []
     tab.on("pageerror", lambda exc: errors.append(str(exc)))
+    # what the Content-Security-Policy blocked (an inline script or style without the nonce): an error too
+    tab.on("console", lambda msg: errors.append(msg.text) if msg.type == "error" and "Content Security Policy"
+           in msg.text else None)
     tab.shots = tmp_path  # screenshots of this test's pages
     try:
         yield tab
     finally:
         tab.close()
-    assert not errors, f"JavaScript errors on the page: {errors}"
+    assert not errors, f"JavaScript errors or blocked content on the page: {errors}"
 
 
 def _wait(check: Callable[[], bool], timeout: float, what: str) -> None:
@@ -246,7 +249,7 @@ def test_a_1_mib_log_opens_at_its_end_and_its_start_loads(stack: dict[str, Any],
     while page.is_visible("#log-earlier"):
         shown = page.evaluate("document.getElementById('log').textContent.length")
         page.click("#log-earlier")
-        page.wait_for_function(f"document.getElementById('log').textContent.length > {shown}")
+        page.wait_for_function("shown => document.getElementById('log').textContent.length > shown", arg=shown)
         page.wait_for_selector("#log-earlier:not([disabled])", state="attached")
         pages += 1
         assert pages < 20
@@ -642,3 +645,79 @@ def test_twenty_open_pages_of_busy_1000_task_runs_cost_little(stack: dict[str, A
     print(f"dashboard: {per_second:.0f} Redis commands/s and {cpu_share:.1%} of a core for 20 busy pages")
     assert per_second < 100, per_second
     assert cpu_share < 0.20, cpu_share
+
+
+INJECTED = "img, script:not([src]):not([nonce]), iframe, [onerror], [onload]"
+"""Elements a hostile name would add to a page that inserted it as HTML (the pages' own inline
+scripts carry a nonce; the dashboard shows no image)."""
+
+
+def _no_injection(page: Any, where: str) -> None:
+    assert page.evaluate("window.__xss") is None, where
+    assert page.locator(INJECTED).count() == 0, (where, page.content()[:2000])
+
+
+def test_markup_from_redis_is_shown_as_text_on_every_page(stack: dict[str, Any], page: Any) -> None:
+    import dashboard_tasks
+    from shared.params import PARAMS_FIELD, encode_params
+    from shared.workers import LEAN, WorkerInfo, beat
+
+    hostile = dashboard_tasks.HOSTILE
+    dialogs: list[str] = []
+    page.on("dialog", lambda dialog: (dialogs.append(dialog.message), dialog.dismiss()))
+    run_id, thread = _run(stack["url"], dashboard_tasks.hostile_workflow())
+    assert thread is not None
+    thread.join(60)
+    client, base = stack["client"], stack["dashboard"].base
+    client.hset(keys.run(run_id), PARAMS_FIELD, encode_params({hostile: hostile}) or b"")
+    beat(client, WorkerInfo(f"w {hostile}", LEAN, (f"q {hostile}",), host=f"h {hostile}"), 30)
+    try:
+        page.goto(f"{base}/?workflow={urllib.parse.quote('dash ' + hostile)}")
+        assert f"dash {hostile}" in page.inner_text("#runs")
+        _no_injection(page, "runs")
+        page.goto(f"{base}/runs/{run_id}")
+        page.wait_for_selector("#graph [data-task='plain']")
+        nodes = page.eval_on_selector_all("#graph [data-task]", "els => els.map(e => e.dataset.task)")
+        assert sorted(nodes) == sorted(["plain", f"t {hostile}"])
+        assert page.inner_text("#run-workflow") == f"dash {hostile}"
+        assert hostile in page.inner_text("#run-params")
+        assert hostile in page.inner_text("#grid")
+        _no_injection(page, "run")
+        _shot(page, "hostile-run")
+        page.locator("#graph [data-kind='task']").nth(1).click()
+        page.wait_for_selector("#traceback")
+        page.wait_for_selector(f"#log:has-text('{hostile[:20]}')")
+        assert f"ValueError: {hostile}" in page.inner_text("#traceback")
+        assert hostile in page.inner_text("#attempts")
+        _no_injection(page, "task")
+        page.goto(f"{base}/workers")
+        page.wait_for_timeout(2500)  # one refresh from the event stream, drawn by workers.js
+        assert f"w {hostile}" in page.inner_text("#workers") and f"h {hostile}" in page.inner_text("#workers")
+        _no_injection(page, "workers")
+    finally:
+        client.delete(keys.alive(f"w {hostile}"))
+        client.srem(keys.WORKERS, f"w {hostile}")
+    assert dialogs == []
+
+
+def test_orch_dashboard_without_login_answers_only_its_own_host_names(stack: dict[str, Any], tmp_path: Path) -> None:
+    import http.client
+
+    def status(base: str, host: str) -> int:
+        conn = http.client.HTTPConnection(base.split("//")[1], timeout=10)
+        try:
+            conn.request("GET", "/workers", headers={"Host": host})
+            answer = conn.getresponse()
+            answer.read()
+            return answer.status
+        finally:
+            conn.close()
+    dashboard = stack["dashboard"]
+    assert status(dashboard.base, f"localhost:{dashboard.port}") == 200
+    assert status(dashboard.base, f"rebound.example:{dashboard.port}") == 421  # DNS rebinding
+    named = Dashboard(stack["url"], tmp_path, extra=("--allowed-host", "dash.internal"))
+    try:
+        assert status(named.base, "dash.internal") == 200
+        assert status(named.base, "other.internal") == 421
+    finally:
+        named.stop()

@@ -7,15 +7,19 @@ calls the very function its CLI command calls (:mod:`orchestrator.dashboard.acti
 """
 from __future__ import annotations
 
+import asyncio
 import base64
+import logging
 import secrets
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Awaitable, Callable, Optional
+from urllib.parse import urlencode
 
 import redis
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.middleware.sessions import SessionMiddleware
 from starlette.requests import Request
@@ -25,12 +29,21 @@ from starlette.staticfiles import StaticFiles
 from starlette.templating import Jinja2Templates
 
 from orchestrator.dashboard import actions, routes
-from orchestrator.dashboard.security import Users, csrf_ok, new_csrf_token, same_origin
+from orchestrator.dashboard.routes import client_address
+from orchestrator.dashboard.guard import NONCE_KEY, BodyTooLarge, Guard
+from orchestrator.dashboard.security import (CredentialCache, LoginThrottle, Users, csrf_ok, local_path,
+                                             new_csrf_token, same_origin)
 from shared.errors import RunNotFoundError, UnknownTaskError, WorkflowError
 from shared.states import RunState, TaskState
 
 HERE = Path(__file__).resolve().parent
 Handler = Callable[[Request], Awaitable[Response]]
+MAX_STREAMS = 100
+"""Live event streams (open run, task and workers pages) served at once; more are refused (503)."""
+MAX_VERIFYING = 2
+"""Password checks (scrypt: tens of ms of CPU and 16 MiB each) run at once; more wait their turn, so a
+flood of logins from many addresses cannot take every thread or all memory of the dashboard."""
+log = logging.getLogger("orch.dashboard")
 
 
 def _when(value: Optional[float]) -> str:
@@ -51,9 +64,15 @@ def _seconds(value: Optional[float]) -> str:
 class Dashboard:
     """The application's state: the Redis connection, the users, and what this Redis user may do."""
 
-    def __init__(self, connection: redis.Redis, users: Users, secret: Optional[str] = None) -> None:
+    def __init__(self, connection: redis.Redis, users: Users, secret: Optional[str] = None,
+                 max_streams: int = MAX_STREAMS) -> None:
         self.connection = connection
         self.users = users
+        self.throttle = LoginThrottle()
+        self.credentials = CredentialCache()
+        self.max_streams = max_streams
+        self.open_streams = 0
+        self._verifying: Optional[asyncio.Semaphore] = None
         self.secret = secret or secrets.token_urlsafe(32)
         self.templates = Jinja2Templates(directory=str(HERE / "templates"))
         self.templates.env.filters["when"] = _when
@@ -62,20 +81,48 @@ class Dashboard:
 
     # ------------------------------------------------------------------ plumbing
     def user_of(self, request: Request) -> Optional[str]:
-        """The logged-in user (``"-"`` when no login is configured), else ``None``."""
+        """The logged-in user (``"-"`` when no login is configured), else ``None``; HTTP basic
+        credentials count once :meth:`identify` has checked them for this request."""
         if not self.users.required:
             return "-"
         user = request.session.get("user")
         if user in self.users.hashes:
             return str(user)
+        return getattr(request.state, "basic_user", None)
+
+    async def verify(self, user: str, password: str) -> bool:
+        """:meth:`Users.verify` in a thread, at most :data:`MAX_VERIFYING` at once."""
+        if self._verifying is None:
+            self._verifying = asyncio.Semaphore(MAX_VERIFYING)
+        async with self._verifying:
+            return bool(await run_in_threadpool(self.users.verify, user, password))
+
+    async def identify(self, request: Request) -> Optional[str]:
+        """:meth:`user_of`, after checking HTTP basic credentials if the request has some: known
+        ones from :attr:`credentials` (no scrypt), others in a thread, each failure counted by
+        :attr:`throttle` (a throttled address's credentials are not even checked)."""
+        user = self.user_of(request)
         header = request.headers.get("authorization", "")
-        if header.lower().startswith("basic "):
-            try:
-                name, _, password = base64.b64decode(header[6:]).decode().partition(":")
-            except (ValueError, UnicodeDecodeError):
-                return None
-            if self.users.verify(name, password):
-                return name
+        if user is not None or not header.lower().startswith("basic "):
+            return user
+        known = self.credentials.get(header)
+        if known is not None and known in self.users.hashes:
+            request.state.basic_user = known
+            return known
+        address = client_address(request)
+        if self.throttle.wait(address) > 0:
+            return None
+        try:
+            name, _, password = base64.b64decode(header[6:], validate=True).decode().partition(":")
+        except (ValueError, UnicodeDecodeError):
+            name, password = "", ""
+        verified = bool(name) and await self.verify(name, password)
+        if verified:
+            self.throttle.succeeded(address)
+            self.credentials.put(header, name)
+            request.state.basic_user = name
+            return name
+        self.throttle.failed(address)
         return None
 
     def csrf(self, request: Request) -> str:
@@ -89,27 +136,46 @@ class Dashboard:
         base = {"request": request, "user": self.user_of(request), "csrf": self.csrf(request), "flash": flash,
                 "login": self.users.required, "states": [s.value for s in TaskState],
                 "run_states": [s.value for s in RunState], "writable": self.access.writable(),
-                "read_only_reason": actions.READ_ONLY_REASON}
+                "read_only_reason": actions.READ_ONLY_REASON, "nonce": request.scope.get("state", {}).get(NONCE_KEY)}
         return self.templates.TemplateResponse(request, template, {**base, **context}, status_code=status_code)
 
+    def error(self, request: Request, status: int, message: str, headers: Optional[dict[str, str]] = None
+              ) -> Response:
+        """One clear error: JSON for the API and ``/metrics``, else the error page."""
+        if _is_api(request):
+            return JSONResponse({"error": message}, status_code=status, headers=headers)
+        response = self.render(request, "error.html", status, message=message)
+        response.headers.update(headers or {})
+        return response
+
     def page(self, handler: Handler) -> Handler:
-        """Wrap a page or API handler: a login when one is required, and errors shown as pages."""
+        """Wrap a page or API handler: a login when one is required, and errors shown as one line
+        (an unexpected one is logged in one line, and the browser is told no more than that)."""
         async def wrapped(request: Request) -> Response:
-            if self.user_of(request) is None:
-                if request.url.path.startswith("/api/") or request.url.path == "/metrics":
-                    return JSONResponse({"error": "log in first"}, status_code=401,
-                                        headers={"WWW-Authenticate": 'Basic realm="orch"'})
-                return RedirectResponse(f"/login?next={request.url.path}", status_code=303)
+            if await self.identify(request) is None:
+                wait = self.throttle.wait(client_address(request))
+                if _is_api(request):
+                    if wait > 0:
+                        return self.error(request, 429, f"too many failed logins: try again in {wait:.0f} s",
+                                          {"Retry-After": str(int(wait) + 1)})
+                    return self.error(request, 401, "log in first", {"WWW-Authenticate": 'Basic realm="orch"'})
+                return RedirectResponse(f"/login?{urlencode({'next': request.url.path})}", status_code=303)
             try:
                 return await handler(request)
             except (RunNotFoundError, UnknownTaskError) as exc:
-                return self.render(request, "error.html", 404, message=str(exc).strip('"'))
+                return self.error(request, 404, str(exc).strip('"'))
             except redis.exceptions.NoPermissionError as exc:
-                return self.render(request, "error.html", 403, message=f"Redis refused a command: {exc}")
+                return self.error(request, 403, f"Redis refused a command: {exc}")
             except (redis.ConnectionError, redis.TimeoutError) as exc:
-                return self.render(request, "error.html", 503, message=f"lost Redis ({exc}): retry in a moment")
+                return self.error(request, 503, f"lost Redis ({exc}): retry in a moment")
             except WorkflowError as exc:
-                return self.render(request, "error.html", 400, message=str(exc))
+                return self.error(request, 400, str(exc))
+            except (HTTPException, BodyTooLarge):
+                raise
+            except Exception as exc:  # noqa: BLE001 - the browser gets one line, the log one line too
+                log.error("orch dashboard: %s %s failed: %s: %s", request.method, request.url.path,
+                          type(exc).__name__, exc)
+                return self.error(request, 500, "the dashboard could not answer this request (its log says why)")
         return wrapped
 
     def action(self, handler: Callable[[Request, dict[str, str], str], str]) -> Handler:
@@ -120,9 +186,7 @@ class Dashboard:
                     request.headers.get("origin"), request.headers.get("host")):
                 return self.render(request, "error.html", 403, message="this form is stale or came from another "
                                                                       "site (CSRF check failed): reload the page")
-            back = form.get("back") or "/"
-            if not back.startswith("/") or back.startswith("//"):
-                back = "/"
+            back = local_path(form.get("back"))
             try:
                 message = await run_in_threadpool(handler, request, form, self.user_of(request) or "-")
                 request.session["flash"] = {"ok": True, "text": message}
@@ -136,9 +200,16 @@ class Dashboard:
         return self.page(wrapped)
 
 
-def create_app(connection: redis.Redis, users: Users, secret: Optional[str] = None) -> Starlette:
-    """The dashboard as an ASGI application reading (and acting on) the Redis of ``connection``."""
-    app_state = Dashboard(connection, users, secret)
+def _is_api(request: Request) -> bool:
+    return request.url.path.startswith("/api/") or request.url.path == "/metrics"
+
+
+def create_app(connection: redis.Redis, users: Users, secret: Optional[str] = None, *,
+               allowed_hosts: Optional[frozenset[str]] = None, max_streams: int = MAX_STREAMS) -> Starlette:
+    """The dashboard as an ASGI application reading (and acting on) the Redis of ``connection``.
+    ``allowed_hosts``: the ``Host`` names it answers to (``None``: any; see
+    :func:`orchestrator.dashboard.security.allowed_hosts`)."""
+    app_state = Dashboard(connection, users, secret, max_streams)
     page, action = app_state.page, app_state.action
 
     table = [
@@ -162,7 +233,8 @@ def create_app(connection: redis.Redis, users: Users, secret: Optional[str] = No
         Route("/favicon.ico", routes.favicon),
         Mount("/static", StaticFiles(directory=str(HERE / "static")), name="static"),
     ]
-    middleware = [Middleware(SessionMiddleware, secret_key=app_state.secret, session_cookie="orch_dashboard",
+    middleware = [Middleware(Guard, allowed_hosts=allowed_hosts),
+                  Middleware(SessionMiddleware, secret_key=app_state.secret, session_cookie="orch_dashboard",
                              same_site="strict", max_age=12 * 3600)]
     app = Starlette(routes=table, middleware=middleware)
     app.state.dashboard = app_state

@@ -16,7 +16,7 @@ import click
 
 from orchestrator.cli import CliError, CliOptions, handle_errors, main, pass_options, redis_url_option
 from orchestrator.cli_cluster import apply_allowlist as allow_only
-from orchestrator.dashboard.security import check_bind, hash_password, load_users
+from orchestrator.dashboard.security import allowed_hosts, check_bind, hash_password, load_users
 from shared.connection import connect, redacted
 
 SECRET_ENV = "ORCH_DASHBOARD_SECRET"
@@ -47,13 +47,16 @@ def _check_port(host: str, port: int) -> None:
               help="Put DIR first on sys.path so that 'Trigger' can load schedules' targets (repeatable).")
 @click.option("--allow", "allow", multiple=True, metavar="PREFIX",
               help="Load schedule targets only from these modules when triggering (repeatable; also ORCH_ALLOW).")
+@click.option("--allowed-host", "allowed_host", multiple=True, metavar="NAME",
+              help="Without a login, also answer to this Host name (repeatable; loopback names always work).")
 @click.option("--hash-password", "hash_for", default=None, metavar="USER",
               help="Print an auth-file line for USER (the password read from the terminal or stdin) and exit.")
 @redis_url_option
 @pass_options
 @handle_errors
 def dashboard(options: CliOptions, host: str, port: int, auth_file: Optional[Path], insecure_no_auth: bool,
-              paths: tuple[str, ...], allow: tuple[str, ...], hash_for: Optional[str]) -> None:
+              paths: tuple[str, ...], allow: tuple[str, ...], allowed_host: tuple[str, ...],
+              hash_for: Optional[str]) -> None:
     """Serve the web dashboard: runs, their DAGs, logs, workers and schedules, live.
 
     It reads everything from Redis (through the same functions as 'orch status' and 'orch logs'),
@@ -68,7 +71,7 @@ def dashboard(options: CliOptions, host: str, port: int, auth_file: Optional[Pat
     try:
         import uvicorn
 
-        from orchestrator.dashboard.app import create_app
+        from orchestrator.dashboard.app import MAX_STREAMS, create_app
     except ImportError as exc:
         raise CliError(f"the dashboard needs its extra ({exc.name} is missing): pip install \"orch[dashboard]\"") \
             from None
@@ -80,7 +83,9 @@ def dashboard(options: CliOptions, host: str, port: int, auth_file: Optional[Pat
     url = options.require_redis_url("dashboard")
     _check_port(host, port)
     connection = connect(url, check=True)
-    app = create_app(connection, users, os.environ.get(SECRET_ENV) or None)
+    app = create_app(connection, users, os.environ.get(SECRET_ENV) or None,
+                     allowed_hosts=allowed_hosts(host, users, allowed_host))
     login = "login required" if users.required else "no login"
     click.echo(f"orch dashboard on http://{host}:{port}/ ({login}), reading {redacted(url)}", err=True)
-    uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False)
+    uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False, server_header=False,
+                limit_concurrency=MAX_STREAMS + 50)
