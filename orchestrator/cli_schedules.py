@@ -14,7 +14,7 @@ from rich.table import Table
 
 from orchestrator import report
 from orchestrator.cli import CliOptions, handle_errors, main, parse_params, pass_options, redis_url_option
-from orchestrator.schedule_logic import Catchup, Overlap
+from orchestrator.schedule_logic import Catchup, Overlap, iso
 from orchestrator.schedules import (MAX_BACKFILL, add_schedule, backfill_schedule, describe_schedule, list_schedules,
                                     pause_schedule, remove_schedule, resume_schedule, trigger_schedule)
 from shared.connection import connect
@@ -61,7 +61,7 @@ def add(options: CliOptions, name: str, target: str, cron: Optional[str], every:
     created = add_schedule(_connection(options, "add"), name, target, cron=cron, every=every, tz=tz,
                            params=parse_params(param), start=start, end=end, jitter=jitter or 0.0, overlap=overlap,
                            catchup=catchup, max_catchup=max_catchup, grace=grace, check=not no_check)
-    first = created.timing.next_tick(max(created.created_at, created.timing.start))
+    first = created.timing.next_tick(created.created_at)
     when = "never (it has ended)" if first is None else datetime.fromtimestamp(first).astimezone().isoformat()
     click.echo(f"schedule {name}: {created.describe_timing()}; first tick {when}")
 
@@ -82,7 +82,8 @@ def list_(options: CliOptions, as_json: bool) -> None:
         table.add_column(column, no_wrap=column != "when")
     for item in found:
         when = item["timing"] + (" (paused)" if item["paused"] else "")
-        table.add_row(item["name"], when, item["next"] or "-", item["last_run"] or "-", item["last_run_state"] or "-")
+        table.add_row(item["name"], when, item["next"] or ("ended" if item["ended"] else "-"), item["last_run"] or "-",
+                      item["last_run_state"] or "-")
     report.stdout_console().print(table)
 
 
@@ -105,13 +106,17 @@ def show(options: CliOptions, name: str, as_json: bool) -> None:
     if document["params"]:
         click.echo("params: " + ", ".join(f"{k}={json.dumps(v, default=str)}" for k, v in document["params"].items()))
     click.echo("next: " + (", ".join(document["next_fires"]) or "none (the schedule has ended)"))
+    if document["waiting"] is not None:
+        click.echo(f"waiting: tick {iso(document['waiting'], document['tz'])} starts when {document['last_run']} "
+                   "ends (overlap 'queue')")
     click.echo("last runs:" if document["runs"] else "last runs: none yet")
     for run in document["runs"]:
         click.echo(f"  {run['tick']}  {run['run_id']}  {run['state']}")
     if document["ticks"]:
         click.echo("ticks not run:")
         for tick in document["ticks"]:
-            many = f" ({tick['count']} ticks, to {tick['until']})" if tick.get("count") else ""
+            count = f"at least {tick['count']}" if tick.get("at_least") else tick.get("count")
+            many = f" ({count} ticks, to {tick['until']})" if tick.get("count") else ""
             click.echo(f"  {tick['tick']}  {tick['outcome']}{many}: {tick.get('reason', '')}")
 
 

@@ -187,7 +187,7 @@ class ScheduleService:
             run_id, error = self._prepare(schedule, record, decision, commands)
             if run_id:
                 commands += schedule_lag_commands(name, max(0.0, self.clock() - decision.tick))
-            records.append(tick_record(decision, run_id, error=error) if run_id
+            records.append(tick_record(decision, run_id, error=error, at=now) if run_id
                            else tick_record(Decision(decision.tick, Outcome.FAILED), error=error, at=now))
             if run_id:
                 started.append((run_id, decision))

@@ -33,7 +33,7 @@ from orchestrator.loading import load_workflow, split_target
 from orchestrator.run_store import read_run
 from orchestrator.run_views import schedule_run_ids
 from orchestrator.schedule_logic import (Catchup, Decision, Outcome, Overlap, Policies, ScheduleState, Timing, fire_at,
-                                         iso, parse_every, parse_moment)
+                                         format_every, iso, parse_every, parse_moment)
 from shared import keys
 from shared.allow import Allowlist
 from shared.config import Settings, retention
@@ -115,7 +115,7 @@ class Schedule:
     def describe_timing(self) -> str:
         if self.timing.cron is not None:
             return f"cron {self.timing.cron!r} in {self.timing.tz}"
-        return f"every {self.timing.every:g}s"
+        return f"every {format_every(self.timing.every or 0.0)}"
 
 
 @functools.lru_cache(maxsize=4096)
@@ -189,9 +189,11 @@ def add_schedule(connection: redis.Redis, name: str, target: str, *, cron: Optio
                         max_catchup=_count(max_catchup), grace=_seconds(grace, "grace") if grace is not None else None)
     encoded = encode_params(dict(params or {}))
     schedule = Schedule(name, target, timing, dict(params or {}), policies, now)
+    first = timing.next_tick(now)  # ticks() starts no earlier than --start, and includes a tick at it
+    if first is None:
+        raise ScheduleError(f"schedule {name!r} would never fire: its end ({end}) comes before its first tick")
     if check:
         load_workflow(target, {**schedule.params, "scheduled_at": iso(now, tz)})
-    first = timing.next_tick(max(now, timing.start))
     with connection.pipeline(transaction=True) as pipe:
         try:
             pipe.watch(keys.schedule(name))
@@ -205,8 +207,7 @@ def add_schedule(connection: redis.Redis, name: str, target: str, *, cron: Optio
                 record["signature"] = definition_signature(signer, name, record["definition"], record["params"])
             pipe.hset(keys.schedule(name), mapping=record)
             pipe.sadd(keys.SCHEDULES, name)
-            if first is not None:
-                pipe.zadd(keys.SCHEDULES_DUE, {name: fire_at(name, first, timing.jitter)})
+            pipe.zadd(keys.SCHEDULES_DUE, {name: fire_at(name, first, timing.jitter)})
             pipe.persist(keys.schedule_ticks(name))
             pipe.persist(keys.schedule_runs(name))
             pipe.execute()
@@ -302,6 +303,8 @@ def tick_record(decision: Decision, run_id: Optional[str] = None, error: Optiona
         record["run_id"] = run_id
     if decision.count > 1:
         record["count"], record["until"] = decision.count, decision.until
+    if not decision.exact:
+        record["at_least"] = True
     return json.dumps(record)
 
 
@@ -436,7 +439,7 @@ def _summary(connection: redis.Redis, schedule: Schedule, record: Mapping[str, A
     last_run = record.get("last_run") or None
     return {"name": schedule.name, "target": schedule.target, "timing": schedule.describe_timing(),
             "cron": schedule.timing.cron, "every": schedule.timing.every, "tz": schedule.timing.tz,
-            "paused": record.get("paused") == "1",
+            "paused": record.get("paused") == "1", "ended": upcoming is None,
             "next": None if upcoming is None else iso(upcoming, schedule.timing.tz),
             "last_run": last_run, "last_run_state": run_state(connection, last_run),
             "overlap": schedule.policies.overlap.value, "catchup": schedule.policies.catchup.value}

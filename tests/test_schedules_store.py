@@ -58,6 +58,8 @@ def runs_of(conn: Any, name: str) -> list[Any]:
     ({"every": "soon"}, "is not a number with a unit"),
     ({"overlap": "sometimes"}, "overlap 'sometimes': expected one of skip, queue, allow, cancel"),
     ({"start": "tomorrow"}, "'tomorrow' is not an ISO 8601 date"),
+    ({"end": "2020-01-01"}, "schedule 'nightly' would never fire: its end"),
+    ({"start": "2031-01-02", "end": "2031-01-01"}, "would never fire"),
     ({"target": "no_such_module_here:flow"}, "no module named 'no_such_module_here'"),
 ])
 def test_bad_input_is_one_clear_error_and_writes_nothing(conn: Any, kwargs: dict, message: str) -> None:
@@ -93,6 +95,22 @@ def test_a_tick_fires_one_run_with_its_schedule_tick_and_scheduled_at(conn: Any)
     assert conn.zscore(keys.SCHEDULES_DUE, "beat") == T0 + 20
     service(conn, clock).step()  # another coordinator, same moment: nothing more
     assert len(runs_of(conn, "beat")) == 1
+
+
+def test_a_tick_at_the_start_fires_on_time_and_the_ticks_stop_at_the_end(conn: Any) -> None:
+    add_schedule(conn, "window", TARGET, every="10s", start=T0 + 30, end=T0 + 50, overlap="allow", now=T0)
+    assert conn.zscore(keys.SCHEDULES_DUE, "window") == T0 + 30  # its first tick is the start itself
+    clock = Clock(T0 + 30.1)
+    svc = service(conn, clock)
+    svc.step()
+    assert [run.tick for run in runs_of(conn, "window")] == [T0 + 30]
+    for moment in (T0 + 40.1, T0 + 50.1, T0 + 60.1):
+        clock.now = moment
+        svc.step()
+    assert sorted(run.tick for run in runs_of(conn, "window")) == [T0 + 30, T0 + 40, T0 + 50]
+    assert conn.zscore(keys.SCHEDULES_DUE, "window") is None
+    document = describe_schedule(conn, "window", now=clock.now)
+    assert document["next_fires"] == [] and document["next"] is None and document["ended"]
 
 
 def test_two_coordinators_racing_for_one_tick_start_one_run(conn: Any, monkeypatch: pytest.MonkeyPatch) -> None:
