@@ -6,7 +6,6 @@ dashboard call); an ``orch coordinator`` fires the ticks.
 from __future__ import annotations
 
 import json
-from datetime import datetime
 from typing import Any, Optional
 
 import click
@@ -62,7 +61,7 @@ def add(options: CliOptions, name: str, target: str, cron: Optional[str], every:
                            params=parse_params(param), start=start, end=end, jitter=jitter or 0.0, overlap=overlap,
                            catchup=catchup, max_catchup=max_catchup, grace=grace, check=not no_check)
     first = created.timing.next_tick(created.created_at)
-    when = "never (it has ended)" if first is None else datetime.fromtimestamp(first).astimezone().isoformat()
+    when = "never (it has ended)" if first is None else iso(first, created.timing.tz)
     click.echo(f"schedule {name}: {created.describe_timing()}; first tick {when}")
 
 

@@ -39,6 +39,12 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then
 end
 return 0
 """
+_RENEW = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('PEXPIRE', KEYS[1], ARGV[2])
+end
+return 0
+"""
 BATCH = 100
 """Due schedules claimed and read together."""
 WINDOW = 1000
@@ -65,6 +71,8 @@ class ScheduleService:
         self.signer = Signer.from_environment()
         self.allowlist = Allowlist.from_settings()
         self._release = connection.register_script(_RELEASE)
+        self._renew = connection.register_script(_RENEW)
+        self._claimed_at: dict[str, float] = {}
         self._started: list[str] = []
 
     def serve(self, stop: threading.Event) -> None:
@@ -128,6 +136,7 @@ class ScheduleService:
             for name in names:
                 pipe.set(keys.schedule_claim(name), self.token, nx=True, px=ttl)
             mine = [name for name, claimed in zip(names, pipe.execute()) if claimed]
+        self._claimed_at = dict.fromkeys(mine, time.monotonic())
         started: list[str] = []
         try:
             with self.connection.pipeline(transaction=False) as pipe:
@@ -182,6 +191,7 @@ class ScheduleService:
             if decision.outcome is not Outcome.FIRED:
                 records.append(tick_record(decision, at=now))
                 continue
+            self._keep_claim(name)
             if decision.cancel:
                 commands.append(self._cancel(decision.cancel, name))
             run_id, error = self._prepare(schedule, record, decision, commands)
@@ -197,6 +207,18 @@ class ScheduleService:
         for run_id, decision in started:
             log.info("schedule %s: tick %s started run %s", name, decision.tick, run_id)
         return [run_id for run_id, _ in started]
+
+    def _keep_claim(self, name: str) -> None:
+        """Renew this coordinator's claim on ``name`` when a quarter of its TTL has gone, before
+        loading one more tick's target: a long catch-up or a slow target must not outlive the claim
+        (its commit would be refused, and every later try with it: no tick would ever fire).
+        Raises :class:`TickTaken` when the claim lapsed already."""
+        ttl = self.settings.lease_ttl
+        if time.monotonic() - self._claimed_at.get(name, 0.0) < ttl / 4:
+            return
+        if not self._renew(keys=[keys.schedule_claim(name)], args=[self.token, int(ttl * 1000)]):
+            raise TickTaken(f"schedule {name!r}: this coordinator's claim lapsed; another coordinator handles it")
+        self._claimed_at[name] = time.monotonic()
 
     def _prepare(self, schedule: Schedule, record: dict, decision: Decision, commands: list[tuple]
                  ) -> tuple[Optional[str], Optional[str]]:

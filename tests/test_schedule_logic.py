@@ -316,3 +316,17 @@ def test_parse_moment_reads_local_times_in_the_zone_and_whole_days() -> None:
     with pytest.raises(ScheduleError, match="not an ISO 8601 date"):
         parse_moment("next tuesday", "UTC")
     assert iso(at(PARIS, 2026, 7, 1, 2, 30), "Europe/Paris") == "2026-07-01T02:30:00+02:00"
+
+
+def test_like_debian_cron_an_expression_with_a_wildcard_in_minute_or_hour_drops_the_skipped_hour() -> None:
+    """Pinned (README, Daylight saving): only fixed-time expressions move a skipped time to 03:00."""
+    spring = (at(NEW_YORK, 2026, 3, 8, 0, 0) - 1, at(NEW_YORK, 2026, 3, 8, 6, 0))
+    hours = lambda expression: [local(t, NEW_YORK)[11:] for t in  # noqa: E731
+                                Timing(cron=expression, tz="America/New_York").between(*spring)]
+    assert hours("0,30 2 * * *") == ["03:00 -0400"]  # fixed times: both moved to 03:00, fired once
+    assert hours("*/30 2 * * *") == []
+    assert hours("0 */2 * * *") == ["00:00 -0500", "04:00 -0400", "06:00 -0400"]
+    assert hours("30 * * * *") == ["00:30 -0500", "01:30 -0500", "03:30 -0400", "04:30 -0400", "05:30 -0400"]
+    fall = (at(NEW_YORK, 2026, 11, 1, 0, 0) - 1, at(NEW_YORK, 2026, 11, 1, 3, 0))
+    ticks = Timing(cron="30 * * * *", tz="America/New_York").between(*fall)
+    assert [local(t, NEW_YORK)[11:] for t in ticks] == ["00:30 -0400", "01:30 -0400", "02:30 -0500"]

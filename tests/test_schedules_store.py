@@ -113,6 +113,21 @@ def test_a_tick_at_the_start_fires_on_time_and_the_ticks_stop_at_the_end(conn: A
     assert document["next_fires"] == [] and document["next"] is None and document["ended"]
 
 
+def test_a_catch_up_longer_than_the_claim_ttl_renews_the_claim_and_commits(
+        conn: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ORCH_LEASE_TTL", "1")
+    monkeypatch.setenv("SCHEDULE_LOAD_PAUSE", "0.3")  # each tick's target takes 0.3 s to load: 6 take 1.8 s
+    add_schedule(conn, "slow", TARGET, every="10s", catchup="all", grace="1s", overlap="allow", check=False, now=T0)
+    svc = service(conn, Clock(T0 + 65))
+    svc.step()
+    assert sorted(run.tick for run in runs_of(conn, "slow")) == [T0 + 10 * k for k in range(1, 7)]
+    assert conn.get(keys.schedule_claim("slow")) is None  # released
+    conn.set(keys.schedule_claim("slow"), "another coordinator's token")  # ours lapsed and another took it
+    svc._claimed_at["slow"] = 0.0
+    with pytest.raises(service_module.TickTaken, match="claim lapsed"):
+        svc._keep_claim("slow")
+
+
 def test_two_coordinators_racing_for_one_tick_start_one_run(conn: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     add_schedule(conn, "race", TARGET, every="10s", now=T0)
     clock = Clock(T0 + 10.1)
