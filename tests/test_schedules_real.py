@@ -295,3 +295,30 @@ def test_the_coordinator_keeps_firing_through_a_redis_restart(aof_procs: tuple[A
     assert fired.alive(), fired.describe()
     ran = Counter(m["scheduled_at"] for m in marks(procs.directory))
     assert not [tick for tick, n in ran.items() if n > 1], ran
+
+
+def test_a_six_field_cron_with_jitter_fires_each_tick_within_its_jitter(procs: Processes) -> None:
+    procs.workers(1)
+    out = orch_ok(procs, ["schedule", "add", "jittery", TARGET, "--cron", "*/2 * * * * *", "--jitter", "1.5s",
+                          "--tz", "Europe/Paris", "--overlap", "allow"])
+    assert "cron '*/2 * * * * *' in Europe/Paris; first tick 20" in out and ("+01:00" in out or "+02:00" in out)
+    coordinator(procs)
+    wait_for(lambda: len(schedule_runs(procs, "jittery")) >= 4, 20, "four ticks")
+    runs = schedule_runs(procs, "jittery")
+    offsets = sorted(r["created_at"] - r["tick"] for r in runs)
+    assert all(r["tick"] % 2 == 0 for r in runs)
+    assert offsets[0] >= 0 and offsets[-1] < 1.5 + 0.5, offsets  # within [0, jitter) and a loaded machine's margin
+    assert offsets[-1] > 0.1, offsets  # spread, not all at the tick
+
+
+def test_show_names_the_tick_waiting_behind_a_slow_run(procs: Processes) -> None:
+    procs.workers(1)
+    orch_ok(procs, ["schedule", "add", "waiter", TARGET, "--every", "1s", "--overlap", "queue", "--param", "pause=3"])
+    coordinator(procs)
+
+    def shown() -> str:
+        out = orch_ok(procs, ["schedule", "show", "waiter"])
+        return out if "waiting: tick" in out else ""
+
+    text = wait_for(shown, 15, "a waiting tick shown")
+    assert "starts when 20" in text and "ends (overlap 'queue')" in text, text
