@@ -112,7 +112,7 @@ def show(options: CliOptions, name: str, as_json: bool) -> None:
     for run in document["runs"]:
         click.echo(f"  {run['tick']}  {run['run_id']}  {run['state']}")
     if document["ticks"]:
-        click.echo("ticks not run:")
+        click.echo("ticks skipped, missed, queued or failed:")
         for tick in document["ticks"]:
             count = f"at least {tick['count']}" if tick.get("at_least") else tick.get("count")
             many = f" ({count} ticks, to {tick['until']})" if tick.get("count") else ""

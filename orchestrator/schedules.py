@@ -189,6 +189,9 @@ def add_schedule(connection: redis.Redis, name: str, target: str, *, cron: Optio
                         max_catchup=_count(max_catchup), grace=_seconds(grace, "grace") if grace is not None else None)
     encoded = encode_params(dict(params or {}))
     schedule = Schedule(name, target, timing, dict(params or {}), policies, now)
+    if timing.jitter and timing.jitter >= timing.typical_gap:
+        raise ScheduleError(f"jitter {timing.jitter:g} s is not shorter than the schedule's interval "
+                            f"({timing.typical_gap:g} s): its ticks would fire out of order, several at once")
     first = timing.next_tick(now)  # ticks() starts no earlier than --start, and includes a tick at it
     if first is None:
         raise ScheduleError(f"schedule {name!r} would never fire: its end ({end}) comes before its first tick")

@@ -60,6 +60,8 @@ def runs_of(conn: Any, name: str) -> list[Any]:
     ({"start": "tomorrow"}, "'tomorrow' is not an ISO 8601 date"),
     ({"end": "2020-01-01"}, "schedule 'nightly' would never fire: its end"),
     ({"start": "2031-01-02", "end": "2031-01-01"}, "would never fire"),
+    ({"jitter": "1m"}, "jitter 60 s is not shorter than the schedule's interval"),
+    ({"cron": "*/5 * * * *", "jitter": "10m"}, "jitter 600 s is not shorter than the schedule's interval .300 s"),
     ({"target": "no_such_module_here:flow"}, "no module named 'no_such_module_here'"),
 ])
 def test_bad_input_is_one_clear_error_and_writes_nothing(conn: Any, kwargs: dict, message: str) -> None:
