@@ -77,12 +77,14 @@ def list_(options: CliOptions, as_json: bool) -> None:
         click.echo(json.dumps(found))
         return
     table = Table(box=None, pad_edge=False, header_style="bold underline")
-    for column in ("name", "when", "next", "last run", "state"):
-        table.add_column(column, no_wrap=column != "when")
+    for column in ("name", "next", "last run", "state"):  # never wrapped: names and ids are copied from here
+        table.add_column(column, no_wrap=True)
+    table.add_column("when", min_width=12, ratio=1)  # wraps between words in a narrow terminal
     for item in found:
         when = item["timing"] + (" (paused)" if item["paused"] else "")
-        table.add_row(item["name"], when, item["next"] or ("ended" if item["ended"] else "-"), item["last_run"] or "-",
-                      item["last_run_state"] or "-")
+        # in the schedule's zone (its 'when' names it), as short as orch runs' times: readable at 80 columns
+        upcoming = item["next"][5:19].replace("T", " ") if item["next"] else ("ended" if item["ended"] else "-")
+        table.add_row(item["name"], upcoming, item["last_run"] or "-", item["last_run_state"] or "-", when)
     report.stdout_console().print(table)
 
 
@@ -104,7 +106,8 @@ def show(options: CliOptions, name: str, as_json: bool) -> None:
                + (f", jitter {document['jitter']:g}s" if document["jitter"] else ""))
     if document["params"]:
         click.echo("params: " + ", ".join(f"{k}={json.dumps(v, default=str)}" for k, v in document["params"].items()))
-    click.echo("next: " + (", ".join(document["next_fires"]) or "none (the schedule has ended)"))
+    click.echo(("next (paused: skipped unless resumed): " if document["paused"] else "next: ")
+               + (", ".join(document["next_fires"]) or "none (the schedule has ended)"))
     if document["waiting"] is not None:
         click.echo(f"waiting: tick {iso(document['waiting'], document['tz'])} starts when {document['last_run']} "
                    "ends (overlap 'queue')")
