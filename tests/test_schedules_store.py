@@ -268,3 +268,29 @@ def test_two_coordinators_share_a_minute_of_ticks_each_fired_once(conn: Any, mon
     ticks = [conn.zrange(keys.schedule_runs(f"m{i}"), 0, -1) for i in range(250)]
     assert all(len(t) == 1 for t in ticks), "a schedule fired twice or not at all"
     assert conn.zcard(keys.RUNS) == 250
+
+
+def test_list_and_show_say_ended_paused_and_waiting(conn: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    from click.testing import CliRunner
+
+    import orchestrator.cli_schedules as cli_schedules
+    from orchestrator.cli import main
+
+    monkeypatch.setattr(cli_schedules, "connect", lambda url: conn)
+    now = __import__("time").time()
+    add_schedule(conn, "done", TARGET, every="1h", start=now - 3599.5, end=now + 1, now=now - 1)  # one tick left
+    add_schedule(conn, "held", TARGET, every="1h", overlap="queue", now=now)
+    pause_schedule(conn, "held")
+    conn.hset(keys.schedule("held"), mapping={"waiting": repr(T0), "last_run": "20270115T080000-abc"})
+    conn.hset(keys.schedule("done"), "last_tick", repr(now + 1))
+    runner = CliRunner()
+    listed = runner.invoke(main, ["schedule", "list", "--redis-url", "redis://unused"])
+    assert listed.exit_code == 0, listed.output
+    rows = {line.split()[0]: line for line in listed.output.splitlines()[1:] if line.strip()}
+    assert rows["done"].split()[1] == "ended" and "every 1h" in rows["done"]
+    assert "(paused)" in listed.output
+    shown = runner.invoke(main, ["schedule", "show", "held", "--redis-url", "redis://unused"]).output
+    assert "next (paused: skipped unless resumed): " in shown
+    assert "waiting: tick 2027-01-15T08:00:00+00:00 starts when 20270115T080000-abc ends (overlap 'queue')" in shown
+    ended = runner.invoke(main, ["schedule", "show", "done", "--redis-url", "redis://unused"]).output
+    assert "next: none (the schedule has ended)" in ended
