@@ -13,7 +13,7 @@ from rich.table import Table
 
 from orchestrator import report
 from orchestrator.cli import CliOptions, handle_errors, main, parse_params, pass_options, redis_url_option
-from orchestrator.schedule_logic import Catchup, Overlap, iso
+from orchestrator.schedule_logic import MAX_DUE, Catchup, Overlap, iso
 from orchestrator.schedules import (MAX_BACKFILL, add_schedule, backfill_schedule, describe_schedule, list_schedules,
                                     pause_schedule, remove_schedule, resume_schedule, trigger_schedule)
 from shared.connection import connect
@@ -46,7 +46,8 @@ def schedule() -> None:
               help="When the previous run still goes: skip the tick, queue one, allow both, or cancel the previous.")
 @click.option("--catchup", type=click.Choice([c.value for c in Catchup]), default="latest", show_default=True,
               help="Ticks missed while no coordinator ran: run the latest, all (up to --max-catchup) or none.")
-@click.option("--max-catchup", type=click.IntRange(min=0), default=100, show_default=True)
+@click.option("--max-catchup", type=click.IntRange(min=0, max=MAX_DUE), default=100, show_default=True,
+              help="The most missed ticks --catchup all runs.")
 @click.option("--grace", default=None, metavar="N[smhd]", help="How late a tick may fire before it counts as missed "
               "(default: the interval, at most 1h).")
 @click.option("--no-check", is_flag=True, help="Do not load TARGET here (its code is only where coordinators run).")

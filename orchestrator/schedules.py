@@ -32,8 +32,8 @@ from orchestrator.lease import flatten, run_commands_lua
 from orchestrator.loading import load_workflow, split_target
 from orchestrator.run_store import read_run
 from orchestrator.run_views import schedule_run_ids
-from orchestrator.schedule_logic import (Catchup, Decision, Outcome, Overlap, Policies, ScheduleState, Timing, fire_at,
-                                         format_every, iso, parse_every, parse_moment)
+from orchestrator.schedule_logic import (MAX_DUE, Catchup, Decision, Outcome, Overlap, Policies, ScheduleState, Timing,
+                                         fire_at, format_every, iso, parse_every, parse_moment)
 from shared import keys
 from shared.allow import Allowlist
 from shared.config import Settings, retention
@@ -274,8 +274,9 @@ def _choice(kind: Any, value: str, what: str) -> Any:
 
 
 def _count(value: int) -> int:
-    if not isinstance(value, int) or value < 0:
-        raise ScheduleError(f"max catch-up {value!r}: expected a whole number, 0 or more")
+    if not isinstance(value, int) or not 0 <= value <= MAX_DUE:
+        raise ScheduleError(f"max catch-up {value!r}: expected a whole number from 0 to {MAX_DUE} (the most "
+                            "runs one look at a schedule starts)")
     return value
 
 

@@ -60,6 +60,7 @@ def runs_of(conn: Any, name: str) -> list[Any]:
     ({"start": "tomorrow"}, "'tomorrow' is not an ISO 8601 date"),
     ({"end": "2020-01-01"}, "schedule 'nightly' would never fire: its end"),
     ({"start": "2031-01-02", "end": "2031-01-01"}, "would never fire"),
+    ({"max_catchup": 1001}, "max catch-up 1001: expected a whole number from 0 to 1000"),
     ({"jitter": "1m"}, "jitter 60 s is not shorter than the schedule's interval"),
     ({"cron": "*/5 * * * *", "jitter": "10m"}, "jitter 600 s is not shorter than the schedule's interval .300 s"),
     ({"target": "no_such_module_here:flow"}, "no module named 'no_such_module_here'"),
