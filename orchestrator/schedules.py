@@ -376,15 +376,18 @@ def backfill_schedule(connection: redis.Redis, name: str, start: float | str, en
                       params: Optional[Mapping[str, Any]] = None, limit: int = MAX_BACKFILL) -> list[str]:
     """One run per tick of the schedule in ``[start, end]`` (a bare end date counts whole), oldest
     first, each with its tick as ``scheduled_at``, recorded as backfill; coordinators drive them.
+    The range may lie before the schedule's ``--start`` (an interval's ticks keep their phase).
     More than ``limit`` ticks is refused before anything is written."""
     schedule, record = load_schedule(connection, name)
-    tz = schedule.timing.tz
+    tz, every = schedule.timing.tz, schedule.timing.every
     first, last = _moment(start, tz), _moment(end, tz, end_of_day=True)
     if last < first:
         raise ScheduleError(f"backfill of {name!r}: the end is before the start")
+    anchor = 0.0
+    if every is not None:
+        anchor = schedule.timing.start - max(0, math.ceil((schedule.timing.start - first) / every)) * every
     ticks: list[float] = []
-    for tick in Timing(cron=schedule.timing.cron, tz=tz, every=schedule.timing.every,
-                       start=schedule.timing.start).ticks(first - 1e-6):
+    for tick in Timing(cron=schedule.timing.cron, tz=tz, every=every, start=anchor).ticks(first - 1e-6):
         if tick > last:
             break
         ticks.append(tick)

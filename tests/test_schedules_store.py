@@ -186,6 +186,16 @@ def test_backfill_starts_one_run_per_tick_in_the_zone_and_refuses_a_huge_range(c
     assert len(runs_of(conn, "daily")) == 3
 
 
+def test_backfill_reaches_before_the_schedule_was_added_or_its_start(conn: Any) -> None:
+    add_schedule(conn, "hourly", TARGET, every="1h", now=T0 + 0.4)  # ticks at T0 + k hours
+    run_ids = backfill_schedule(conn, "hourly", T0 - 3 * 3600 - 1, T0 - 1)
+    assert [run.tick for run in sorted(runs_of(conn, "hourly"), key=lambda r: r.tick)] == \
+        [T0 - 3 * 3600, T0 - 2 * 3600, T0 - 3600]
+    assert len(run_ids) == 3
+    add_schedule(conn, "later", TARGET, cron="0 3 * * *", start="2031-01-01", now=T0)
+    assert len(backfill_schedule(conn, "later", "2026-11-01", "2026-11-02")) == 2
+
+
 def test_a_damaged_schedule_is_an_error_line_and_the_service_goes_on(conn: Any) -> None:
     add_schedule(conn, "broken", TARGET, every="10s", now=T0)
     add_schedule(conn, "fine", TARGET, every="10s", now=T0)
