@@ -3,8 +3,9 @@
 Each coordinator looks at one sorted set (``orch:schedules:due``: schedule -> next fire
 time) and handles the schedules whose time has come. To handle one it takes the
 schedule's claim (``SET NX`` with the lease TTL, renewed while it loads a long catch-up's
-targets), so that coordinators do not all load the same target; decides the due ticks with the pure :func:`~orchestrator.schedule_logic.plan_ticks`;
-loads the target for each tick that fires; and writes the runs, the history and the
+targets), so that coordinators do not all load the same target; decides the due ticks with
+the pure :func:`~orchestrator.schedule_logic.plan_ticks`; loads the target for each tick
+that fires; and writes the runs, the history and the
 schedule's new state in one fenced script (:func:`orchestrator.schedules.commit`): if
 another coordinator handled the tick meanwhile (this one paused past its claim), nothing
 is written. A coordinator killed while it held the claim leaves the schedule due: another

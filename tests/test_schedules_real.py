@@ -322,3 +322,24 @@ def test_show_names_the_tick_waiting_behind_a_slow_run(procs: Processes) -> None
 
     text = wait_for(shown, 15, "a waiting tick shown")
     assert "starts when 20" in text and "ends (overlap 'queue')" in text, text
+
+
+def test_a_year_of_downtime_on_one_second_ticks_is_handled_at_once(procs: Processes) -> None:
+    procs.workers(2)
+    client = redis.Redis.from_url(procs.redis_url)
+    for name, timing in (("yearly-interval", ["--every", "1s"]), ("yearly-cron", ["--cron", "* * * * * *"])):
+        orch_ok(procs, ["schedule", "add", name, TARGET, *timing, "--catchup", "all", "--max-catchup", "5",
+                        "--grace", "1s", "--overlap", "allow", "--param", f"kind={name}",
+                        "--start", datetime.fromtimestamp(time.time() - 400 * 86400).strftime("%Y-%m-%d")])
+        client.hset(keys.schedule(name), "last_tick", repr(time.time() - 365 * 86400.0))  # as if down a year
+    began = time.time()
+    coordinator(procs)
+    for name in ("yearly-interval", "yearly-cron"):
+        missed = wait_for(lambda: [t for t in show(procs, name)["ticks"] if t["outcome"] == "missed"], 15,
+                          f"{name}: the year recorded as missed")
+        assert len(missed) == 1 and missed[0]["count"] >= 10_000, missed
+        assert missed[0].get("at_least") is (True if name == "yearly-cron" else None), missed
+    assert time.time() - began < 15
+    for name in ("yearly-interval", "yearly-cron"):  # the five newest late ticks ran, then the schedule went on
+        wait_for(lambda: len({m["scheduled_at"] for m in marks(procs.directory) if m["params"]["kind"] == name}) >= 7,
+                 15, f"{name}: catch-up runs and on-time runs")
