@@ -186,6 +186,24 @@ def test_backfill_starts_one_run_per_tick_in_the_zone_and_refuses_a_huge_range(c
     assert len(runs_of(conn, "daily")) == 3
 
 
+@pytest.mark.parametrize("cron, tz, start, end, expected", [
+    ("30 2 * * *", "Europe/Paris", "2026-03-28", "2026-03-30",
+     ["2026-03-28T02:30:00+01:00", "2026-03-29T03:00:00+02:00", "2026-03-30T02:30:00+02:00"]),
+    ("30 1 * * *", "America/New_York", "2026-10-31", "2026-11-02",
+     ["2026-10-31T01:30:00-04:00", "2026-11-01T01:30:00-04:00", "2026-11-02T01:30:00-05:00"]),
+    ("0 * * * *", "America/New_York", "2026-11-01T00:00", "2026-11-01T03:00",
+     ["2026-11-01T00:00:00-04:00", "2026-11-01T01:00:00-04:00", "2026-11-01T02:00:00-05:00",
+      "2026-11-01T03:00:00-05:00"]),
+    ("0 2 * * *", "America/New_York", "2026-03-07", "2026-03-09",
+     ["2026-03-07T02:00:00-05:00", "2026-03-08T03:00:00-04:00", "2026-03-09T02:00:00-04:00"]),
+])
+def test_backfill_across_a_dst_change_runs_once_per_local_tick(conn: Any, cron: str, tz: str, start: str, end: str,
+                                                               expected: list[str]) -> None:
+    add_schedule(conn, "dst", TARGET, cron=cron, tz=tz, now=T0)
+    run_ids = backfill_schedule(conn, "dst", start, end)
+    assert [decode_params(conn.hget(keys.run(r), "params"))["scheduled_at"] for r in run_ids] == expected
+
+
 def test_backfill_reaches_before_the_schedule_was_added_or_its_start(conn: Any) -> None:
     add_schedule(conn, "hourly", TARGET, every="1h", now=T0 + 0.4)  # ticks at T0 + k hours
     run_ids = backfill_schedule(conn, "hourly", T0 - 3 * 3600 - 1, T0 - 1)
