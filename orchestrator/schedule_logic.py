@@ -337,7 +337,8 @@ def plan_ticks(name: str, timing: Timing, policies: Policies, state: ScheduleSta
                least_grace: float = 0.0) -> TickPlan:
     """Decide every tick due by ``now`` since ``state.last_tick``.
 
-    A tick queued behind the previous run fires first once that run ended. The ticks due now
+    A tick queued behind the previous run fires first once that run ended (or is skipped if the
+    schedule was paused meanwhile). The ticks due now
     form one batch, decided against the run that was going before the batch (catch-up ticks of
     a downtime all fire, in order, when nothing was running: the user asked for them); paused
     ticks are skipped. ``least_grace`` keeps the default grace at least the time a failover takes,
@@ -347,7 +348,10 @@ def plan_ticks(name: str, timing: Timing, policies: Policies, state: ScheduleSta
     """
     decisions: list[Decision] = []
     running, waiting = state.previous_running, state.waiting
-    if waiting is not None and not running and not state.paused:
+    if waiting is not None and state.paused:  # a queued tick does not outlive a pause, to fire days later
+        decisions.append(Decision(waiting, Outcome.SKIPPED, "the schedule was paused while it waited"))
+        waiting = None
+    if waiting is not None and not running:
         decisions.append(Decision(waiting, Outcome.FIRED, "queued until the previous run ended"))
         waiting, running = None, True
     grace = timing.jitter + (policies.grace if policies.grace is not None else max(timing.grace(), least_grace))

@@ -248,6 +248,14 @@ def test_overlap_queue_keeps_one_tick_waiting_then_fires_it_once_the_previous_ru
     assert [(d.tick, d.outcome) for d in plan.decisions] == [(1010.0, Outcome.FIRED)] and plan.waiting is None
 
 
+def test_a_tick_waiting_when_the_schedule_is_paused_is_skipped_not_kept_for_the_resume() -> None:
+    paused = ScheduleState(last_tick=1010.0, waiting=1010.0, paused=True, previous_run="r1", previous_running=True)
+    plan = plan_ticks("s", EVERY_10, Policies(overlap=Overlap.QUEUE), paused, now=1012.0)
+    assert [(d.tick, d.outcome, d.reason) for d in plan.decisions] == \
+        [(1010.0, Outcome.SKIPPED, "the schedule was paused while it waited")]
+    assert plan.waiting is None and plan.next_fire == 1020.0
+
+
 def test_overlap_cancel_names_the_run_to_cancel_and_allow_fires_beside_it() -> None:
     state = ScheduleState(last_tick=1000.0, previous_run="r1", previous_running=True)
     (cancel,) = plan_ticks("s", EVERY_10, Policies(overlap=Overlap.CANCEL), state, now=1010.0).decisions
