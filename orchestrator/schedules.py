@@ -30,14 +30,12 @@ import redis
 from orchestrator.distributed import submit_run
 from orchestrator.lease import flatten, run_commands_lua
 from orchestrator.loading import load_workflow, split_target
-from orchestrator.run_store import read_run
-from orchestrator.run_views import schedule_run_ids
 from orchestrator.schedule_logic import (MAX_DUE, Catchup, Decision, Outcome, Overlap, Policies, ScheduleState, Timing,
                                          fire_at, format_every, iso, parse_every, parse_moment)
 from shared import keys
 from shared.allow import Allowlist
 from shared.config import Settings, retention
-from shared.errors import (RunNotFoundError, ScheduleError, ScheduleExistsError, ScheduleNotFoundError,
+from shared.errors import (ScheduleError, ScheduleExistsError, ScheduleNotFoundError,
                            WorkflowError)
 from shared.params import decode_params, encode_params
 from shared.signing import Signer
@@ -123,7 +121,7 @@ def _parsed(name: str, definition: Any, params: Any) -> Schedule:
     return Schedule._from_record(name, {"definition": definition, "params": params})
 
 
-def _text(value: Any) -> str:
+def as_text(value: Any) -> str:
     return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
 
 
@@ -133,7 +131,7 @@ def read_record(connection: redis.Redis, name: str) -> dict[str, Any]:
 
 
 def decode_record(raw: Mapping[Any, Any]) -> dict[str, Any]:
-    return {_text(k): (v if _text(k) == "params" else _text(v)) for k, v in raw.items()}
+    return {as_text(k): (v if as_text(k) == "params" else as_text(v)) for k, v in raw.items()}
 
 
 def load_schedule(connection: redis.Redis, name: str) -> tuple[Schedule, dict[str, Any]]:
@@ -144,7 +142,7 @@ def load_schedule(connection: redis.Redis, name: str) -> tuple[Schedule, dict[st
     return Schedule.from_record(name, record), record
 
 
-def _number(value: Any) -> Optional[float]:
+def as_number(value: Any) -> Optional[float]:
     try:
         return None if value in (None, "") else float(value)
     except (TypeError, ValueError):
@@ -155,14 +153,14 @@ def run_state(connection: redis.Redis, run_id: Optional[str]) -> Optional[str]:
     if not run_id:
         return None
     state = connection.hget(keys.run(run_id), "state")
-    return None if state is None else _text(state)
+    return None if state is None else as_text(state)
 
 
 def schedule_state(schedule: Schedule, record: Mapping[str, Any], previous_state: Optional[str]) -> ScheduleState:
     """The state :func:`~orchestrator.schedule_logic.plan_ticks` decides from, given the state of
     the schedule's last run (``record["last_run"]``)."""
-    return ScheduleState(last_tick=_number(record.get("last_tick")) or schedule.created_at,
-                         waiting=_number(record.get("waiting")), paused=record.get("paused") == "1",
+    return ScheduleState(last_tick=as_number(record.get("last_tick")) or schedule.created_at,
+                         waiting=as_number(record.get("waiting")), paused=record.get("paused") == "1",
                          previous_run=record.get("last_run") or None,
                          previous_running=previous_state == RunState.RUNNING.value)
 
@@ -428,68 +426,6 @@ def remove_schedule(connection: redis.Redis, name: str) -> None:
         pipe.execute()
 
 
-def list_schedules(connection: redis.Redis, now: Optional[float] = None) -> list[dict[str, Any]]:
-    """``orch schedule list --json``: every schedule, by name."""
-    now = time.time() if now is None else now
-    out = []
-    for name in sorted(_text(raw) for raw in connection.smembers(keys.SCHEDULES)):
-        try:
-            schedule, record = load_schedule(connection, name)
-        except (ScheduleNotFoundError, ScheduleError):
-            continue
-        out.append(_summary(connection, schedule, record, now))
-    return out
-
-
-def _summary(connection: redis.Redis, schedule: Schedule, record: Mapping[str, Any], now: float) -> dict[str, Any]:
-    upcoming = schedule.timing.next_tick(max(now, _number(record.get("last_tick")) or 0.0))
-    last_run = record.get("last_run") or None
-    return {"name": schedule.name, "target": schedule.target, "timing": schedule.describe_timing(),
-            "cron": schedule.timing.cron, "every": schedule.timing.every, "tz": schedule.timing.tz,
-            "paused": record.get("paused") == "1", "ended": upcoming is None,
-            "next": None if upcoming is None else iso(upcoming, schedule.timing.tz),
-            "last_run": last_run, "last_run_state": run_state(connection, last_run),
-            "overlap": schedule.policies.overlap.value, "catchup": schedule.policies.catchup.value}
-
-
-def describe_schedule(connection: redis.Redis, name: str, now: Optional[float] = None,
-                      runs: int = 10, ticks: int = 20) -> dict[str, Any]:
-    """``orch schedule show --json``: the definition, the next 5 fire times, the last runs with
-    their states, and the ticks skipped, missed, queued or failed, with why."""
-    schedule, record = load_schedule(connection, name)
-    now = time.time() if now is None else now
-    document = _summary(connection, schedule, record, now)
-    tz = schedule.timing.tz
-    after = max(now, _number(record.get("last_tick")) or 0.0)
-    upcoming = []
-    for tick in schedule.timing.ticks(after):
-        upcoming.append(iso(tick, tz))
-        if len(upcoming) == 5:
-            break
-    last_runs = []
-    for run_id in schedule_run_ids(connection, name, runs):
-        try:
-            snapshot = read_run(connection, run_id)
-        except RunNotFoundError:
-            continue
-        last_runs.append({"run_id": run_id, "state": snapshot.state, "created_at": snapshot.created_at,
-                          "trigger": snapshot.trigger,
-                          "tick": None if snapshot.tick is None else iso(snapshot.tick, tz)})
-    history = []
-    for raw in connection.lrange(keys.schedule_ticks(name), 0, HISTORY - 1):
-        try:
-            entry = json.loads(raw)
-            entry["tick"] = iso(float(entry["tick"]), tz)
-            if entry.get("until") is not None:
-                entry["until"] = iso(float(entry["until"]), tz)
-        except (ValueError, TypeError, KeyError):
-            continue
-        if entry.get("outcome") not in (Outcome.FIRED.value, Outcome.MANUAL.value, Outcome.BACKFILL.value):
-            history.append(entry)
-        if len(history) >= ticks:
-            break
-    document.update({"params": schedule.params, "start": schedule.timing.start or None, "end": schedule.timing.end,
-                     "jitter": schedule.timing.jitter, "max_catchup": schedule.policies.max_catchup,
-                     "grace": schedule.policies.grace, "next_fires": upcoming, "runs": last_runs,
-                     "ticks": history, "waiting": _number(record.get("waiting"))})
-    return document
+# The read-only views (orch schedule list|show --json) live in their own module; re-exported here so
+# the Python API stays ``orchestrator.schedules.*``.
+from orchestrator.schedule_views import describe_schedule, list_schedules  # noqa: E402,F401
