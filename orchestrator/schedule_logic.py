@@ -338,19 +338,21 @@ def plan_ticks(name: str, timing: Timing, policies: Policies, state: ScheduleSta
     """Decide every tick due by ``now`` since ``state.last_tick``.
 
     A tick queued behind the previous run fires first once that run ended (or is skipped if the
-    schedule was paused meanwhile). The ticks due now
-    form one batch, decided against the run that was going before the batch (catch-up ticks of
-    a downtime all fire, in order, when nothing was running: the user asked for them); paused
-    ticks are skipped. ``least_grace`` keeps the default grace at least the time a failover takes,
-    so a tick fired late because the coordinator about to fire it died is fired, not missed (a
-    grace the user gave is kept as given). A tick's jitter adds to its grace: it fires that late
-    on purpose.
+    schedule was paused meanwhile). The ticks due now form one batch, decided against the run
+    that was going before the batch (catch-up ticks of a downtime all fire, in order, when
+    nothing was running: the user asked for them). A paused schedule's ticks are skipped as one
+    entry per look, and it is looked at every :data:`PAUSED_LOOK`. ``least_grace`` keeps the
+    default grace at least the time a failover takes, so a tick fired late because the
+    coordinator about to fire it died is fired, not missed (a grace the user gave is kept as
+    given). A tick's jitter adds to its grace: it fires that late on purpose.
     """
     decisions: list[Decision] = []
     running, waiting = state.previous_running, state.waiting
     if waiting is not None and state.paused:  # a queued tick does not outlive a pause, to fire days later
-        decisions.append(Decision(waiting, Outcome.SKIPPED, "the schedule was paused while it waited"))
+        decisions.append(Decision(waiting, Outcome.SKIPPED, WAITED_PAUSED))
         waiting = None
+    if state.paused:
+        return _paused_plan(name, timing, state, now, decisions)
     if waiting is not None and not running:
         decisions.append(Decision(waiting, Outcome.FIRED, "queued until the previous run ended"))
         waiting, running = None, True
@@ -370,6 +372,32 @@ def plan_ticks(name: str, timing: Timing, policies: Policies, state: ScheduleSta
     return TickPlan(decisions, last_tick, waiting, next_fire)
 
 
+PAUSED_LOOK = 60.0
+"""Seconds between looks at a paused schedule: the ticks that came meanwhile are recorded as one
+skipped entry with their count (a paused every-second schedule does not push its history out, nor
+cost a coordinator a look a second)."""
+PAUSED = "the schedule is paused"
+WAITED_PAUSED = "the schedule was paused while it waited"
+
+
+def paused_span(timing: Timing, last: float, now: float) -> Optional[Decision]:
+    """The ticks in ``(last, now]`` of a paused schedule as one skipped decision (``None``: none came)."""
+    newest = timing.newest(last, now, 1)
+    if not newest:
+        return None
+    count, exact = timing.count(last, now, COUNT_LIMIT)
+    return Decision(timing.next_tick(last) or newest[0], Outcome.SKIPPED, PAUSED, count=count, until=newest[0],
+                    exact=exact)
+
+
+def _paused_plan(name: str, timing: Timing, state: ScheduleState, now: float, decisions: list[Decision]) -> TickPlan:
+    skipped = paused_span(timing, state.last_tick, now)
+    last_tick = state.last_tick if skipped is None else max(state.last_tick, skipped.until or skipped.tick)
+    upcoming = timing.next_tick(max(last_tick, now))
+    next_fire = None if upcoming is None else max(fire_at(name, upcoming, timing.jitter), now + PAUSED_LOOK)
+    return TickPlan(decisions + ([skipped] if skipped else []), last_tick, None, next_fire)
+
+
 def _missed(missed: Missed, catchup: Catchup) -> Decision:
     why = {Catchup.NONE: "catch-up 'none' fires no late tick",
            Catchup.LATEST: "catch-up 'latest' fires only the most recent late tick",
@@ -381,8 +409,6 @@ def _missed(missed: Missed, catchup: Catchup) -> Decision:
 
 
 def _decide(tick: float, overlap: Overlap, state: ScheduleState, running: bool, tick_waiting: bool) -> Decision:
-    if state.paused:
-        return Decision(tick, Outcome.SKIPPED, "the schedule is paused")
     action = on_tick(overlap, running, tick_waiting)
     previous = state.previous_run or "the previous run"
     if action is TickAction.FIRE:

@@ -30,8 +30,9 @@ import redis
 from orchestrator.distributed import submit_run
 from orchestrator.lease import flatten, run_commands_lua
 from orchestrator.loading import load_workflow, split_target
-from orchestrator.schedule_logic import (MAX_DUE, Catchup, Decision, Outcome, Overlap, Policies, ScheduleState, Timing,
-                                         fire_at, format_every, iso, parse_every, parse_moment)
+from orchestrator.schedule_logic import (MAX_DUE, WAITED_PAUSED, Catchup, Decision, Outcome, Overlap, Policies,
+                                         ScheduleState, Timing, fire_at, format_every, iso, parse_every, parse_moment,
+                                         paused_span)
 from shared import keys
 from shared.allow import Allowlist
 from shared.config import Settings, retention
@@ -398,18 +399,42 @@ def backfill_schedule(connection: redis.Redis, name: str, start: float | str, en
 
 
 def set_paused(connection: redis.Redis, name: str, paused: bool) -> None:
-    """Pause or resume (``orch schedule pause|resume``): the next tick sees it. Ticks that come
-    while paused are recorded as skipped."""
-    load_schedule(connection, name)
-    connection.hset(keys.schedule(name), "paused", "1" if paused else "0")
+    """Pause or resume (``orch schedule pause|resume``)."""
+    (pause_schedule if paused else resume_schedule)(connection, name)
 
 
 def pause_schedule(connection: redis.Redis, name: str) -> None:
-    set_paused(connection, name, True)
+    """Pause: the next look at the schedule (at its next tick) sees it; ticks that come while it is
+    paused are recorded as skipped, one entry per look with their count."""
+    load_schedule(connection, name)
+    connection.hset(keys.schedule(name), "paused", "1")
 
 
-def resume_schedule(connection: redis.Redis, name: str) -> None:
-    set_paused(connection, name, False)
+def resume_schedule(connection: redis.Redis, name: str, now: Optional[float] = None) -> None:
+    """Resume from the next tick on. The ticks that came while paused and were not recorded yet
+    (a paused schedule is looked at once a minute) are recorded as skipped here, in one write
+    fenced like a coordinator's, so none of them fires late."""
+    for _ in range(5):
+        schedule, record = load_schedule(connection, name)
+        if record.get("paused") != "1":
+            return
+        at = time.time() if now is None else now
+        state = schedule_state(schedule, record, None)
+        skipped = [Decision(state.waiting, Outcome.SKIPPED, WAITED_PAUSED)] if state.waiting is not None else []
+        span = paused_span(schedule.timing, state.last_tick, at)
+        skipped += [span] if span else []
+        last_tick = state.last_tick if span is None else max(state.last_tick, span.until or span.tick)
+        upcoming = schedule.timing.next_tick(max(last_tick, at))
+        due = (("ZREM", keys.SCHEDULES_DUE, name) if upcoming is None else
+               ("ZADD", keys.SCHEDULES_DUE, repr(fire_at(name, upcoming, schedule.timing.jitter)), name))
+        commands: list[tuple] = [("HSET", keys.schedule(name), "paused", "0", "last_tick", repr(last_tick)),
+                                 ("HDEL", keys.schedule(name), "waiting"),
+                                 *history_commands(name, [tick_record(d, at=at) for d in skipped]), due]
+        try:
+            return commit(connection, name, record.get("last_tick", ""), commands)
+        except TickTaken:
+            continue  # a coordinator recorded the paused ticks meanwhile: read again
+    raise ScheduleError(f"schedule {name!r}: could not resume, it kept changing; try again")
 
 
 def remove_schedule(connection: redis.Redis, name: str) -> None:

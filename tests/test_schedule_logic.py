@@ -211,7 +211,8 @@ def test_jitter_is_deterministic_within_bounds_and_spreads_schedules() -> None:
 
 
 # ------------------------------------------------------------------ plan_ticks: the service's decisions
-from orchestrator.schedule_logic import Outcome, Policies, ScheduleState, iso, parse_moment, plan_ticks  # noqa: E402
+from orchestrator.schedule_logic import (PAUSED_LOOK, Outcome, Policies, ScheduleState, iso, parse_moment,  # noqa: E402
+                                         plan_ticks)
 
 EVERY_10 = Timing(every=10.0, start=1000.0)
 
@@ -253,7 +254,20 @@ def test_a_tick_waiting_when_the_schedule_is_paused_is_skipped_not_kept_for_the_
     plan = plan_ticks("s", EVERY_10, Policies(overlap=Overlap.QUEUE), paused, now=1012.0)
     assert [(d.tick, d.outcome, d.reason) for d in plan.decisions] == \
         [(1010.0, Outcome.SKIPPED, "the schedule was paused while it waited")]
-    assert plan.waiting is None and plan.next_fire == 1020.0
+    assert plan.waiting is None and plan.next_fire == 1012.0 + PAUSED_LOOK
+
+
+def test_a_paused_schedule_records_its_ticks_as_one_skipped_entry_per_look_a_minute_apart() -> None:
+    every_second = Timing(every=1.0, start=1000.0)
+    plan = plan_ticks("s", every_second, Policies(), ScheduleState(last_tick=1000.0, paused=True), now=1100.5)
+    (skipped,) = plan.decisions
+    assert (skipped.outcome, skipped.reason, skipped.tick, skipped.until, skipped.count) == \
+        (Outcome.SKIPPED, "the schedule is paused", 1001.0, 1100.0, 100)
+    assert plan.last_tick == 1100.0 and plan.next_fire == 1100.5 + PAUSED_LOOK
+    assert plan_ticks("s", every_second, Policies(), ScheduleState(last_tick=1100.0, paused=True),
+                      now=1100.7).decisions == []
+    hourly = Timing(every=3600.0, start=0.0)  # a tick further off than a minute: looked at then, not sooner
+    assert plan_ticks("s", hourly, Policies(), ScheduleState(last_tick=0.0, paused=True), now=10.0).next_fire == 3600.0
 
 
 def test_overlap_cancel_names_the_run_to_cancel_and_allow_fires_beside_it() -> None:

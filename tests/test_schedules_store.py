@@ -15,8 +15,9 @@ import pytest
 import orchestrator.schedule_service as service_module
 from orchestrator.schedule_service import ScheduleService
 from orchestrator.schedules import (add_schedule, backfill_schedule, describe_schedule, list_schedules,
-                                    pause_schedule, remove_schedule, trigger_schedule)
+                                    pause_schedule, remove_schedule, resume_schedule, trigger_schedule)
 from orchestrator.run_views import find_runs
+from orchestrator.schedule_logic import iso
 from shared import codec, keys
 from shared.errors import ScheduleError, ScheduleExistsError, ScheduleNotFoundError, TargetError
 from shared.params import decode_params
@@ -172,6 +173,28 @@ def test_pause_skips_and_remove_keeps_the_runs(conn: Any) -> None:
     assert len(runs_of(conn, "ops")) == 2  # the history of its runs stays
     with pytest.raises(ScheduleNotFoundError):
         describe_schedule(conn, "ops")
+
+
+def test_a_paused_schedule_is_looked_at_once_a_minute_and_resume_records_the_rest(conn: Any) -> None:
+    add_schedule(conn, "quiet", TARGET, every="1s", overlap="allow", now=T0)
+    pause_schedule(conn, "quiet")
+    clock = Clock(T0 + 1.1)
+    svc = service(conn, clock)
+    svc.step()  # its first tick: recorded as skipped, and the next look a minute later
+    assert conn.zscore(keys.SCHEDULES_DUE, "quiet") == pytest.approx(T0 + 61.1)
+    clock.now = T0 + 30.5
+    svc.step()  # not due: nothing looked at
+    resume_schedule(conn, "quiet", now=T0 + 30.5)
+    history = [json.loads(x) for x in conn.lrange(keys.schedule_ticks("quiet"), 0, -1)]
+    assert [(h["outcome"], h["reason"], h["tick"], h.get("count"), h.get("until")) for h in history] == [
+        ("skipped", "the schedule is paused", T0 + 2, 29, T0 + 30),
+        ("skipped", "the schedule is paused", T0 + 1, None, None)]
+    assert conn.zscore(keys.SCHEDULES_DUE, "quiet") == T0 + 31  # fires from its next tick on
+    clock.now = T0 + 31.1
+    svc.step()
+    assert [run.tick for run in runs_of(conn, "quiet")] == [T0 + 31]  # none of the paused ticks fired late
+    newest = describe_schedule(conn, "quiet", now=clock.now)["ticks"][0]
+    assert (newest["count"], newest["tick"], newest["until"]) == (29, iso(T0 + 2, "UTC"), iso(T0 + 30, "UTC"))
 
 
 def test_backfill_starts_one_run_per_tick_in_the_zone_and_refuses_a_huge_range(conn: Any) -> None:
