@@ -23,7 +23,8 @@ from orchestrator.cli import (EXIT_FAILED, CliOptions, _exit, exit_code_of, hand
                               interrupting_signals, main, pass_options, redis_url_option, say_cancelled)
 from orchestrator.distributed import cancel_run, resume_run, retry_run, serve_coordinator, stored_run, who
 from orchestrator.run_store import epoch, load_history, load_tasks, read_run, run_params, run_retries
-from orchestrator.run_views import find_runs, run_summary, status_document, wait_until_final
+from orchestrator.run_views import (check_schedule_known, find_runs, run_summary, status_document,
+                                    wait_until_final)
 from orchestrator.workflow import Workflow
 from shared import keys
 from shared.allow import Allowlist, worker_allowlist
@@ -229,7 +230,10 @@ def _print_earlier_attempts(workflow: Workflow, limit: int = 20) -> None:
 def runs(options: CliOptions, state: Optional[str], workflow: Optional[str], schedule: Optional[str], limit: int,
          as_json: bool) -> None:
     """List the most recent runs, newest first, with their state and task counts."""
-    found = find_runs(_redis(options, "runs"), state=state, workflow=workflow, schedule=schedule, limit=limit)
+    connection = _redis(options, "runs")
+    if schedule is not None:
+        check_schedule_known(connection, schedule)
+    found = find_runs(connection, state=state, workflow=workflow, schedule=schedule, limit=limit)
     if as_json:
         click.echo(json.dumps([run_summary(snapshot) for snapshot in found]))
         return

@@ -6,7 +6,6 @@ dashboard call); an ``orch coordinator`` fires the ticks.
 from __future__ import annotations
 
 import json
-from datetime import datetime
 from typing import Any, Optional
 
 import click
@@ -14,7 +13,7 @@ from rich.table import Table
 
 from orchestrator import report
 from orchestrator.cli import CliOptions, handle_errors, main, parse_params, pass_options, redis_url_option
-from orchestrator.schedule_logic import Catchup, Overlap
+from orchestrator.schedule_logic import MAX_DUE, Catchup, Overlap, iso
 from orchestrator.schedules import (MAX_BACKFILL, add_schedule, backfill_schedule, describe_schedule, list_schedules,
                                     pause_schedule, remove_schedule, resume_schedule, trigger_schedule)
 from shared.connection import connect
@@ -47,7 +46,8 @@ def schedule() -> None:
               help="When the previous run still goes: skip the tick, queue one, allow both, or cancel the previous.")
 @click.option("--catchup", type=click.Choice([c.value for c in Catchup]), default="latest", show_default=True,
               help="Ticks missed while no coordinator ran: run the latest, all (up to --max-catchup) or none.")
-@click.option("--max-catchup", type=click.IntRange(min=0), default=100, show_default=True)
+@click.option("--max-catchup", type=click.IntRange(min=0, max=MAX_DUE), default=100, show_default=True,
+              help="The most missed ticks --catchup all runs.")
 @click.option("--grace", default=None, metavar="N[smhd]", help="How late a tick may fire before it counts as missed "
               "(default: the interval, at most 1h).")
 @click.option("--no-check", is_flag=True, help="Do not load TARGET here (its code is only where coordinators run).")
@@ -61,8 +61,8 @@ def add(options: CliOptions, name: str, target: str, cron: Optional[str], every:
     created = add_schedule(_connection(options, "add"), name, target, cron=cron, every=every, tz=tz,
                            params=parse_params(param), start=start, end=end, jitter=jitter or 0.0, overlap=overlap,
                            catchup=catchup, max_catchup=max_catchup, grace=grace, check=not no_check)
-    first = created.timing.next_tick(max(created.created_at, created.timing.start))
-    when = "never (it has ended)" if first is None else datetime.fromtimestamp(first).astimezone().isoformat()
+    first = created.timing.next_tick(created.created_at)
+    when = "never (it has ended)" if first is None else iso(first, created.timing.tz)
     click.echo(f"schedule {name}: {created.describe_timing()}; first tick {when}")
 
 
@@ -78,11 +78,14 @@ def list_(options: CliOptions, as_json: bool) -> None:
         click.echo(json.dumps(found))
         return
     table = Table(box=None, pad_edge=False, header_style="bold underline")
-    for column in ("name", "when", "next", "last run", "state"):
-        table.add_column(column, no_wrap=column != "when")
+    for column in ("name", "next", "last run", "state"):  # never wrapped: names and ids are copied from here
+        table.add_column(column, no_wrap=True)
+    table.add_column("when", min_width=12, ratio=1)  # wraps between words in a narrow terminal
     for item in found:
         when = item["timing"] + (" (paused)" if item["paused"] else "")
-        table.add_row(item["name"], when, item["next"] or "-", item["last_run"] or "-", item["last_run_state"] or "-")
+        # in the schedule's zone (its 'when' names it), as short as orch runs' times: readable at 80 columns
+        upcoming = item["next"][5:19].replace("T", " ") if item["next"] else ("ended" if item["ended"] else "-")
+        table.add_row(item["name"], upcoming, item["last_run"] or "-", item["last_run_state"] or "-", when)
     report.stdout_console().print(table)
 
 
@@ -104,14 +107,19 @@ def show(options: CliOptions, name: str, as_json: bool) -> None:
                + (f", jitter {document['jitter']:g}s" if document["jitter"] else ""))
     if document["params"]:
         click.echo("params: " + ", ".join(f"{k}={json.dumps(v, default=str)}" for k, v in document["params"].items()))
-    click.echo("next: " + (", ".join(document["next_fires"]) or "none (the schedule has ended)"))
+    click.echo(("next (paused: skipped unless resumed): " if document["paused"] else "next: ")
+               + (", ".join(document["next_fires"]) or "none (the schedule has ended)"))
+    if document["waiting"] is not None:
+        click.echo(f"waiting: tick {iso(document['waiting'], document['tz'])} starts when {document['last_run']} "
+                   "ends (overlap 'queue')")
     click.echo("last runs:" if document["runs"] else "last runs: none yet")
     for run in document["runs"]:
         click.echo(f"  {run['tick']}  {run['run_id']}  {run['state']}")
     if document["ticks"]:
-        click.echo("ticks not run:")
+        click.echo("ticks skipped, missed, queued or failed:")
         for tick in document["ticks"]:
-            many = f" ({tick['count']} ticks, to {tick['until']})" if tick.get("count") else ""
+            count = f"at least {tick['count']}" if tick.get("at_least") else tick.get("count")
+            many = f" ({count} ticks, to {tick['until']})" if tick.get("count") else ""
             click.echo(f"  {tick['tick']}  {tick['outcome']}{many}: {tick.get('reason', '')}")
 
 

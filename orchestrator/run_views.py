@@ -18,7 +18,7 @@ from orchestrator import dag
 from orchestrator.run_store import RunSnapshot, epoch as _epoch, read_run, run_retries
 from orchestrator.task import Task
 from shared import keys
-from shared.errors import RunNotFoundError
+from shared.errors import RunNotFoundError, ScheduleNotFoundError
 from shared.states import RunState
 
 PAGE = 200
@@ -73,10 +73,11 @@ def run_summary(snapshot: RunSnapshot) -> dict[str, Any]:
     return summary
 
 
-def _newest_first(connection: redis.Redis) -> Iterator[str]:
+def _newest_first(connection: redis.Redis, index: str = keys.RUNS) -> Iterator[str]:
+    """The run ids of ``index`` (all runs, or one schedule's), newest first, a page at a time."""
     start = 0
     while True:
-        page = connection.zrevrange(keys.RUNS, start, start + PAGE - 1)
+        page = connection.zrevrange(index, start, start + PAGE - 1)
         if not page:
             return
         for raw in page:
@@ -102,18 +103,26 @@ def schedule_run_ids(connection: redis.Redis, name: str, limit: int = 20) -> lis
     return found
 
 
+def check_schedule_known(connection: redis.Redis, name: str) -> None:
+    """Raise :class:`ScheduleNotFoundError` for a name that is no schedule and started no run kept
+    (``orch runs --schedule`` with a typo is an error, not an empty list; a removed schedule's
+    runs are still listed)."""
+    if not connection.exists(keys.schedule(name), keys.schedule_runs(name)):
+        raise ScheduleNotFoundError(name)
+
+
 def find_runs(connection: redis.Redis, *, state: Optional[str] = None, workflow: Optional[str] = None,
               schedule: Optional[str] = None, limit: int = 20) -> list[RunSnapshot]:
     """The newest ``limit`` retained runs in ``state`` of ``workflow`` started by ``schedule`` (each
     ``None``: any), newest first. Ids whose keys expired leave the index."""
     found: list[RunSnapshot] = []
-    ids = _newest_first(connection) if schedule is None else iter(schedule_run_ids(connection, schedule, 10**9))
-    for run_id in ids:
+    index = keys.RUNS if schedule is None else keys.schedule_runs(schedule)
+    for run_id in _newest_first(connection, index):  # read lazily: -n 5 reads about 5 runs, however many there were
         try:
             snapshot = read_run(connection, run_id)
         except RunNotFoundError:
             try:
-                connection.zrem(keys.RUNS, run_id)
+                connection.zrem(index, run_id)
             except redis.exceptions.NoPermissionError:
                 pass  # a read-only ACL user: the index keeps the id until a coordinator's cleanup
             continue

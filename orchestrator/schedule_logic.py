@@ -68,6 +68,14 @@ def parse_every(text: str) -> float:
     return seconds
 
 
+def format_every(seconds: float) -> str:
+    """An interval as ``parse_every`` reads it, in its largest whole unit: 3600 -> ``"1h"``, 90 -> ``"90s"``."""
+    for unit, size in sorted(_UNITS.items(), key=lambda item: -item[1]):
+        if seconds >= size and seconds % size == 0:
+            return f"{seconds / size:g}{unit}"
+    return f"{seconds:g}s"
+
+
 def zone(name: str) -> ZoneInfo:
     try:
         return ZoneInfo(name)
@@ -107,7 +115,7 @@ class Timing:
         """The ticks strictly after ``after`` (epoch seconds), in order, up to ``end``."""
         after = max(after, self.start - 1e-6)
         if self.every is not None:
-            k = int((after - self.start) // self.every) + 1
+            k = self._index_after(after)
             while True:
                 tick = self.start + k * self.every
                 if self.end is not None and tick > self.end:
@@ -135,6 +143,47 @@ class Timing:
             out.append(tick)
         return out
 
+    def _index_after(self, after: float) -> int:
+        """An interval's index ``k`` (tick = start + k * every) of its first tick after ``after``."""
+        return int((max(after, self.start - 1e-6) - self.start) // self.every) + 1  # type: ignore[operator]
+
+    def _index_until(self, until: float) -> int:
+        """An interval's index of its last tick at or before ``until`` (and ``end``)."""
+        until = until if self.end is None else min(until, self.end)
+        return int((until - self.start) // self.every)  # type: ignore[operator]
+
+    def newest(self, after: float, until: float, n: int) -> list[float]:
+        """The newest ``n`` ticks in ``(after, until]``, in order, without walking the older ones: by
+        arithmetic for an interval; for a cron, over a window that widens until it holds ``n``."""
+        if n <= 0 or until <= after:
+            return []
+        if self.every is not None:
+            last = self._index_until(until)
+            return [self.start + k * self.every for k in range(max(self._index_after(after), last - n + 1), last + 1)]
+        span = self.typical_gap * (n + 1)
+        while True:
+            lower = max(after, until - span)
+            found = self.between(lower, until)
+            if len(found) >= n or lower <= after:
+                return found[-n:]
+            span *= 4
+
+    def count(self, after: float, until: float, limit: int) -> tuple[int, bool]:
+        """How many ticks in ``(after, until]``, and whether that is exact: an interval's count is
+        arithmetic; a cron's ticks are counted one by one up to ``limit`` (then it is a lower bound)."""
+        if until <= after:
+            return 0, True
+        if self.every is not None:
+            return max(0, self._index_until(until) - self._index_after(after) + 1), True
+        counted = 0
+        for tick in self.ticks(after):
+            if tick > until:
+                return counted, True
+            counted += 1
+            if counted >= limit:
+                return counted, False
+        return counted, True
+
     @functools.cached_property
     def typical_gap(self) -> float:
         """The interval, or a cron's gap between its first two ticks after ``start`` (computed once)."""
@@ -159,32 +208,58 @@ def fire_at(name: str, tick: float, jitter: float) -> float:
     return tick + jitter * (int.from_bytes(digest[:8], "big") / 2**64)
 
 
+MAX_DUE = 1000
+"""Ticks at most fired in one handling of a schedule (a grace given far longer than the interval
+cannot make one look start more runs than this); older due ticks are recorded as missed."""
+COUNT_LIMIT = 10_000
+"""A cron's missed ticks counted one by one at most: past it the count is a lower bound, so a year
+of downtime on ``* * * * * *`` costs a coordinator milliseconds, not minutes."""
+
+
+@dataclass(frozen=True)
+class Missed:
+    """A run of consecutive ticks recorded as missed: the first, the last, and how many
+    (``exact`` false: at least that many, see :data:`COUNT_LIMIT`)."""
+
+    first: float
+    last: float
+    count: int
+    exact: bool = True
+
+
 @dataclass(frozen=True)
 class DueTicks:
-    """What to do with the ticks that came since the last one handled: fire these, record those as missed."""
+    """What to do with the ticks that came since the last one handled: fire these, record those as
+    missed; ``newest`` is the newest tick handled (``None``: no tick came)."""
 
     fire: list[float]
-    missed: list[float]
+    missed: Optional[Missed]
+    newest: Optional[float]
 
 
 def due_ticks(timing: Timing, last: float, now: float, catchup: Catchup = Catchup.LATEST,
               max_catchup: int = 100, grace: Optional[float] = None) -> DueTicks:
-    """The ticks in ``(last, now]``: those within ``grace`` of ``now`` fire; the late ones (a downtime)
-    fire or are missed by the catch-up policy."""
+    """The ticks in ``(last, now]``: those within ``grace`` of ``now`` fire (at most :data:`MAX_DUE`);
+    the late ones (a downtime) fire or are missed by the catch-up policy.
+
+    The work is bounded by the ticks that fire, not by the length of the downtime: only the newest
+    ticks are enumerated, and the missed ones are counted (by arithmetic for an interval).
+    """
     grace = timing.grace() if grace is None else grace
-    ticks = timing.between(last, now)
-    on_time = [tick for tick in ticks if now - tick <= grace]
-    late = [tick for tick in ticks if now - tick > grace]
-    if not late:
-        return DueTicks(on_time, [])
-    if catchup is Catchup.NONE:
-        return DueTicks(on_time, late)
-    if catchup is Catchup.LATEST:
-        if on_time:
-            return DueTicks(on_time, late)
-        return DueTicks(late[-1:], late[:-1])
-    kept = late[-max_catchup:] if max_catchup > 0 else []
-    return DueTicks(kept + on_time, late[:len(late) - len(kept)])
+    keep = {Catchup.NONE: 0, Catchup.LATEST: 1, Catchup.ALL: max_catchup}[catchup]
+    recent = timing.newest(last, now, MAX_DUE + keep)
+    if not recent:
+        return DueTicks([], None, None)
+    on_time = [tick for tick in recent if now - tick <= grace][-MAX_DUE:]
+    late = [tick for tick in recent if now - tick > grace]
+    if len(on_time) == MAX_DUE or (catchup is Catchup.LATEST and on_time):
+        keep = 0  # what fires stays the newest ticks in a row: everything older is missed
+    fire = (late[-keep:] if keep else []) + on_time
+    if len(recent) == len(fire):
+        return DueTicks(fire, None, recent[-1])
+    total, exact = timing.count(last, now, COUNT_LIMIT + len(fire))
+    missed = Missed(timing.next_tick(last) or recent[0], recent[-len(fire) - 1], total - len(fire), exact)
+    return DueTicks(fire, missed, recent[-1])
 
 
 def on_tick(overlap: Overlap, previous_running: bool, tick_waiting: bool) -> TickAction:
@@ -214,7 +289,8 @@ class Outcome(str, enum.Enum):
 @dataclass(frozen=True)
 class Decision:
     """One tick's fate. ``cancel`` names the run a ``cancel`` overlap stops first; a ``missed``
-    decision may stand for ``count`` ticks, from ``tick`` to ``until``."""
+    decision may stand for ``count`` ticks (at least that many when not ``exact``), from ``tick``
+    to ``until``."""
 
     tick: float
     outcome: Outcome
@@ -222,6 +298,7 @@ class Decision:
     cancel: Optional[str] = None
     count: int = 1
     until: Optional[float] = None
+    exact: bool = True
 
 
 @dataclass(frozen=True)
@@ -260,17 +337,23 @@ def plan_ticks(name: str, timing: Timing, policies: Policies, state: ScheduleSta
                least_grace: float = 0.0) -> TickPlan:
     """Decide every tick due by ``now`` since ``state.last_tick``.
 
-    A tick queued behind the previous run fires first once that run ended. The ticks due now
-    form one batch, decided against the run that was going before the batch (catch-up ticks of
-    a downtime all fire, in order, when nothing was running: the user asked for them); paused
-    ticks are skipped. ``least_grace`` keeps the default grace at least the time a failover takes,
-    so a tick fired late because the coordinator about to fire it died is fired, not missed (a
-    grace the user gave is kept as given). A tick's jitter adds to its grace: it fires that late
-    on purpose.
+    A tick queued behind the previous run fires first once that run ended (or is skipped if the
+    schedule was paused meanwhile). The ticks due now form one batch, decided against the run
+    that was going before the batch (catch-up ticks of a downtime all fire, in order, when
+    nothing was running: the user asked for them). A paused schedule's ticks are skipped as one
+    entry per look, and it is looked at every :data:`PAUSED_LOOK`. ``least_grace`` keeps the
+    default grace at least the time a failover takes, so a tick fired late because the
+    coordinator about to fire it died is fired, not missed (a grace the user gave is kept as
+    given). A tick's jitter adds to its grace: it fires that late on purpose.
     """
     decisions: list[Decision] = []
     running, waiting = state.previous_running, state.waiting
-    if waiting is not None and not running and not state.paused:
+    if waiting is not None and state.paused:  # a queued tick does not outlive a pause, to fire days later
+        decisions.append(Decision(waiting, Outcome.SKIPPED, WAITED_PAUSED))
+        waiting = None
+    if state.paused:
+        return _paused_plan(name, timing, state, now, decisions)
+    if waiting is not None and not running:
         decisions.append(Decision(waiting, Outcome.FIRED, "queued until the previous run ended"))
         waiting, running = None, True
     grace = timing.jitter + (policies.grace if policies.grace is not None else max(timing.grace(), least_grace))
@@ -281,8 +364,7 @@ def plan_ticks(name: str, timing: Timing, policies: Policies, state: ScheduleSta
         decisions.append(_decide(tick, policies.overlap, state, running, waiting is not None))
         if decisions[-1].outcome is Outcome.QUEUED:
             waiting = tick
-    handled = [state.last_tick, *due.fire, *due.missed]
-    last_tick = max(handled)
+    last_tick = state.last_tick if due.newest is None else max(state.last_tick, due.newest)
     upcoming = timing.next_tick(max(last_tick, now))
     next_fire = None if upcoming is None else fire_at(name, upcoming, timing.jitter)
     if waiting is not None:
@@ -290,17 +372,43 @@ def plan_ticks(name: str, timing: Timing, policies: Policies, state: ScheduleSta
     return TickPlan(decisions, last_tick, waiting, next_fire)
 
 
-def _missed(ticks: list[float], catchup: Catchup) -> Decision:
+PAUSED_LOOK = 60.0
+"""Seconds between looks at a paused schedule: the ticks that came meanwhile are recorded as one
+skipped entry with their count (a paused every-second schedule does not push its history out, nor
+cost a coordinator a look a second)."""
+PAUSED = "the schedule is paused"
+WAITED_PAUSED = "the schedule was paused while it waited"
+
+
+def paused_span(timing: Timing, last: float, now: float) -> Optional[Decision]:
+    """The ticks in ``(last, now]`` of a paused schedule as one skipped decision (``None``: none came)."""
+    newest = timing.newest(last, now, 1)
+    if not newest:
+        return None
+    count, exact = timing.count(last, now, COUNT_LIMIT)
+    return Decision(timing.next_tick(last) or newest[0], Outcome.SKIPPED, PAUSED, count=count, until=newest[0],
+                    exact=exact)
+
+
+def _paused_plan(name: str, timing: Timing, state: ScheduleState, now: float, decisions: list[Decision]) -> TickPlan:
+    skipped = paused_span(timing, state.last_tick, now)
+    last_tick = state.last_tick if skipped is None else max(state.last_tick, skipped.until or skipped.tick)
+    upcoming = timing.next_tick(max(last_tick, now))
+    next_fire = None if upcoming is None else max(fire_at(name, upcoming, timing.jitter), now + PAUSED_LOOK)
+    return TickPlan(decisions + ([skipped] if skipped else []), last_tick, None, next_fire)
+
+
+def _missed(missed: Missed, catchup: Catchup) -> Decision:
     why = {Catchup.NONE: "catch-up 'none' fires no late tick",
            Catchup.LATEST: "catch-up 'latest' fires only the most recent late tick",
            Catchup.ALL: "over the catch-up limit (--max-catchup)"}[catchup]
-    return Decision(ticks[0], Outcome.MISSED, f"no coordinator fired it within its grace; {why}",
-                    count=len(ticks), until=ticks[-1])
+    if not missed.exact:
+        why += f"; at least {missed.count} ticks (not counted past {COUNT_LIMIT:,})"
+    return Decision(missed.first, Outcome.MISSED, f"no coordinator fired it within its grace; {why}",
+                    count=missed.count, until=missed.last, exact=missed.exact)
 
 
 def _decide(tick: float, overlap: Overlap, state: ScheduleState, running: bool, tick_waiting: bool) -> Decision:
-    if state.paused:
-        return Decision(tick, Outcome.SKIPPED, "the schedule is paused")
     action = on_tick(overlap, running, tick_waiting)
     previous = state.previous_run or "the previous run"
     if action is TickAction.FIRE:

@@ -2,9 +2,10 @@
 
 Each coordinator looks at one sorted set (``orch:schedules:due``: schedule -> next fire
 time) and handles the schedules whose time has come. To handle one it takes the
-schedule's claim (``SET NX`` with the lease TTL), so that coordinators do not all load the
-same target; decides the due ticks with the pure :func:`~orchestrator.schedule_logic.plan_ticks`;
-loads the target for each tick that fires; and writes the runs, the history and the
+schedule's claim (``SET NX`` with the lease TTL, renewed while it loads a long catch-up's
+targets), so that coordinators do not all load the same target; decides the due ticks with
+the pure :func:`~orchestrator.schedule_logic.plan_ticks`; loads the target for each tick
+that fires; and writes the runs, the history and the
 schedule's new state in one fenced script (:func:`orchestrator.schedules.commit`): if
 another coordinator handled the tick meanwhile (this one paused past its claim), nothing
 is written. A coordinator killed while it held the claim leaves the schedule due: another
@@ -37,6 +38,12 @@ log = logging.getLogger("orch.schedules")
 _RELEASE = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then
   return redis.call('DEL', KEYS[1])
+end
+return 0
+"""
+_RENEW = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('PEXPIRE', KEYS[1], ARGV[2])
 end
 return 0
 """
@@ -76,6 +83,8 @@ class ScheduleService:
         self.signer = Signer.from_environment()
         self.allowlist = Allowlist.from_settings()
         self._release = connection.register_script(_RELEASE)
+        self._renew = connection.register_script(_RENEW)
+        self._claimed_at: dict[str, float] = {}
         self._started: list[str] = []
 
     def serve(self, stop: threading.Event) -> None:
@@ -139,6 +148,7 @@ class ScheduleService:
             for name in names:
                 pipe.set(keys.schedule_claim(name), self.token, nx=True, px=ttl)
             mine = [name for name, claimed in zip(names, pipe.execute()) if claimed]
+        self._claimed_at = dict.fromkeys(mine, time.monotonic())
         started: list[str] = []
         try:
             with self.connection.pipeline(transaction=False) as pipe:
@@ -211,18 +221,31 @@ class ScheduleService:
             if decision.outcome is not Outcome.FIRED:
                 records.append(tick_record(decision, at=now))
                 continue
+            self._keep_claim(name)
             if decision.cancel:
                 commands.append(self._cancel(decision.cancel, name))
             run_id, error = self._prepare(schedule, record, decision, commands)
             if run_id:
                 commands += schedule_lag_commands(name, max(0.0, self.clock() - decision.tick))
-            records.append(tick_record(decision, run_id, error=error) if run_id
+            records.append(tick_record(decision, run_id, error=error, at=now) if run_id
                            else tick_record(Decision(decision.tick, Outcome.FAILED), error=error, at=now))
             if run_id:
                 started.append((run_id, decision))
         commands += self._state_commands(schedule, plan, [run_id for run_id, _ in started])
         commands += history_commands(name, records)
         return Pending(name, record.get("last_tick", ""), commands, [(r, d.tick) for r, d in started])
+
+    def _keep_claim(self, name: str) -> None:
+        """Renew this coordinator's claim on ``name`` when a quarter of its TTL has gone, before
+        loading one more tick's target: a long catch-up or a slow target must not outlive the claim
+        (its commit would be refused, and every later try with it: no tick would ever fire).
+        Raises :class:`TickTaken` when the claim lapsed already."""
+        ttl = self.settings.lease_ttl
+        if time.monotonic() - self._claimed_at.get(name, 0.0) < ttl / 4:
+            return
+        if not self._renew(keys=[keys.schedule_claim(name)], args=[self.token, int(ttl * 1000)]):
+            raise TickTaken(f"schedule {name!r}: this coordinator's claim lapsed; another coordinator handles it")
+        self._claimed_at[name] = time.monotonic()
 
     def _prepare(self, schedule: Schedule, record: dict, decision: Decision, commands: list[tuple]
                  ) -> tuple[Optional[str], Optional[str]]:

@@ -30,14 +30,13 @@ import redis
 from orchestrator.distributed import submit_run
 from orchestrator.lease import flatten, run_commands_lua
 from orchestrator.loading import load_workflow, split_target
-from orchestrator.run_store import read_run
-from orchestrator.run_views import schedule_run_ids
-from orchestrator.schedule_logic import (Catchup, Decision, Outcome, Overlap, Policies, ScheduleState, Timing, fire_at,
-                                         iso, parse_every, parse_moment)
+from orchestrator.schedule_logic import (MAX_DUE, WAITED_PAUSED, Catchup, Decision, Outcome, Overlap, Policies,
+                                         ScheduleState, Timing, fire_at, format_every, iso, parse_every, parse_moment,
+                                         paused_span)
 from shared import keys
 from shared.allow import Allowlist
 from shared.config import Settings, retention
-from shared.errors import (RunNotFoundError, ScheduleError, ScheduleExistsError, ScheduleNotFoundError,
+from shared.errors import (ScheduleError, ScheduleExistsError, ScheduleNotFoundError,
                            WorkflowError)
 from shared.params import decode_params, encode_params
 from shared.signing import Signer
@@ -115,7 +114,7 @@ class Schedule:
     def describe_timing(self) -> str:
         if self.timing.cron is not None:
             return f"cron {self.timing.cron!r} in {self.timing.tz}"
-        return f"every {self.timing.every:g}s"
+        return f"every {format_every(self.timing.every or 0.0)}"
 
 
 @functools.lru_cache(maxsize=4096)
@@ -123,7 +122,7 @@ def _parsed(name: str, definition: Any, params: Any) -> Schedule:
     return Schedule._from_record(name, {"definition": definition, "params": params})
 
 
-def _text(value: Any) -> str:
+def as_text(value: Any) -> str:
     return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
 
 
@@ -133,7 +132,7 @@ def read_record(connection: redis.Redis, name: str) -> dict[str, Any]:
 
 
 def decode_record(raw: Mapping[Any, Any]) -> dict[str, Any]:
-    return {_text(k): (v if _text(k) == "params" else _text(v)) for k, v in raw.items()}
+    return {as_text(k): (v if as_text(k) == "params" else as_text(v)) for k, v in raw.items()}
 
 
 def load_schedule(connection: redis.Redis, name: str) -> tuple[Schedule, dict[str, Any]]:
@@ -144,7 +143,7 @@ def load_schedule(connection: redis.Redis, name: str) -> tuple[Schedule, dict[st
     return Schedule.from_record(name, record), record
 
 
-def _number(value: Any) -> Optional[float]:
+def as_number(value: Any) -> Optional[float]:
     try:
         return None if value in (None, "") else float(value)
     except (TypeError, ValueError):
@@ -155,14 +154,14 @@ def run_state(connection: redis.Redis, run_id: Optional[str]) -> Optional[str]:
     if not run_id:
         return None
     state = connection.hget(keys.run(run_id), "state")
-    return None if state is None else _text(state)
+    return None if state is None else as_text(state)
 
 
 def schedule_state(schedule: Schedule, record: Mapping[str, Any], previous_state: Optional[str]) -> ScheduleState:
     """The state :func:`~orchestrator.schedule_logic.plan_ticks` decides from, given the state of
     the schedule's last run (``record["last_run"]``)."""
-    return ScheduleState(last_tick=_number(record.get("last_tick")) or schedule.created_at,
-                         waiting=_number(record.get("waiting")), paused=record.get("paused") == "1",
+    return ScheduleState(last_tick=as_number(record.get("last_tick")) or schedule.created_at,
+                         waiting=as_number(record.get("waiting")), paused=record.get("paused") == "1",
                          previous_run=record.get("last_run") or None,
                          previous_running=previous_state == RunState.RUNNING.value)
 
@@ -189,9 +188,14 @@ def add_schedule(connection: redis.Redis, name: str, target: str, *, cron: Optio
                         max_catchup=_count(max_catchup), grace=_seconds(grace, "grace") if grace is not None else None)
     encoded = encode_params(dict(params or {}))
     schedule = Schedule(name, target, timing, dict(params or {}), policies, now)
+    if timing.jitter and timing.jitter >= timing.typical_gap:
+        raise ScheduleError(f"jitter {timing.jitter:g} s is not shorter than the schedule's interval "
+                            f"({timing.typical_gap:g} s): its ticks would fire out of order, several at once")
+    first = timing.next_tick(now)  # ticks() starts no earlier than --start, and includes a tick at it
+    if first is None:
+        raise ScheduleError(f"schedule {name!r} would never fire: its end ({end}) comes before its first tick")
     if check:
         load_workflow(target, {**schedule.params, "scheduled_at": iso(now, tz)})
-    first = timing.next_tick(max(now, timing.start))
     with connection.pipeline(transaction=True) as pipe:
         try:
             pipe.watch(keys.schedule(name))
@@ -205,8 +209,7 @@ def add_schedule(connection: redis.Redis, name: str, target: str, *, cron: Optio
                 record["signature"] = definition_signature(signer, name, record["definition"], record["params"])
             pipe.hset(keys.schedule(name), mapping=record)
             pipe.sadd(keys.SCHEDULES, name)
-            if first is not None:
-                pipe.zadd(keys.SCHEDULES_DUE, {name: fire_at(name, first, timing.jitter)})
+            pipe.zadd(keys.SCHEDULES_DUE, {name: fire_at(name, first, timing.jitter)})
             pipe.persist(keys.schedule_ticks(name))
             pipe.persist(keys.schedule_runs(name))
             pipe.execute()
@@ -270,8 +273,9 @@ def _choice(kind: Any, value: str, what: str) -> Any:
 
 
 def _count(value: int) -> int:
-    if not isinstance(value, int) or value < 0:
-        raise ScheduleError(f"max catch-up {value!r}: expected a whole number, 0 or more")
+    if not isinstance(value, int) or not 0 <= value <= MAX_DUE:
+        raise ScheduleError(f"max catch-up {value!r}: expected a whole number from 0 to {MAX_DUE} (the most "
+                            "runs one look at a schedule starts)")
     return value
 
 
@@ -322,6 +326,8 @@ def tick_record(decision: Decision, run_id: Optional[str] = None, error: Optiona
         record["run_id"] = run_id
     if decision.count > 1:
         record["count"], record["until"] = decision.count, decision.until
+    if not decision.exact:
+        record["at_least"] = True
     return json.dumps(record)
 
 
@@ -389,15 +395,18 @@ def backfill_schedule(connection: redis.Redis, name: str, start: float | str, en
                       params: Optional[Mapping[str, Any]] = None, limit: int = MAX_BACKFILL) -> list[str]:
     """One run per tick of the schedule in ``[start, end]`` (a bare end date counts whole), oldest
     first, each with its tick as ``scheduled_at``, recorded as backfill; coordinators drive them.
+    The range may lie before the schedule's ``--start`` (an interval's ticks keep their phase).
     More than ``limit`` ticks is refused before anything is written."""
     schedule, record = load_schedule(connection, name)
-    tz = schedule.timing.tz
+    tz, every = schedule.timing.tz, schedule.timing.every
     first, last = _moment(start, tz), _moment(end, tz, end_of_day=True)
     if last < first:
         raise ScheduleError(f"backfill of {name!r}: the end is before the start")
+    anchor = 0.0
+    if every is not None:
+        anchor = schedule.timing.start - max(0, math.ceil((schedule.timing.start - first) / every)) * every
     ticks: list[float] = []
-    for tick in Timing(cron=schedule.timing.cron, tz=tz, every=schedule.timing.every,
-                       start=schedule.timing.start).ticks(first - 1e-6):
+    for tick in Timing(cron=schedule.timing.cron, tz=tz, every=every, start=anchor).ticks(first - 1e-6):
         if tick > last:
             break
         ticks.append(tick)
@@ -410,18 +419,42 @@ def backfill_schedule(connection: redis.Redis, name: str, start: float | str, en
 
 
 def set_paused(connection: redis.Redis, name: str, paused: bool) -> None:
-    """Pause or resume (``orch schedule pause|resume``): the next tick sees it. Ticks that come
-    while paused are recorded as skipped."""
-    load_schedule(connection, name)
-    connection.hset(keys.schedule(name), "paused", "1" if paused else "0")
+    """Pause or resume (``orch schedule pause|resume``)."""
+    (pause_schedule if paused else resume_schedule)(connection, name)
 
 
 def pause_schedule(connection: redis.Redis, name: str) -> None:
-    set_paused(connection, name, True)
+    """Pause: the next look at the schedule (at its next tick) sees it; ticks that come while it is
+    paused are recorded as skipped, one entry per look with their count."""
+    load_schedule(connection, name)
+    connection.hset(keys.schedule(name), "paused", "1")
 
 
-def resume_schedule(connection: redis.Redis, name: str) -> None:
-    set_paused(connection, name, False)
+def resume_schedule(connection: redis.Redis, name: str, now: Optional[float] = None) -> None:
+    """Resume from the next tick on. The ticks that came while paused and were not recorded yet
+    (a paused schedule is looked at once a minute) are recorded as skipped here, in one write
+    fenced like a coordinator's, so none of them fires late."""
+    for _ in range(5):
+        schedule, record = load_schedule(connection, name)
+        if record.get("paused") != "1":
+            return
+        at = time.time() if now is None else now
+        state = schedule_state(schedule, record, None)
+        skipped = [Decision(state.waiting, Outcome.SKIPPED, WAITED_PAUSED)] if state.waiting is not None else []
+        span = paused_span(schedule.timing, state.last_tick, at)
+        skipped += [span] if span else []
+        last_tick = state.last_tick if span is None else max(state.last_tick, span.until or span.tick)
+        upcoming = schedule.timing.next_tick(max(last_tick, at))
+        due = (("ZREM", keys.SCHEDULES_DUE, name) if upcoming is None else
+               ("ZADD", keys.SCHEDULES_DUE, repr(fire_at(name, upcoming, schedule.timing.jitter)), name))
+        commands: list[tuple] = [("HSET", keys.schedule(name), "paused", "0", "last_tick", repr(last_tick)),
+                                 ("HDEL", keys.schedule(name), "waiting"),
+                                 *history_commands(name, [tick_record(d, at=at) for d in skipped]), due]
+        try:
+            return commit(connection, name, record.get("last_tick", ""), commands)
+        except TickTaken:
+            continue  # a coordinator recorded the paused ticks meanwhile: read again
+    raise ScheduleError(f"schedule {name!r}: could not resume, it kept changing; try again")
 
 
 def remove_schedule(connection: redis.Redis, name: str) -> None:
@@ -438,68 +471,6 @@ def remove_schedule(connection: redis.Redis, name: str) -> None:
         pipe.execute()
 
 
-def list_schedules(connection: redis.Redis, now: Optional[float] = None) -> list[dict[str, Any]]:
-    """``orch schedule list --json``: every schedule, by name."""
-    now = time.time() if now is None else now
-    out = []
-    for name in sorted(_text(raw) for raw in connection.smembers(keys.SCHEDULES)):
-        try:
-            schedule, record = load_schedule(connection, name)
-        except (ScheduleNotFoundError, ScheduleError):
-            continue
-        out.append(_summary(connection, schedule, record, now))
-    return out
-
-
-def _summary(connection: redis.Redis, schedule: Schedule, record: Mapping[str, Any], now: float) -> dict[str, Any]:
-    upcoming = schedule.timing.next_tick(max(now, _number(record.get("last_tick")) or 0.0))
-    last_run = record.get("last_run") or None
-    return {"name": schedule.name, "target": schedule.target, "timing": schedule.describe_timing(),
-            "cron": schedule.timing.cron, "every": schedule.timing.every, "tz": schedule.timing.tz,
-            "paused": record.get("paused") == "1",
-            "next": None if upcoming is None else iso(upcoming, schedule.timing.tz),
-            "last_run": last_run, "last_run_state": run_state(connection, last_run),
-            "overlap": schedule.policies.overlap.value, "catchup": schedule.policies.catchup.value}
-
-
-def describe_schedule(connection: redis.Redis, name: str, now: Optional[float] = None,
-                      runs: int = 10, ticks: int = 20) -> dict[str, Any]:
-    """``orch schedule show --json``: the definition, the next 5 fire times, the last runs with
-    their states, and the ticks skipped, missed, queued or failed, with why."""
-    schedule, record = load_schedule(connection, name)
-    now = time.time() if now is None else now
-    document = _summary(connection, schedule, record, now)
-    tz = schedule.timing.tz
-    after = max(now, _number(record.get("last_tick")) or 0.0)
-    upcoming = []
-    for tick in schedule.timing.ticks(after):
-        upcoming.append(iso(tick, tz))
-        if len(upcoming) == 5:
-            break
-    last_runs = []
-    for run_id in schedule_run_ids(connection, name, runs):
-        try:
-            snapshot = read_run(connection, run_id)
-        except RunNotFoundError:
-            continue
-        last_runs.append({"run_id": run_id, "state": snapshot.state, "created_at": snapshot.created_at,
-                          "trigger": snapshot.trigger,
-                          "tick": None if snapshot.tick is None else iso(snapshot.tick, tz)})
-    history = []
-    for raw in connection.lrange(keys.schedule_ticks(name), 0, HISTORY - 1):
-        try:
-            entry = json.loads(raw)
-            entry["tick"] = iso(float(entry["tick"]), tz)
-            if entry.get("until") is not None:
-                entry["until"] = iso(float(entry["until"]), tz)
-        except (ValueError, TypeError, KeyError):
-            continue
-        if entry.get("outcome") not in (Outcome.FIRED.value, Outcome.MANUAL.value, Outcome.BACKFILL.value):
-            history.append(entry)
-        if len(history) >= ticks:
-            break
-    document.update({"params": schedule.params, "start": schedule.timing.start or None, "end": schedule.timing.end,
-                     "jitter": schedule.timing.jitter, "max_catchup": schedule.policies.max_catchup,
-                     "grace": schedule.policies.grace, "next_fires": upcoming, "runs": last_runs,
-                     "ticks": history, "waiting": _number(record.get("waiting"))})
-    return document
+# The read-only views (orch schedule list|show --json) live in their own module; re-exported here so
+# the Python API stays ``orchestrator.schedules.*``.
+from orchestrator.schedule_views import describe_schedule, list_schedules  # noqa: E402,F401

@@ -8,11 +8,12 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
-from orchestrator.schedule_logic import (Catchup, Overlap, TickAction, Timing, due_ticks, fire_at, on_tick,
-                                         parse_every)
+from orchestrator.schedule_logic import (COUNT_LIMIT, MAX_DUE, Catchup, DueTicks, Missed, Overlap, TickAction,
+                                         Timing, due_ticks, fire_at, on_tick, parse_every)
 from shared.errors import ScheduleError
 
 PARIS, NEW_YORK = ZoneInfo("Europe/Paris"), ZoneInfo("America/New_York")
+T2030 = datetime(2030, 1, 1, tzinfo=timezone.utc).timestamp()
 
 
 def at(zone, *fields) -> float:
@@ -119,13 +120,67 @@ def test_on_time_ticks_fire_and_a_downtime_is_caught_up_by_policy() -> None:
     late = [60.0 * k for k in range(1, 11)]
     now = 640
     assert due_ticks(timing, 0, now, Catchup.LATEST, grace=30).fire == [600.0]
-    assert due_ticks(timing, 0, now, Catchup.LATEST, grace=30).missed == late[:-1]
+    assert due_ticks(timing, 0, now, Catchup.LATEST, grace=30).missed == Missed(60.0, 540.0, 9)
     none = due_ticks(timing, 0, now, Catchup.NONE, grace=30)
-    assert none.fire == [] and none.missed == late
+    assert none.fire == [] and none.missed == Missed(60.0, 600.0, 10) and none.newest == 600.0
     caught = due_ticks(timing, 0, now, Catchup.ALL, max_catchup=4, grace=30)
-    assert caught.fire == late[-4:] and caught.missed == late[:-4]
+    assert caught.fire == late[-4:] and caught.missed == Missed(60.0, 360.0, 6)
     on_time = due_ticks(timing, 0, 620, Catchup.NONE, grace=30)  # 600 is 20 s late: within the grace, it fires
-    assert on_time.fire == [600.0] and on_time.missed == late[:-1]
+    assert on_time.fire == [600.0] and on_time.missed == Missed(60.0, 540.0, 9)
+    assert due_ticks(timing, 600, 610) == DueTicks([], None, None)
+
+
+def _brute(timing: Timing, last: float, now: float, catchup: Catchup, max_catchup: int, grace: float):
+    """What due_ticks decides, by walking every tick (the definition the shortcuts must agree with)."""
+    ticks = timing.between(last, now)
+    on_time = [t for t in ticks if now - t <= grace]
+    late = [t for t in ticks if now - t > grace]
+    keep = 0 if catchup is Catchup.NONE or (catchup is Catchup.LATEST and on_time) else \
+        (1 if catchup is Catchup.LATEST else max_catchup)
+    fire = (late[-keep:] if keep else []) + on_time
+    missed = ticks[:len(ticks) - len(fire)]
+    return fire, (missed[0], missed[-1], len(missed)) if missed else None
+
+
+@pytest.mark.parametrize("timing", [Timing(every=7.5, start=1000.0), Timing(every=60, start=0.0, end=5000.0),
+                                    Timing(cron="*/7 * * * * *"), Timing(cron="30 2 * * *", tz="Europe/Paris"),
+                                    Timing(cron="0 9 * * 1-5", tz="America/New_York")])
+@pytest.mark.parametrize("catchup, max_catchup", [(Catchup.LATEST, 100), (Catchup.ALL, 3), (Catchup.ALL, 0),
+                                                  (Catchup.NONE, 100)])
+def test_the_shortcuts_decide_as_walking_every_tick_would(timing: Timing, catchup: Catchup, max_catchup: int) -> None:
+    gap = timing.typical_gap
+    cases = [(1000.0, 3.0, 10.0), (1000.0, 40 * gap, 5 * gap), (400.0, 900.0, 60.0),  # (last, span, grace)
+             (at(PARIS, 2026, 3, 20, 0, 0), 2000 * gap, 3600.0), (at(NEW_YORK, 2026, 10, 30, 1, 0), 7 * gap + 1, gap)]
+    for last, span, grace in cases:
+        due = due_ticks(timing, last, last + span, catchup, max_catchup, grace)
+        fire, missed = _brute(timing, last, last + span, catchup, max_catchup, grace)
+        assert due.fire == fire, (last, span, grace)
+        assert (None if due.missed is None else (due.missed.first, due.missed.last, due.missed.count)) == missed
+
+
+def test_a_year_of_downtime_costs_milliseconds_and_is_counted_or_bounded() -> None:
+    import time
+    year = 365 * 86400.0
+    began = time.process_time()
+    interval = due_ticks(Timing(every=1.0, start=T2030), T2030, T2030 + year, Catchup.ALL, 100, 1.0)
+    cron = due_ticks(Timing(cron="* * * * * *"), T2030, T2030 + year, Catchup.ALL, 100, 1.0)
+    assert time.process_time() - began < 2.0  # walking every tick takes minutes and gigabytes
+    # the two ticks within the grace of 1 s, and the 100 newest late ones, fire
+    assert len(interval.fire) == 102 and interval.missed == Missed(T2030 + 1, T2030 + year - 102, int(year) - 102)
+    assert cron.fire == interval.fire and (cron.missed.first, cron.missed.last) == (T2030 + 1, T2030 + year - 102)
+    assert not cron.missed.exact and cron.missed.count >= COUNT_LIMIT
+    plan = plan_ticks("s", Timing(cron="* * * * * *"), Policies(catchup=Catchup.NONE), ScheduleState(T2030),
+                      now=T2030 + year)
+    missed, *fired = plan.decisions  # the two ticks within the grace (1 s) fire
+    assert [(d.outcome, d.tick) for d in fired] == [(Outcome.FIRED, T2030 + year - 1), (Outcome.FIRED, T2030 + year)]
+    assert missed.outcome is Outcome.MISSED and not missed.exact and "at least" in missed.reason
+    assert plan.last_tick == T2030 + year
+
+
+def test_a_grace_far_longer_than_the_interval_fires_at_most_max_due_ticks_at_once() -> None:
+    due = due_ticks(Timing(every=1.0, start=0.0), 0.0, 86400.0, Catchup.LATEST, grace=86400.0)
+    assert len(due.fire) == MAX_DUE and due.fire[-1] == 86400.0
+    assert due.missed == Missed(1.0, 86400.0 - MAX_DUE, 86400 - MAX_DUE)
 
 
 def test_grace_is_the_interval_at_most_an_hour() -> None:
@@ -156,7 +211,8 @@ def test_jitter_is_deterministic_within_bounds_and_spreads_schedules() -> None:
 
 
 # ------------------------------------------------------------------ plan_ticks: the service's decisions
-from orchestrator.schedule_logic import Outcome, Policies, ScheduleState, iso, parse_moment, plan_ticks  # noqa: E402
+from orchestrator.schedule_logic import (PAUSED_LOOK, Outcome, Policies, ScheduleState, iso, parse_moment,  # noqa: E402
+                                         plan_ticks)
 
 EVERY_10 = Timing(every=10.0, start=1000.0)
 
@@ -191,6 +247,27 @@ def test_overlap_queue_keeps_one_tick_waiting_then_fires_it_once_the_previous_ru
     ended = ScheduleState(last_tick=1020.0, waiting=1010.0, previous_run="r1", previous_running=False)
     plan = plan_ticks("s", EVERY_10, policies, ended, now=1021.0)
     assert [(d.tick, d.outcome) for d in plan.decisions] == [(1010.0, Outcome.FIRED)] and plan.waiting is None
+
+
+def test_a_tick_waiting_when_the_schedule_is_paused_is_skipped_not_kept_for_the_resume() -> None:
+    paused = ScheduleState(last_tick=1010.0, waiting=1010.0, paused=True, previous_run="r1", previous_running=True)
+    plan = plan_ticks("s", EVERY_10, Policies(overlap=Overlap.QUEUE), paused, now=1012.0)
+    assert [(d.tick, d.outcome, d.reason) for d in plan.decisions] == \
+        [(1010.0, Outcome.SKIPPED, "the schedule was paused while it waited")]
+    assert plan.waiting is None and plan.next_fire == 1012.0 + PAUSED_LOOK
+
+
+def test_a_paused_schedule_records_its_ticks_as_one_skipped_entry_per_look_a_minute_apart() -> None:
+    every_second = Timing(every=1.0, start=1000.0)
+    plan = plan_ticks("s", every_second, Policies(), ScheduleState(last_tick=1000.0, paused=True), now=1100.5)
+    (skipped,) = plan.decisions
+    assert (skipped.outcome, skipped.reason, skipped.tick, skipped.until, skipped.count) == \
+        (Outcome.SKIPPED, "the schedule is paused", 1001.0, 1100.0, 100)
+    assert plan.last_tick == 1100.0 and plan.next_fire == 1100.5 + PAUSED_LOOK
+    assert plan_ticks("s", every_second, Policies(), ScheduleState(last_tick=1100.0, paused=True),
+                      now=1100.7).decisions == []
+    hourly = Timing(every=3600.0, start=0.0)  # a tick further off than a minute: looked at then, not sooner
+    assert plan_ticks("s", hourly, Policies(), ScheduleState(last_tick=0.0, paused=True), now=10.0).next_fire == 3600.0
 
 
 def test_overlap_cancel_names_the_run_to_cancel_and_allow_fires_beside_it() -> None:
@@ -262,3 +339,17 @@ def test_parse_moment_reads_local_times_in_the_zone_and_whole_days() -> None:
     with pytest.raises(ScheduleError, match="not an ISO 8601 date"):
         parse_moment("next tuesday", "UTC")
     assert iso(at(PARIS, 2026, 7, 1, 2, 30), "Europe/Paris") == "2026-07-01T02:30:00+02:00"
+
+
+def test_like_debian_cron_an_expression_with_a_wildcard_in_minute_or_hour_drops_the_skipped_hour() -> None:
+    """Pinned (README, Daylight saving): only fixed-time expressions move a skipped time to 03:00."""
+    spring = (at(NEW_YORK, 2026, 3, 8, 0, 0) - 1, at(NEW_YORK, 2026, 3, 8, 6, 0))
+    hours = lambda expression: [local(t, NEW_YORK)[11:] for t in  # noqa: E731
+                                Timing(cron=expression, tz="America/New_York").between(*spring)]
+    assert hours("0,30 2 * * *") == ["03:00 -0400"]  # fixed times: both moved to 03:00, fired once
+    assert hours("*/30 2 * * *") == []
+    assert hours("0 */2 * * *") == ["00:00 -0500", "04:00 -0400", "06:00 -0400"]
+    assert hours("30 * * * *") == ["00:30 -0500", "01:30 -0500", "03:30 -0400", "04:30 -0400", "05:30 -0400"]
+    fall = (at(NEW_YORK, 2026, 11, 1, 0, 0) - 1, at(NEW_YORK, 2026, 11, 1, 3, 0))
+    ticks = Timing(cron="30 * * * *", tz="America/New_York").between(*fall)
+    assert [local(t, NEW_YORK)[11:] for t in ticks] == ["00:30 -0400", "01:30 -0400", "02:30 -0500"]

@@ -10,12 +10,12 @@ import time
 from collections import Counter
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import pytest
 import redis
 
-from fault_helpers import TESTS_DIR, Processes, procs  # noqa: F401  (a fixture)
+from fault_helpers import TESTS_DIR, AofRedis, Processes, fast_processes, procs  # noqa: F401  (a fixture)
 from schedule_tasks import marks
 from shared import keys
 
@@ -233,3 +233,113 @@ def test_a_target_that_stops_importing_records_a_failed_tick_and_the_schedule_go
     flow.write_text("from schedule_tasks import marking\n")
     before = len(marks(procs.directory))
     wait_for(lambda: len(marks(procs.directory)) > before + 1, 10, "runs again once the file is fixed")
+
+
+def test_overlap_cancel_stops_the_running_run_and_status_says_by_whom(procs: Processes) -> None:
+    procs.workers(2)
+    orch_ok(procs, ["schedule", "add", "canceller", TARGET, "--every", "2s", "--overlap", "cancel",
+                    "--param", "pause=30", "--param", "kind=cancel"])
+    coordinator(procs)
+    wait_for(lambda: len(schedule_runs(procs, "canceller")) >= 3, 15, "three ticks fired")
+    orch_ok(procs, ["schedule", "pause", "canceller"])
+    runs = sorted(schedule_runs(procs, "canceller"), key=lambda r: r["tick"])
+    first, second = runs[0], runs[1]
+    # the first run's task started (its marker), then the second tick cancelled it: it ended long before 30 s
+    wait_for(lambda: any(m["run_id"] == first["run_id"] for m in marks(procs.directory)), 10, "the first run ran")
+    status = json.loads(orch_ok(procs, ["status", first["run_id"], "--json"]))
+    assert status["state"] == "cancelled", status
+    assert status["cancelled_by"] == "schedule canceller (overlap 'cancel')"
+    assert status["tasks"][0]["state"] == "cancelled" and status["tasks"][0]["duration"] < 10
+    assert status["finished_at"] - second["created_at"] < 5.0
+    text = orch_ok(procs, ["status", first["run_id"]])
+    assert "cancelled by schedule canceller (overlap 'cancel')" in text
+    others = [t for t in show(procs, "canceller")["ticks"] if t["reason"] != "the schedule is paused"]
+    assert not others, others  # every tick before the pause fired: none skipped, queued, missed or failed
+
+
+def test_runs_of_an_unknown_schedule_is_an_error_but_a_removed_ones_are_listed(procs: Processes) -> None:
+    unknown = procs.orch(["runs", "--schedule", "no-such-schedule"])
+    assert unknown.returncode == 2 and "no schedule named 'no-such-schedule'" in unknown.stderr, unknown
+    orch_ok(procs, ["schedule", "add", "gone", TARGET, "--every", "1h"])
+    assert schedule_runs(procs, "gone") == []  # known, no run yet: an empty list
+    run_id = orch_ok(procs, ["schedule", "trigger", "gone"]).strip()
+    orch_ok(procs, ["schedule", "remove", "gone"])
+    assert [r["run_id"] for r in schedule_runs(procs, "gone")] == [run_id]
+
+
+@pytest.fixture
+def aof_procs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[AofRedis, Processes]]:
+    """Processes on a redis-server of this test's own, with append-only persistence, to restart."""
+    server = AofRedis(tmp_path / "aof-redis")
+    server.start()
+    try:
+        with fast_processes(server.url, tmp_path, monkeypatch,
+                            before_stop=lambda: server.process or server.start()) as started:
+            yield server, started
+    finally:
+        server.stop()
+
+
+def test_the_coordinator_keeps_firing_through_a_redis_restart(aof_procs: tuple[AofRedis, Processes]) -> None:
+    server, procs = aof_procs
+    procs.workers(1)
+    orch_ok(procs, ["schedule", "add", "through", TARGET, "--every", "1s", "--overlap", "allow"])
+    fired = coordinator(procs)
+    wait_for(lambda: len(marks(procs.directory)) >= 3, 15, "three ticks before the restart")
+    server.stop()  # a clean shutdown: the append-only file is complete
+    time.sleep(3)
+    server.start()
+    restarted = time.time()
+    wait_for(lambda: len([m for m in marks(procs.directory) if stamp(m["scheduled_at"]) > restarted + 1]) >= 3, 20,
+             "three ticks after the restart")
+    assert fired.alive(), fired.describe()
+    ran = Counter(m["scheduled_at"] for m in marks(procs.directory))
+    assert not [tick for tick, n in ran.items() if n > 1], ran
+
+
+def test_a_six_field_cron_with_jitter_fires_each_tick_within_its_jitter(procs: Processes) -> None:
+    procs.workers(1)
+    out = orch_ok(procs, ["schedule", "add", "jittery", TARGET, "--cron", "*/2 * * * * *", "--jitter", "1.5s",
+                          "--tz", "Europe/Paris", "--overlap", "allow"])
+    assert "cron '*/2 * * * * *' in Europe/Paris; first tick 20" in out and ("+01:00" in out or "+02:00" in out)
+    coordinator(procs)
+    wait_for(lambda: len(schedule_runs(procs, "jittery")) >= 4, 20, "four ticks")
+    runs = schedule_runs(procs, "jittery")
+    offsets = sorted(r["created_at"] - r["tick"] for r in runs)
+    assert all(r["tick"] % 2 == 0 for r in runs)
+    assert offsets[0] >= 0 and offsets[-1] < 1.5 + 0.5, offsets  # within [0, jitter) and a loaded machine's margin
+    assert offsets[-1] > 0.1, offsets  # spread, not all at the tick
+
+
+def test_show_names_the_tick_waiting_behind_a_slow_run(procs: Processes) -> None:
+    procs.workers(1)
+    orch_ok(procs, ["schedule", "add", "waiter", TARGET, "--every", "1s", "--overlap", "queue", "--param", "pause=3"])
+    coordinator(procs)
+
+    def shown() -> str:
+        out = orch_ok(procs, ["schedule", "show", "waiter"])
+        return out if "waiting: tick" in out else ""
+
+    text = wait_for(shown, 15, "a waiting tick shown")
+    assert "starts when 20" in text and "ends (overlap 'queue')" in text, text
+
+
+def test_a_year_of_downtime_on_one_second_ticks_is_handled_at_once(procs: Processes) -> None:
+    procs.workers(2)
+    client = redis.Redis.from_url(procs.redis_url)
+    for name, timing in (("yearly-interval", ["--every", "1s"]), ("yearly-cron", ["--cron", "* * * * * *"])):
+        orch_ok(procs, ["schedule", "add", name, TARGET, *timing, "--catchup", "all", "--max-catchup", "5",
+                        "--grace", "1s", "--overlap", "allow", "--param", f"kind={name}",
+                        "--start", datetime.fromtimestamp(time.time() - 400 * 86400).strftime("%Y-%m-%d")])
+        client.hset(keys.schedule(name), "last_tick", repr(time.time() - 365 * 86400.0))  # as if down a year
+    began = time.time()
+    coordinator(procs)
+    for name in ("yearly-interval", "yearly-cron"):
+        missed = wait_for(lambda: [t for t in show(procs, name)["ticks"] if t["outcome"] == "missed"], 15,
+                          f"{name}: the year recorded as missed")
+        assert len(missed) == 1 and missed[0]["count"] >= 10_000, missed
+        assert missed[0].get("at_least") is (True if name == "yearly-cron" else None), missed
+    assert time.time() - began < 15
+    for name in ("yearly-interval", "yearly-cron"):  # the five newest late ticks ran, then the schedule went on
+        wait_for(lambda: len({m["scheduled_at"] for m in marks(procs.directory) if m["params"]["kind"] == name}) >= 7,
+                 15, f"{name}: catch-up runs and on-time runs")
