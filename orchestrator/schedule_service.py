@@ -84,7 +84,8 @@ class ScheduleService:
         self.allowlist = Allowlist.from_settings()
         self._release = connection.register_script(_RELEASE)
         self._renew = connection.register_script(_RENEW)
-        self._claimed_at: dict[str, float] = {}
+        self._held: list[str] = []
+        self._renewed_at = 0.0
         self._started: list[str] = []
 
     def serve(self, stop: threading.Event) -> None:
@@ -148,7 +149,7 @@ class ScheduleService:
             for name in names:
                 pipe.set(keys.schedule_claim(name), self.token, nx=True, px=ttl)
             mine = [name for name, claimed in zip(names, pipe.execute()) if claimed]
-        self._claimed_at = dict.fromkeys(mine, time.monotonic())
+        self._held, self._renewed_at = mine, time.monotonic()
         started: list[str] = []
         try:
             with self.connection.pipeline(transaction=False) as pipe:
@@ -160,6 +161,7 @@ class ScheduleService:
                     pipe.hget(keys.run(record.get("last_run") or "-"), "state")
                 previous = [None if raw is None else raw.decode() for raw in pipe.execute()]
             pending = [self._plan_one(name, record, state) for name, record, state in zip(mine, records, previous)]
+            self._keep_claims()
             started = self._write([item for item in pending if item is not None])
         finally:
             with self.connection.pipeline(transaction=False) as pipe:
@@ -236,16 +238,25 @@ class ScheduleService:
         return Pending(name, record.get("last_tick", ""), commands, [(r, d.tick) for r, d in started])
 
     def _keep_claim(self, name: str) -> None:
-        """Renew this coordinator's claim on ``name`` when a quarter of its TTL has gone, before
-        loading one more tick's target: a long catch-up or a slow target must not outlive the claim
-        (its commit would be refused, and every later try with it: no tick would ever fire).
-        Raises :class:`TickTaken` when the claim lapsed already."""
-        ttl = self.settings.lease_ttl
-        if time.monotonic() - self._claimed_at.get(name, 0.0) < ttl / 4:
-            return
-        if not self._renew(keys=[keys.schedule_claim(name)], args=[self.token, int(ttl * 1000)]):
+        """Keep this coordinator's claims of the batch (:meth:`_keep_claims`), and raise
+        :class:`TickTaken` if the claim on ``name`` lapsed already."""
+        if name in self._keep_claims():
             raise TickTaken(f"schedule {name!r}: this coordinator's claim lapsed; another coordinator handles it")
-        self._claimed_at[name] = time.monotonic()
+
+    def _keep_claims(self) -> set[str]:
+        """Renew every claim of the batch in hand once a quarter of the TTL has gone (one round trip),
+        before loading one more tick's target and before the batch's write: a long catch-up, slow
+        targets or a large batch must not outlive the claims (the write would be refused, and every
+        later try with it: no tick would ever fire). Returns the names whose claim had lapsed."""
+        ttl = self.settings.lease_ttl
+        if time.monotonic() - self._renewed_at < ttl / 4:
+            return set()
+        with self.connection.pipeline(transaction=False) as pipe:
+            for held in self._held:
+                self._renew(keys=[keys.schedule_claim(held)], args=[self.token, int(ttl * 1000)], client=pipe)
+            renewed = pipe.execute()
+        self._renewed_at = time.monotonic()
+        return {held for held, ok in zip(self._held, renewed) if not ok}
 
     def _prepare(self, schedule: Schedule, record: dict, decision: Decision, commands: list[tuple]
                  ) -> tuple[Optional[str], Optional[str]]:

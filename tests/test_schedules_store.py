@@ -127,9 +127,19 @@ def test_a_catch_up_longer_than_the_claim_ttl_renews_the_claim_and_commits(
     assert sorted(run.tick for run in runs_of(conn, "slow")) == [T0 + 10 * k for k in range(1, 7)]
     assert conn.get(keys.schedule_claim("slow")) is None  # released
     conn.set(keys.schedule_claim("slow"), "another coordinator's token")  # ours lapsed and another took it
-    svc._claimed_at["slow"] = 0.0
+    svc._held, svc._renewed_at = ["slow"], 0.0
     with pytest.raises(service_module.TickTaken, match="claim lapsed"):
         svc._keep_claim("slow")
+
+
+def test_a_batch_longer_than_the_claim_ttl_keeps_every_claim_and_commits_them_all(
+        conn: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ORCH_LEASE_TTL", "1")
+    monkeypatch.setenv("SCHEDULE_LOAD_PAUSE", "0.3")  # six schedules' targets take 1.8 s to load in all
+    for i in range(6):
+        add_schedule(conn, f"s{i}", TARGET, every="10s", overlap="allow", check=False, now=T0)
+    service(conn, Clock(T0 + 10.5)).step()
+    assert [len(runs_of(conn, f"s{i}")) for i in range(6)] == [1] * 6
 
 
 def test_two_coordinators_racing_for_one_tick_start_one_run(conn: Any, monkeypatch: pytest.MonkeyPatch) -> None:
