@@ -120,17 +120,28 @@ def _name_piece(name: bytes | str) -> bytes:
     return piece
 
 
+_LENGTHS = [b"%d:" % n for n in range(256)]
+"""A netstring's length prefix for each short length (most fields' values are short)."""
+
+
 def fields_bytes(fields: Mapping[Any, bytes | str], *, leave_out: str = SIGNATURE_FIELD) -> bytes:
     """A stream entry's fields as bytes, in a fixed order, each length-prefixed: what an outcome's
     signature covers (every field but the signature itself). The same bytes whether the names and
-    values are ``str`` (as a worker writes them) or ``bytes`` (as a coordinator reads them back)."""
+    values are ``str`` (as a worker writes them) or ``bytes`` (as a coordinator reads them back).
+    Every task's outcome goes through here twice with signing on (signed, then checked): the
+    name netstrings and short length prefixes are looked up, not formatted."""
     skip, skip_raw = leave_out, leave_out.encode()
+    known = _NAME_PIECES.get
     pieces = []
     for name, value in fields.items():
         if name == skip or name == skip_raw:
             continue
-        raw_value = value if type(value) is bytes else _raw(value)
-        pieces.append(b"%s%d:%s" % (_name_piece(name), len(raw_value), raw_value))
+        if type(value) is str:
+            value = value.encode("utf-8", "surrogatepass")
+        elif type(value) is not bytes:
+            value = _raw(value)
+        size = len(value)
+        pieces.append((known(name) or _name_piece(name)) + (_LENGTHS[size] if size < 256 else b"%d:" % size) + value)
     # Each piece delimits itself (a netstring each for name and value), so the sorted pieces, joined,
     # still say which value goes with which name: sorting them is a canonical order, and cheap.
     pieces.sort()
