@@ -182,8 +182,8 @@ class OrchDriver(Driver):
             stats["events"] += len(events)
             return events
 
-        def traced_event_of(backend: Any, fields: Any) -> Any:
-            event = event_of(backend, fields)
+        def traced_event_of(backend: Any, fields: Any, *rest: Any) -> Any:
+            event = event_of(backend, fields, *rest)
             if self.tracing and event is not None:
                 from shared.messages import Outcome
 

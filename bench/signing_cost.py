@@ -5,6 +5,11 @@ A fan-out of no-op tasks driven in this process (the coordinator: its CPU from
 included, from ``/proc``), on a ``redis-server`` of its own. Rounds alternate
 off and on, so that other load on the machine falls on both alike. Steadier
 than throughput on a shared machine: see bench/README.md, *Signing on vs off*.
+
+``--micro``: instead, the CPU of each piece of signing work a task costs, in this
+process (``timeit``, the best of many interleaved repeats: what a loaded machine
+disturbs least): what the coordinator adds (signing the job, checking the outcome)
+and what the worker adds (checking the job, signing the outcome).
 """
 from __future__ import annotations
 
@@ -65,11 +70,53 @@ def _one(url: str, client: redis.Redis, tasks: int, signed: bool, name: str) -> 
     return own / n * 1e6, (worker_after - worker_before) / n * 1e6, n / wall
 
 
+def micro(repeats: int = 30, number: int = 2000) -> dict[str, float]:
+    """µs per call of each signing piece, signed minus unsigned where there is an unsigned form."""
+    import timeit
+
+    from shared.jobs import job_message, parse_job_message
+    from shared.messages import SUCCEEDED, Outcome
+    from shared.signing import Signer, fields_verified
+
+    signer = Signer([KEY.encode()])
+    run, now = "20261207T184711-328c990135bb", time.time()
+    job = (run, "item123", 1, "bench.tasks:noop", "[[],{}]", None, 1048576)
+    outcome = Outcome(run_id=run, task="item123", attempt=1, status=SUCCEEDED, at=now, worker="host-1234-abcd#1",
+                      result=b"null", started_at=now)
+    entry, signed_entry = job_message(*job).encode(), job_message(*job, signer=signer).encode()
+    read_back = {k.encode(): v if isinstance(v, bytes) else v.encode() for k, v in outcome.to_fields(signer).items()}
+    pieces = {
+        "job entry, unsigned": lambda: job_message(*job),
+        "job entry, signed": lambda: job_message(*job, signer=signer),
+        "outcome checked (coordinator)": lambda: fields_verified(signer, "outcome", run, 1, read_back),
+        "job entry read, unsigned": lambda: parse_job_message(entry),
+        "job entry read and checked": lambda: parse_job_message(signed_entry, signer),
+        "outcome fields, unsigned": lambda: outcome.to_fields(None),
+        "outcome fields, signed": lambda: outcome.to_fields(signer),
+    }
+    best = {name: float("inf") for name in pieces}
+    for _ in range(repeats):
+        for name, piece in pieces.items():
+            best[name] = min(best[name], timeit.timeit(piece, number=number) / number * 1e6)
+    return {
+        **best,
+        "coordinator adds": best["job entry, signed"] - best["job entry, unsigned"]
+        + best["outcome checked (coordinator)"],
+        "worker adds": best["job entry read and checked"] - best["job entry read, unsigned"]
+        + best["outcome fields, signed"] - best["outcome fields, unsigned"],
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--tasks", type=int, default=3000)
+    parser.add_argument("--micro", action="store_true", help="time each piece of signing work in-process instead")
     options = parser.parse_args()
+    if options.micro:
+        for name, micros in micro().items():
+            print(f"{name:32s} {micros:6.2f} µs")
+        return
     server = RedisServer(Path(tempfile.mkdtemp(prefix="orch-signing-cost-")))
     url = server.url
     client = server.client()

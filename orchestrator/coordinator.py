@@ -205,7 +205,7 @@ class Coordinator:
         task, now = self.tasks[action.task], self.clock()
         results = {name: self.tasks[name].result for name in task.map_over}
         try:
-            arguments = children_arguments(task.name, task.args, task.kwargs, results, max_map_length())
+            arguments = children_arguments(task.name, task.args, task.call_kwargs, results, max_map_length())
             payloads = children_payloads(task.name, arguments, max_payload_bytes())
         except (MapError, SerializationError) as exc:
             return TaskFailed(task.name, action.attempt, now, f"MapError: {exc}", types=class_refs(MapError))

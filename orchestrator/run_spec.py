@@ -53,12 +53,12 @@ def encode_payload(args: Sequence[Any], kwargs: Mapping[str, Any], what: str) ->
     """A call's payload, what a job carries: ``[args, kwargs]`` encoded by :mod:`shared.codec`."""
     if not args and not kwargs:
         return NO_ARGUMENTS
-    return codec.encode([list(args), kwargs], what).decode("utf-8")
+    return codec.encode([list(args), dict(kwargs)], what).decode("utf-8")
 
 
 def encode_arguments(task: Task) -> str:
     """A task's payload (:func:`encode_payload` of its arguments)."""
-    return encode_payload(task.args, task.kwargs, f"arguments of task {task.name!r}")
+    return encode_payload(task.args, task.call_kwargs, f"arguments of task {task.name!r}")
 
 
 def children_payloads(task: str, arguments: list[tuple[tuple, dict]], limit: int) -> list[str]:
@@ -147,7 +147,7 @@ class RunSpec(Mapping[str, Mapping[str, Any]]):
         profile_code: dict[tuple, int] = {}
         profile_of = array("i", [profile_code.setdefault((ref, *rest, policy), len(profile_code))
                                  for ref, rest, policy in zip(refs, settings, policies)])
-        if not any(map(attrgetter("args"), tasks)) and not any(map(attrgetter("kwargs"), tasks)):
+        if not any(map(attrgetter("args"), tasks)) and not any(map(attrgetter("call_kwargs"), tasks)):
             payloads, payload_of = [NO_ARGUMENTS], array("i", [0]) * len(tasks)  # the usual case, at C speed
         else:
             payload_code: dict[str, int] = {}
@@ -196,21 +196,25 @@ class RunSpec(Mapping[str, Mapping[str, Any]]):
 
     # ------------------------------------------------------------ stored form
     def to_json(self) -> str:
+        """The stored form. The number columns are written a slice at a time, never as a list of
+        ints: at 100,000 tasks such lists are 10 MB of int objects, freed at once but left as
+        scattered holes in the submitting coordinator's heap for the whole run."""
         graph = self.graph
         doc: dict[str, Any] = {
             "format": FORMAT,
             "names": graph.names,
-            "deps": graph.deps.tolist(),
-            "ndeps": list(map(sub, islice(graph.deps_start, 1, None), graph.deps_start)),
             "profiles": [list(p[:6]) if p.policy is None else [*p[:6], p.policy.to_json()] for p in self.profiles],
             "payloads": self.payloads,
         }
         n = len(graph.names)  # without the children of mapped tasks, which are kept apart (keys.maps)
+        columns = {"deps": graph.deps, "ndeps": array("i", map(sub, islice(graph.deps_start, 1, None),
+                                                               graph.deps_start))}
         if len(self.profiles) > 1:
-            doc["profile"] = self.profile_of[:n].tolist()
+            columns["profile"] = self.profile_of[:n]
         if len(self.payloads) > 1:
-            doc["payload"] = self.payload_of[:n].tolist()
-        return json.dumps(doc, separators=(",", ":"))
+            columns["payload"] = self.payload_of[:n]
+        text = json.dumps(doc, separators=(",", ":"))
+        return "".join([text[:-1], *(f',"{key}":[{_numbers_text(column)}]' for key, column in columns.items()), "}"])
 
     @classmethod
     def from_json(cls, text: str | bytes) -> "RunSpec":
@@ -255,6 +259,11 @@ class RunSpec(Mapping[str, Mapping[str, Any]]):
                                p.retry_delay, p.timeout, args=args, kwargs=kwargs, retry_backoff=p.retry_backoff,
                                queue=p.queue, **(p.policy or Policy())._asdict())
         return tasks
+
+
+def _numbers_text(column: array, chunk: int = 4096) -> str:
+    """``column``'s numbers, comma-separated (a JSON list's inside), made ``chunk`` numbers at a time."""
+    return ",".join([",".join(map(str, column[k:k + chunk])) for k in range(0, len(column), chunk)])
 
 
 # ------------------------------------------------------------------ checks

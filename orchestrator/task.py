@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import asdict, dataclass
+from types import MappingProxyType
 from typing import Any, Callable, Iterable, Mapping, Optional, Union
 
 from orchestrator.trigger_rules import TriggerRule, rule_of
@@ -60,7 +61,7 @@ class Task:
     """
 
     __slots__ = ("name", "func", "dependencies", "max_retries", "retry_delay", "retry_backoff", "timeout",
-                 "args", "kwargs", "queue", "state", "result", "error", "traceback", "attempts", "started_at",
+                 "args", "_kwargs", "queue", "state", "result", "error", "traceback", "attempts", "started_at",
                  "finished_at", "worker", "retry_at", "attempt_base", "history", "trigger_rule", "retry_on",
                  "retry_jitter", "max_retry_delay", "log_reader", "map_over", "map_parent", "__weakref__")
 
@@ -107,10 +108,10 @@ class Task:
             raise InvalidTaskError(name, "timeout must be > 0 seconds, or None for no timeout")
         self.timeout = None if timeout is None else float(timeout)
         self.args = tuple(args)
-        self.kwargs = dict(kwargs or {})
+        self._kwargs: Optional[dict[str, Any]] = dict(kwargs) if kwargs else None
         if map_over is not None:
             self._map_over(map_over)
-        self.map_over = mapped_over(self.args, self.kwargs)
+        self.map_over = mapped_over(self.args, self.call_kwargs)
         """The upstream tasks this task maps over: one child per item of their results (zipped)."""
         self.map_parent: Optional[str] = None
         """For a child of a mapped task (``transform[3]``), the mapped task's name."""
@@ -120,6 +121,25 @@ class Task:
         self.trigger_rule, self.retry_on, self.retry_jitter, self.max_retry_delay = _policy(
             name, trigger_rule, retry_on, retry_jitter, max_retry_delay)
         self.reset()
+
+    @property
+    def kwargs(self) -> dict[str, Any]:
+        """The keyword arguments for ``func``: the task's own dict (changes to it are kept).
+
+        A task without any holds no dict until this is read (100,000 empty dicts are 6 MB of a
+        large run's coordinator); orch's own code reads :attr:`call_kwargs`, which makes none."""
+        if self._kwargs is None:
+            self._kwargs = {}
+        return self._kwargs
+
+    @kwargs.setter
+    def kwargs(self, value: dict[str, Any]) -> None:
+        self._kwargs = value
+
+    @property
+    def call_kwargs(self) -> Mapping[str, Any]:
+        """The keyword arguments for ``func``, read only, without making a dict for a task that has none."""
+        return _NO_KWARGS if self._kwargs is None else self._kwargs
 
     def _map_over(self, names: Union[str, Iterable[str]]) -> None:
         """The classic API's ``map_over="extract"``: each child gets its item(s) as its first argument(s)."""
@@ -196,6 +216,8 @@ class Task:
     def __repr__(self) -> str:
         return f"Task(name={self.name!r}, state={self.state.value!r}, attempts={self.attempts})"
 
+
+_NO_KWARGS: Mapping[str, Any] = MappingProxyType({})
 
 _OUTCOME_FIELDS = ("state", "result", "error", "traceback", "attempts", "started_at", "finished_at", "worker",
                    "retry_at", "attempt_base", "history")

@@ -106,16 +106,42 @@ def _raw(text: bytes | str) -> bytes:
     return (text if isinstance(text, str) else str(text)).encode("utf-8", "surrogatepass")
 
 
+_NAME_PIECES: dict[bytes | str, bytes] = {}
+"""A field name (as ``str`` or ``bytes``) -> its netstring: the few names orch writes, made once."""
+
+
+def _name_piece(name: bytes | str) -> bytes:
+    piece = _NAME_PIECES.get(name)
+    if piece is None:
+        raw = _raw(name)
+        piece = b"%d:%s" % (len(raw), raw)
+        if len(_NAME_PIECES) < 64:  # bounded: a forged entry may carry any names
+            _NAME_PIECES[name] = piece
+    return piece
+
+
+_LENGTHS = [b"%d:" % n for n in range(256)]
+"""A netstring's length prefix for each short length (most fields' values are short)."""
+
+
 def fields_bytes(fields: Mapping[Any, bytes | str], *, leave_out: str = SIGNATURE_FIELD) -> bytes:
     """A stream entry's fields as bytes, in a fixed order, each length-prefixed: what an outcome's
     signature covers (every field but the signature itself). The same bytes whether the names and
-    values are ``str`` (as a worker writes them) or ``bytes`` (as a coordinator reads them back)."""
-    skip = leave_out.encode()
+    values are ``str`` (as a worker writes them) or ``bytes`` (as a coordinator reads them back).
+    Every task's outcome goes through here twice with signing on (signed, then checked): the
+    name netstrings and short length prefixes are looked up, not formatted."""
+    skip, skip_raw = leave_out, leave_out.encode()
+    known = _NAME_PIECES.get
     pieces = []
     for name, value in fields.items():
-        raw_name, raw_value = _raw(name), _raw(value)
-        if raw_name != skip:
-            pieces.append(b"%d:%s%d:%s" % (len(raw_name), raw_name, len(raw_value), raw_value))
+        if name == skip or name == skip_raw:
+            continue
+        if type(value) is str:
+            value = value.encode("utf-8", "surrogatepass")
+        elif type(value) is not bytes:
+            value = _raw(value)
+        size = len(value)
+        pieces.append((known(name) or _name_piece(name)) + (_LENGTHS[size] if size < 256 else b"%d:" % size) + value)
     # Each piece delimits itself (a netstring each for name and value), so the sorted pieces, joined,
     # still say which value goes with which name: sorting them is a canonical order, and cheap.
     pieces.sort()

@@ -10,7 +10,7 @@ from Redis never names code: at most another task's result of the same run.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 MARK = '"upstream"'
 """Text that every encoded payload holding an :class:`Upstream` contains (the codec's tag value), so a
@@ -33,7 +33,7 @@ class Mapped:
     task: str
 
 
-def mapped_over(args: tuple, kwargs: dict) -> tuple[str, ...]:
+def mapped_over(args: tuple, kwargs: Mapping[str, Any]) -> tuple[str, ...]:
     """The upstream tasks a task's arguments map over (its top-level :class:`Mapped` arguments)."""
     found = [value.task for value in (*args, *kwargs.values()) if isinstance(value, Mapped)]
     return tuple(dict.fromkeys(found))

@@ -291,3 +291,45 @@ def test_valid_task_arguments():
 
     assert t.resolve() is os.path.join
     assert Task("u", noop, timeout=None).timeout is None
+
+
+def test_kwargs_are_the_tasks_own_dict_made_when_first_read():
+    given = {"k": 2}
+    t = Task("t", noop, kwargs=given)
+    given["k"] = 3
+    assert t.kwargs == {"k": 2} and t.call_kwargs == {"k": 2}  # a copy, as before
+    bare = Task("u", noop)
+    assert bare.call_kwargs == {} and not isinstance(bare.call_kwargs, dict)  # read only, and no dict made
+    bare.kwargs["x"] = 1  # the classic API: changes to task.kwargs are kept
+    assert bare.kwargs == {"x": 1} and bare.call_kwargs == {"x": 1}
+    bare.kwargs = {"y": 2}
+    assert bare.call_kwargs == {"y": 2}
+
+
+def test_add_task_points_dependencies_at_the_tasks_own_names():
+    wf = Workflow("w")
+    first = wf.add_task(Task("extract", noop))
+    later = wf.add_task(Task("load", noop, ["".join(["ext", "ract"]), "missing"]))  # a name made anew, as f"..." does
+    assert later.dependencies == ["extract", "missing"]
+    assert later.dependencies[0] is first.name
+    with pytest.raises(MissingDependencyError):
+        wf.validate()
+
+
+def test_a_large_workflows_tasks_cost_under_500_bytes_each():
+    """The 100,000-task benchmark's coordinator must stay under 120 MB: no dict per task for absent
+    kwargs, and no second copy of each dependency's name (bench/README.md, "Coordinator memory")."""
+    import tracemalloc
+
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        wf = Workflow("big")
+        for layer in range(100):
+            for i in range(100):
+                deps = [f"t{layer - 1}_{(i + k) % 100}" for k in range(3)] if layer else []
+                wf.add_task(Task(f"t{layer}_{i}", noop, deps, queue="bench"))
+        per_task = (tracemalloc.get_traced_memory()[0] - before) / len(wf)
+    finally:
+        tracemalloc.stop()
+    assert per_task < 500, f"{per_task:.0f} bytes per task"

@@ -151,3 +151,32 @@ def test_between_jobs_rq_shows_the_worker_as_it_would_without_the_left_out_write
     assert f"{QUEUE}      | 0, 0 executing, 5 finished, 0 failed" in shown.stdout, shown.stdout
     assert f"): idle {QUEUE}. jobs: 5 finished, 0 failed" in shown.stdout, shown.stdout
     assert rq_worker.name in shown.stdout, shown.stdout
+
+
+def test_a_connections_retry_is_copied_shallowly_and_the_copies_stay_apart() -> None:
+    """redis-py deep-copies a client's Retry for each connection (one per job in a work horse): ours copies
+    without a deep walk, and a copy changed does not change the original."""
+    import copy
+
+    retry = connect("redis://127.0.0.1:1/0", check=False).connection_pool.connection_kwargs["retry"]
+    copied = copy.deepcopy(retry)
+    assert copied is not retry and copied == retry and copied.get_retries() == 8
+    copied.update_retries(1)
+    assert retry.get_retries() == 8
+
+
+def test_a_worker_parent_prepared_for_its_horses_prints_and_logs_as_before() -> None:
+    """prepare_horses() installs the log capture in the RQ worker's parent (each forked horse then only
+    opens its attempt's log): the parent's own output and log records still reach its streams."""
+    code = ("import logging, sys\n"
+            "from worker.rq_worker import prepare_horses\n"
+            "from worker import task_log\n"
+            "logging.basicConfig(level='INFO', format='%(levelname)s %(message)s')\n"
+            "prepare_horses()\n"
+            "assert task_log._installed is not None\n"
+            "print('parent prints', flush=True)\n"
+            "logging.getLogger('orch.worker').info('parent logs')\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "parent prints\n"
+    assert "INFO parent logs" in done.stderr

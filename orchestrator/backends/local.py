@@ -84,7 +84,7 @@ def _attempt(tasks: Mapping[str, Task], name: str, attempt: int, run_id: str, pa
         return copy.deepcopy(dict(params))
 
     with running(TaskContext(run_id, name, attempt, upstream_result, fetch_params)):
-        return run_attempt(func, task.args, task.kwargs, run_id=run_id, task=name, attempt=attempt,
+        return run_attempt(func, task.args, task.call_kwargs, run_id=run_id, task=name, attempt=attempt,
                            upstream_result=upstream_result)
 
 

@@ -416,16 +416,19 @@ class RQBackend:
         block_ms = max(1, int(timeout * 1000))
         reply = self.connection.xread({self._events_key: self._last_event}, count=READ_BATCH, block=block_ms)
         events: list[Event] = []
+        now = time.time()  # one clock reading for the batch: one float the batch's tasks share, not one each
         for _stream, entries in reply or ():
             for entry_id, fields in entries:
                 self._last_event = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
-                event = self._event_of(fields)
+                event = self._event_of(fields, now)
                 if event is not None:
                     events.append(event)
         return events
 
-    def _event_of(self, fields: Mapping[Any, Any]) -> Optional[Event]:
-        now = time.time()  # the coordinator's clock decides retry times, not a worker's
+    def _event_of(self, fields: Mapping[Any, Any], now: Optional[float] = None) -> Optional[Event]:
+        """The event an entry of the run's stream stands for, at ``now`` (the coordinator's clock, which
+        decides retry times, not a worker's; read here if not given), or ``None`` for one to ignore."""
+        now = time.time() if now is None else now
         by = cancel_requester(fields)
         if by is not None:
             if self.signer is not None and not fields_verified(self.signer, CANCEL_KIND, self.run_id, 0, fields):
