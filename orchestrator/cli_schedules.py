@@ -6,7 +6,7 @@ dashboard call); an ``orch coordinator`` fires the ticks.
 from __future__ import annotations
 
 import json
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import click
 from rich.table import Table
@@ -123,37 +123,23 @@ def show(options: CliOptions, name: str, as_json: bool) -> None:
             click.echo(f"  {tick['tick']}  {tick['outcome']}{many}: {tick.get('reason', '')}")
 
 
-@schedule.command("pause")
-@click.argument("name")
-@redis_url_option
-@pass_options
-@handle_errors
-def pause(options: CliOptions, name: str) -> None:
-    """Pause NAME: its ticks are recorded as skipped until resumed."""
-    pause_schedule(_connection(options, "pause"), name)
-    click.echo(f"schedule {name} paused")
+def _by_name(verb: str, done: str, action: Callable[[Any, str], None], doc: str) -> None:
+    """Register ``orch schedule VERB NAME``: one call of ``action`` (the Python API's), one line said."""
+
+    @schedule.command(verb, help=doc)
+    @click.argument("name")
+    @redis_url_option
+    @pass_options
+    @handle_errors
+    def command(options: CliOptions, name: str) -> None:
+        action(_connection(options, verb), name)
+        click.echo(f"schedule {name} {done}")
 
 
-@schedule.command("resume")
-@click.argument("name")
-@redis_url_option
-@pass_options
-@handle_errors
-def resume(options: CliOptions, name: str) -> None:
-    """Resume NAME from its next tick."""
-    resume_schedule(_connection(options, "resume"), name)
-    click.echo(f"schedule {name} resumed")
-
-
-@schedule.command("remove")
-@click.argument("name")
-@redis_url_option
-@pass_options
-@handle_errors
-def remove(options: CliOptions, name: str) -> None:
-    """Remove NAME; its runs and their history stay ('orch runs --schedule NAME')."""
-    remove_schedule(_connection(options, "remove"), name)
-    click.echo(f"schedule {name} removed")
+_by_name("pause", "paused", pause_schedule, "Pause NAME: its ticks are recorded as skipped until resumed.")
+_by_name("resume", "resumed", resume_schedule, "Resume NAME from its next tick.")
+_by_name("remove", "removed", remove_schedule,
+         "Remove NAME; its runs and their history stay ('orch runs --schedule NAME').")
 
 
 @schedule.command("trigger")
