@@ -10,7 +10,7 @@ import redis
 
 from orchestrator.run_store import read_run
 from orchestrator.run_views import schedule_run_ids
-from orchestrator.schedule_logic import Outcome, iso
+from orchestrator.schedule_logic import Outcome, fire_at, iso
 from orchestrator.schedules import HISTORY, Schedule, as_number, as_text, load_schedule, run_state
 from shared import keys
 from shared.errors import RunNotFoundError, ScheduleError, ScheduleNotFoundError
@@ -50,8 +50,8 @@ def describe_schedule(connection: redis.Redis, name: str, now: Optional[float] =
     tz = schedule.timing.tz
     after = max(now, as_number(record.get("last_tick")) or 0.0)
     upcoming = []
-    for tick in schedule.timing.ticks(after):
-        upcoming.append(iso(tick, tz))
+    for tick in schedule.timing.ticks(after):  # when each fires: its tick plus its jitter offset
+        upcoming.append(iso(fire_at(name, tick, schedule.timing.jitter), tz))
         if len(upcoming) == 5:
             break
     last_runs = []

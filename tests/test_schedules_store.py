@@ -6,6 +6,7 @@ allowlist, never loads."""
 from __future__ import annotations
 
 import json
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -356,3 +357,12 @@ def test_list_and_show_say_ended_paused_and_waiting(conn: Any, monkeypatch: pyte
     assert "waiting: tick 2027-01-15T08:00:00+00:00 starts when 20270115T080000-abc ends (overlap 'queue')" in shown
     ended = runner.invoke(main, ["schedule", "show", "done", "--redis-url", "redis://unused"]).output
     assert "next: none (the schedule has ended)" in ended
+
+
+def test_show_gives_each_next_fire_time_with_its_jitter(conn: Any) -> None:
+    add_schedule(conn, "spread", TARGET, cron="0 * * * *", jitter="30m", now=T0)
+    fires = describe_schedule(conn, "spread", now=T0)["next_fires"]
+    hours = [datetime.fromisoformat(text).timestamp() for text in fires]
+    ticks = [T0 - T0 % 3600 + 3600 * k for k in range(1, 6)]
+    assert all(tick <= fire < tick + 1800 for tick, fire in zip(ticks, hours)), (fires, ticks)
+    assert hours != ticks  # the offsets are there (a sha-256 offset of exactly 0 five times: never)
