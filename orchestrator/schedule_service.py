@@ -267,7 +267,7 @@ class ScheduleService:
 
         try:
             vet(schedule, record, self.signer, self.allowlist)
-            run_id = start_run(self.connection, schedule, decision.tick, Outcome.FIRED, [], collect,
+            run_id = start_run(self.connection, schedule, decision.tick, Outcome.FIRED, collect,
                                settings=self.settings)
         except WorkflowError as exc:
             log.error("schedule %s: tick %s failed: %s", schedule.name, decision.tick, exc)

@@ -30,6 +30,7 @@ import redis
 from orchestrator.distributed import submit_run
 from orchestrator.lease import flatten, run_commands_lua
 from orchestrator.loading import load_workflow, split_target
+from orchestrator.run_store import Apply
 from orchestrator.schedule_logic import (MAX_DUE, WAITED_PAUSED, Catchup, Decision, Outcome, Overlap, Policies,
                                          ScheduleState, Timing, fire_at, format_every, iso, parse_every, parse_moment,
                                          paused_span)
@@ -337,17 +338,14 @@ def history_commands(name: str, records: list[str]) -> list[tuple]:
     return [("LPUSH", keys.schedule_ticks(name), *records), ("LTRIM", keys.schedule_ticks(name), 0, HISTORY - 1)]
 
 
-def start_run(connection: redis.Redis, schedule: Schedule, tick: float, trigger: Outcome,
-              commands: list[tuple], apply: Any, extra_params: Optional[Mapping[str, Any]] = None,
-              settings: Optional[Settings] = None) -> str:
-    """Load the schedule's target for ``tick`` and write its run through ``apply`` together with
-    ``commands`` (one atomic write). Raises what loading or submitting raises; writes nothing then."""
+def start_run(connection: redis.Redis, schedule: Schedule, tick: float, trigger: Outcome, apply: Apply,
+              extra_params: Optional[Mapping[str, Any]] = None, settings: Optional[Settings] = None) -> str:
+    """Load the schedule's target for ``tick`` and hand its run's writes to ``apply`` (which adds its
+    own and writes them atomically). Raises what loading or submitting raises; writes nothing then."""
     params = {**schedule.params, **dict(extra_params or {}), "scheduled_at": iso(tick, schedule.timing.tz)}
     workflow = load_workflow(schedule.target, params, reload=True)
     extra = {"schedule": schedule.name, "tick": repr(tick), "trigger": trigger.value}
-    submission = submit_run(workflow, connection, settings=settings, params=params, extra=extra,
-                            apply=lambda run_commands: apply(run_commands + commands))
-    return submission.run_id
+    return submit_run(workflow, connection, settings=settings, params=params, extra=extra, apply=apply).run_id
 
 
 def run_index_command(name: str, run_id: str, tick: float) -> tuple:
@@ -379,7 +377,7 @@ def _manual_run(connection: redis.Redis, schedule: Schedule, record: Mapping[str
         commit(connection, schedule.name, "*", commands + ours)
         run_ids.append(run_id)
 
-    start_run(connection, schedule, tick, trigger, [], apply, params)
+    start_run(connection, schedule, tick, trigger, apply, params)
     return run_ids[0]
 
 
