@@ -57,6 +57,19 @@ class Step:
     def __bool__(self) -> bool:
         return bool(self.transitions or self.dispatches or self.stops or self.finished or self.rerun)
 
+    def absorb(self, later: "Step") -> None:
+        """Add ``later`` (the next step of the same run) to this one, so that one write carries both:
+        its lists follow this step's, its entries replace this step's, its run-wide fields win."""
+        for name in ("transitions", "dispatches", "retries", "stops", "children", "attempts"):
+            getattr(self, name).extend(getattr(later, name))
+        for name in ("results", "tracebacks", "attempt_starts"):
+            getattr(self, name).update(getattr(later, name))
+        self.counts = later.counts or self.counts
+        self.finished = later.finished or self.finished
+        self.rerun = later.rerun or self.rerun
+        if later.cancelled_by:
+            self.cancelled_by, self.cancelled_at = later.cancelled_by, later.cancelled_at
+
 
 class Backend(Protocol):
     """Carries out steps and reports events. Local processes or Redis + RQ."""

@@ -64,6 +64,12 @@ return 0
 """
 
 
+EXPIRE_MEMBERS = "ORCH.EXPIREMEMBERS"
+"""A command only the fenced scripts know: ``(EXPIRE_MEMBERS, set key, seconds)`` sets that TTL on
+every key the set names (a run's logs, named by its log index), in the write itself instead of
+a read of the set one round trip before it."""
+
+
 def run_commands_lua(first: int) -> str:
     """The Lua that runs the commands :func:`flatten` laid out in ``ARGV`` from index ``first`` on,
     then returns 1: the tail of every fenced write script (a run's step here, a schedule's tick in
@@ -72,7 +78,13 @@ def run_commands_lua(first: int) -> str:
 local n = #ARGV
 while i <= n do
   local count = tonumber(ARGV[i])
-  redis.call(unpack(ARGV, i + 1, i + count))
+  if ARGV[i + 1] == '{EXPIRE_MEMBERS}' then
+    for _, key in ipairs(redis.call('SMEMBERS', ARGV[i + 2])) do
+      redis.call('EXPIRE', key, ARGV[i + 3])
+    end
+  else
+    redis.call(unpack(ARGV, i + 1, i + count))
+  end
   i = i + count + 1
 end
 return 1

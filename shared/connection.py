@@ -97,7 +97,7 @@ def connect(url: str, *, check: bool = True, socket_timeout: float | None = None
             socket_timeout=socket_timeout,
             socket_connect_timeout=5,
             **tls,
-            **_driver_info(),
+            **_handshake_options(),
         )
     except (ValueError, TypeError) as exc:
         raise InvalidRedisUrlError(redacted(url), str(exc)) from None
@@ -119,7 +119,7 @@ class _Retry(Retry):
 def _probe(url: str, clean: str, tls: dict[str, Any]) -> None:
     """One plain try: a server that is down should fail a submit now, not after the backoff."""
     try:
-        probe = redis.Redis.from_url(clean, socket_connect_timeout=3, socket_timeout=5, **tls)
+        probe = redis.Redis.from_url(clean, socket_connect_timeout=3, socket_timeout=5, **tls, **_handshake_options())
         try:
             probe.ping()
         finally:
@@ -137,16 +137,29 @@ def _first_line(exc: BaseException) -> str:
 
 
 @functools.cache
-def _driver_info() -> dict[str, Any]:
-    """redis-py's description of itself, made once per process and given to every connection.
+def _handshake_options() -> dict[str, Any]:
+    """Connection options that keep a new connection's handshake to what orch needs: one round trip
+    (``HELLO``), not two. Given to every client orch makes, so paid by nothing per job or per task.
 
-    Recent redis-py (8 here) otherwise makes it anew for each connection it opens, reading its own package
-    metadata from disk: a few milliseconds and hundreds of page faults, paid by every RQ work
-    horse (a forked process opens a connection of its own) and by nothing else it does per job.
-    Older redis-py reads it once, at import, and has no such argument (nor this cost).
+    - No ``CLIENT SETINFO`` (the library's name and version in ``CLIENT LIST``). Recent redis-py
+      (8 here) would also make its description anew for each connection, reading its own package
+      metadata from disk: milliseconds and hundreds of page faults in every RQ work horse (a forked
+      process opens a connection of its own for each job).
+    - No ``CLIENT MAINT_NOTIFICATIONS`` (redis-py 8 asks by default; only managed Redis Enterprise
+      clusters answer, self-hosted Redis refuses it, one round trip wasted per connection).
+
+    Older redis-py knows neither argument (nor sends the second command): its ``lib_name=None``
+    turns the first off.
     """
+    options: dict[str, Any] = {}
     try:
-        from redis.driver_info import DriverInfo
+        from redis.driver_info import DriverInfo  # noqa: F401 - redis-py 7+
+        options["driver_info"] = None
     except ImportError:
-        return {}
-    return {"driver_info": DriverInfo()}
+        options.update(lib_name=None, lib_version=None)
+    try:
+        from redis.maint_notifications import MaintNotificationsConfig
+        options["maint_notifications_config"] = MaintNotificationsConfig(enabled=False)
+    except ImportError:
+        pass
+    return options

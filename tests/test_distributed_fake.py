@@ -557,3 +557,65 @@ def test_cancel_of_an_unknown_run_raises(cluster: FakeCluster) -> None:
     with pytest.raises(RunNotFoundError):
         request_cancel(cluster.conn, "20000101T000000-000000000000", "alice")
     assert set(cluster.conn.keys("*")) == cluster.registry_keys
+
+
+# ------------------------------------------------------ successes written with the next step
+def test_successes_that_start_nothing_wait_for_the_next_write_and_survive_the_coordinator(monkeypatch) -> None:
+    """A step that only records successes is kept in memory (the outcomes stay in the stream past the
+    stored ``last_event``) and written with the next step that sends jobs, or after DEFER_WRITES; a
+    coordinator that dies meanwhile loses nothing: its successor reads those outcomes again."""
+    from orchestrator.backends import rq as rq_backend
+    from orchestrator.coordinator import Coordinator
+    from orchestrator.lease import Lease
+    from orchestrator.scheduler import Scheduler
+    from shared.messages import SUCCEEDED, Outcome
+
+    conn = fakeredis.FakeRedis(server=fakeredis.FakeServer())
+    beat(conn, WorkerInfo("w", RQ, ("default",)), ttl=3600)
+    wf = Workflow("deferred")
+    for name in ("x", "y", "z"):
+        wf.add_task(Task(name, dist_tasks.identity, args=(name,)))
+    wf.add_task(Task("after_x", dist_tasks.identity, ["x"], args=(1,)))
+    lease = Lease(conn, "", Settings().lease_ttl)
+    submission = distributed.submit_run(wf, conn, lease=lease)
+    run_id = submission.run_id
+    backend = RQBackend(conn, run_id, wf.tasks, submission.specs, lease=lease)
+    coordinator = Coordinator(wf.tasks, backend, scheduler=Scheduler(wf.tasks.values(), submission.graph))
+    coordinator.apply(coordinator.scheduler.start(time.time()))
+
+    def report(task: str, value: str) -> None:
+        outcome = Outcome(run_id=run_id, task=task, attempt=1, status=SUCCEEDED, at=time.time(),
+                          result=codec.encode(value), worker="w")
+        conn.xadd(keys.events(run_id), outcome.to_fields())
+
+    def stored_state(task: str) -> str:
+        return json.loads(conn.hget(keys.tasks(run_id), task))["state"]
+
+    report("y", "Y")
+    coordinator._step(backend.wait(0))
+    assert wf.tasks["y"].state is TaskState.SUCCESS
+    assert stored_state("y") == "queued" and conn.hget(keys.results(run_id), "y") is None, "not written yet"
+    last_written = run_meta(conn, run_id)["last_event"]
+
+    monkeypatch.setattr(rq_backend, "DEFER_WRITES", 0.0)
+    backend.wait(0)  # due: written on its own
+    assert stored_state("y") == "success" and codec.decode(conn.hget(keys.results(run_id), "y")) == "Y"
+    assert run_meta(conn, run_id)["last_event"] != last_written
+    monkeypatch.setattr(rq_backend, "DEFER_WRITES", 60.0)
+
+    report("x", "X")  # sends after_x: written at once, with the success that released it
+    coordinator._step(backend.wait(0))
+    assert stored_state("x") == "success" and stored_state("after_x") == "queued"
+
+    report("after_x", "done")
+    coordinator._step(backend.wait(0))
+    assert stored_state("after_x") == "queued", "deferred, then the coordinator dies"
+    conn.delete(keys.lease(run_id))  # its lease lapses
+
+    successor, tasks = distributed.restore_coordinator(conn, run_id, Lease(conn, run_id, 30.0))
+    assert successor.backend.lease.acquire()
+    report("z", "Z")
+    assert successor.run() is RunState.SUCCESS
+    assert {name: read_result(conn, run_id, name) for name in tasks} == {"x": "X", "y": "Y", "z": "Z",
+                                                                         "after_x": "done"}
+    assert {stored_state(name) for name in tasks} == {"success"}

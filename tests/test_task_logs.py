@@ -131,8 +131,10 @@ def orch_logs(url: str, *args: str) -> tuple[int, str, str]:
 @pytest.mark.slow
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("mode", ["lean", "rq"])
-def test_a_task_that_prints_logs_and_raises_read_back_with_orch_logs(redis_server, orch_workers, mode) -> None:
+def test_a_task_that_prints_logs_and_raises_read_back_with_orch_logs(redis_server, orch_workers, mode,
+                                                                    monkeypatch) -> None:
     orch_workers(1, mode=mode)
+    monkeypatch.setenv("ORCH_RETENTION", "3600")  # the coordinator's (here); the worker keeps its 7 days
     workflow = chatty_workflow(max_retries=1)
     workflow.run(redis_url=redis_server.url)
     run_id = workflow.last_run_id
@@ -161,7 +163,7 @@ def test_a_task_that_prints_logs_and_raises_read_back_with_orch_logs(redis_serve
     assert not client.exists(keys.task_log(run_id, "quiet", 1))  # printed nothing: nothing written
     assert {m.decode() for m in client.smembers(keys.logs(run_id))} == {
         keys.task_log(run_id, "chatty", 1), keys.task_log(run_id, "chatty", 2)}
-    assert 0 < client.ttl(keys.task_log(run_id, "chatty", 1)) <= 7 * 24 * 3600  # the run's retention
+    assert 3000 < client.ttl(keys.task_log(run_id, "chatty", 1)) <= 3600  # the run's retention, set at its end
 
     code, _, err = orch_logs(redis_server.url, "no-such-run")
     assert code == 2 and err.startswith("error: no run 'no-such-run' in this Redis")

@@ -47,7 +47,7 @@ from rq.job import Job
 from orchestrator.coordinator import Step
 from orchestrator.backends.routing import AUTO, TRANSPORTS, Routes
 from orchestrator.backends.watch import LossWatch
-from orchestrator.lease import Lease, LeaseLost
+from orchestrator.lease import EXPIRE_MEMBERS, Lease, LeaseLost
 from orchestrator.metrics_store import RunMetrics
 from orchestrator.run_spec import RunSpec
 from orchestrator.run_store import run_keys, task_record
@@ -73,18 +73,22 @@ deletes a job with no result TTL down a path that costs its work horse ~11 round
 HOUSEKEEPING_INTERVAL = 1.0
 """Most seconds between lease renewals and worker heartbeat checks (a third of the lease's
 TTL when that is shorter, so that a live coordinator's lease never lapses between two)."""
-DEFER_STARTS = 0.2
-"""Longest a step that only marks tasks running waits to be written with the next one."""
+DEFER_WRITES = 0.2
+"""Longest a step that only marks tasks running or succeeded (and starts nothing) waits to be
+written with the next one."""
 
 
 def outcome_field_names(fields: Mapping[Any, Any]) -> set[str]:
     return {name.decode() if isinstance(name, bytes) else name for name in fields}
 
 
-def _only_starts(step: Step) -> bool:
-    return bool(step.transitions) and not (step.dispatches or step.stops or step.results or step.finished
-                                           or step.retries or step.tracebacks) and all(
-        move.finish is TaskState.RUNNING for move in step.transitions)
+def _deferrable(step: Step) -> bool:
+    """A step that only marks tasks running or succeeded, and so changes nothing any worker or
+    successor waits for: no job to send or stop, no retry, failure, expansion, rerun or end."""
+    return bool(step.transitions) and not (
+        step.dispatches or step.stops or step.finished or step.retries or step.tracebacks or step.attempts
+        or step.children or step.rerun or step.cancelled_by) and all(
+        move.finish in (TaskState.RUNNING, TaskState.SUCCESS) for move in step.transitions)
 
 
 class RQBackend:
@@ -136,7 +140,8 @@ class RQBackend:
             self._mark_waiting(task, attempt, None)
             self.watch.dispatched(self.job_id(task, attempt), task, attempt,
                                   self._queue(self._queue_name(task)).intermediate_queue_key)
-        self._deferred: set[str] = set()
+        self._deferred: Optional[Step] = None
+        """Deferrable steps carried out in memory and not yet written (see :func:`_deferrable`)."""
         self._deferred_since = 0.0
         self._housekeeping_at = 0.0
         self._housekeeping_every = min(HOUSEKEEPING_INTERVAL, self.settings.lease_ttl / 3)
@@ -175,30 +180,32 @@ class RQBackend:
             self._reconnecting(self._update_notice)  # e.g. the waiting task just started: say so now
         for task, first, _, payloads in step.children:  # once, outside the write a reconnect may repeat
             self.specs.add_children(task, first, payloads)
-        changed = {move.task for move in step.transitions}
-        if _only_starts(step):
-            # "running" is shown, not needed to resume (an outcome after a lost start still
-            # applies), so it waits up to DEFER_STARTS for the next write instead of costing one.
-            if not self._deferred:
-                self._deferred_since = time.monotonic()
-            self._deferred |= changed
-            return
-        self._reconnecting(self._write_step, step, changed | self._deferred)
-        self._deferred = set()
         self.metrics.count(step)
+        if _deferrable(step):
+            # Shown, not needed to resume: the outcomes stay in the stream after the last_event
+            # written, so a successor reads them again; a step that sends jobs writes these first.
+            if self._deferred is None:
+                self._deferred, self._deferred_since = Step(), time.monotonic()
+            self._deferred.absorb(step)
+            return
+        if self._deferred is not None:
+            self._deferred.absorb(step)
+            step, self._deferred = self._deferred, None
+        self._reconnecting(self._write_step, step)
         if step.finished:
             self._reconnecting(self.metrics.flush)
         for stop in step.stops:
             self._stop_running(stop.task, stop.attempt)
 
     def _flush_deferred(self) -> None:
-        if self._deferred and time.monotonic() - self._deferred_since >= DEFER_STARTS:
-            self._reconnecting(self._write_step, Step(), self._deferred)
-            self._deferred = set()
+        if self._deferred is not None and time.monotonic() - self._deferred_since >= DEFER_WRITES:
+            self._reconnecting(self._write_step, self._deferred)
+            self._deferred = None
 
-    def _write_step(self, step: Step, changed: set[str]) -> None:
+    def _write_step(self, step: Step) -> None:
         """All of ``step`` in one atomic round trip (fenced by the lease when there is one)."""
         run_id = self.run_id
+        changed = {move.task for move in step.transitions}
         pipe = self.connection.pipeline(transaction=True)
         if step.rerun:
             self._reopen(pipe, step)
@@ -228,8 +235,13 @@ class RQBackend:
             pipe.xtrim(self._events_key, minid=self._last_event, approximate=False)
         if step.finished:
             pipe.hdel(keys.run(run_id), "warning")
-            for key in run_keys(self.connection, run_id):
+            for key in keys.all_of_run(run_id):
                 pipe.expire(key, self.settings.retention)
+            if self.lease is None:
+                for key in self.connection.smembers(keys.logs(run_id)):
+                    pipe.expire(key, self.settings.retention)
+            else:
+                pipe.execute_command(EXPIRE_MEMBERS, keys.logs(run_id), self.settings.retention)
             pipe.srem(keys.ACTIVE, run_id)
             pipe.delete(keys.lease(run_id))
         if self.lease is None:
@@ -383,8 +395,8 @@ class RQBackend:
         self._flush_deferred()
         lost = list(self._reconnecting(self._housekeeping))
         if not lost:
-            if self._deferred:  # wake in time to write the deferred "running" records
-                timeout = min(timeout, max(0.0, self._deferred_since + DEFER_STARTS - time.monotonic()))
+            if self._deferred is not None:  # wake in time to write the deferred records
+                timeout = min(timeout, max(0.0, self._deferred_since + DEFER_WRITES - time.monotonic()))
             return self._reconnecting(self._read, min(timeout, self._housekeeping_every))
         # An attempt whose worker's heartbeat lapsed may have reported before it did (a worker
         # cut off for a while; a resumed run finds outcomes that waited in the stream for
