@@ -243,17 +243,22 @@ class RunMetrics:
             self.flush()
 
     def flush(self) -> None:
+        """Send the increments, :data:`FIELDS_PER_CALL` fields a call: a large run's second of
+        per-task fields (15,000 at 5,000 tasks/s) packed as one command held several copies of
+        itself at once, a spike of 20 MB in the coordinator's memory."""
         self._flushed_at = self.clock()
-        increments = self.tally.take()
-        try:
-            self._add(increments)
-        except (redis.ConnectionError, redis.TimeoutError):
-            for field, amount in increments.items():  # kept for the next flush
-                self.tally.pending[field] = self.tally.pending.get(field, 0.0) + amount
-            raise
-        except redis.RedisError as exc:
-            log.warning("metrics of workflow %r: Redis refused %d increments (%s); dropped",
-                        self.workflow, len(increments), exc)
+        items = list(self.tally.take().items())
+        for first in range(0, len(items), FIELDS_PER_CALL):
+            try:
+                self._add(dict(items[first:first + FIELDS_PER_CALL]))
+            except (redis.ConnectionError, redis.TimeoutError):
+                for field, amount in items[first:]:  # kept for the next flush
+                    self.tally.pending[field] = self.tally.pending.get(field, 0.0) + amount
+                raise
+            except redis.RedisError as exc:
+                log.warning("metrics of workflow %r: Redis refused %d increments (%s); dropped",
+                            self.workflow, len(items) - first, exc)
+                return
 
 
 def read_all(connection: redis.Redis) -> Iterable[tuple[str, tuple[str, ...], float]]:
