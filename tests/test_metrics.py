@@ -163,6 +163,34 @@ def test_run_metrics_flush_at_most_once_a_second_and_keep_what_a_failed_flush_he
     assert conn.hget(keys.METRICS, field) == b"3"
 
 
+def test_a_large_flush_goes_a_thousand_fields_a_call_and_a_cut_keeps_the_unsent(monkeypatch) -> None:
+    server = fakeredis.FakeServer()
+    conn = fakeredis.FakeRedis(server=server)
+    names = [f"t{i}" for i in range(2 * store.FIELDS_PER_CALL + 500)]
+    metrics = store.RunMetrics(conn, "wf", {name: FakeTask() for name in names})
+    metrics.count(Step(transitions=[Transition(name, R, S, 1, 10.0) for name in names]))
+    sizes: list[int] = []
+    add = metrics._add
+
+    def counted(increments: dict) -> None:
+        sizes.append(len(increments))
+        if len(sizes) == 2:
+            raise redis.ConnectionError("cut")
+        add(increments)
+
+    monkeypatch.setattr(metrics, "_add", counted)
+    with pytest.raises(redis.ConnectionError):  # the second call is cut off: the first went through
+        metrics.flush()
+    assert sizes[0] == store.FIELDS_PER_CALL and len(metrics.tally.pending) == len(names) - store.FIELDS_PER_CALL
+    metrics.flush()
+    assert sizes[2:] == [store.FIELDS_PER_CALL, 500]
+    stored = {store.parse_field(f)[1][1] for f in conn.hkeys(keys.METRICS)
+              if store.parse_field(f)[0] == store.TASK_ATTEMPTS}
+    assert stored == set(names)
+    assert all(conn.hget(keys.METRICS, store.metric_field(store.TASK_ATTEMPTS, "wf", n, "success")) == b"1"
+               for n in names)
+
+
 def test_a_refused_flush_is_logged_and_dropped_never_raised(caplog: pytest.LogCaptureFixture) -> None:
     conn = fakeredis.FakeRedis()
     metrics = store.RunMetrics(conn, "wf", {"a": FakeTask()})
