@@ -619,3 +619,35 @@ def test_successes_that_start_nothing_wait_for_the_next_write_and_survive_the_co
     assert {name: read_result(conn, run_id, name) for name in tasks} == {"x": "X", "y": "Y", "z": "Z",
                                                                          "after_x": "done"}
     assert {stored_state(name) for name in tasks} == {"success"}
+
+
+def test_after_a_read_of_only_starts_the_coordinator_lets_reports_gather_before_reading_again(monkeypatch) -> None:
+    """Starts are never urgent: a read that brought only starts is followed by a START_BATCH pause (the
+    next reports then come in one read); a read with an outcome in it is followed by none."""
+    from orchestrator.backends import rq as rq_backend
+    from orchestrator.lease import Lease
+    from shared.events import TaskStarted, TaskSucceeded
+    from shared.messages import STARTED, SUCCEEDED, Outcome
+
+    conn = fakeredis.FakeRedis(server=fakeredis.FakeServer())
+    beat(conn, WorkerInfo("w", RQ, ("default",)), ttl=3600)
+    wf = Workflow("pauses")
+    wf.add_task(Task("x", dist_tasks.identity, args=(1,)))
+    lease = Lease(conn, "", Settings().lease_ttl)
+    submission = distributed.submit_run(wf, conn, lease=lease)
+    backend = RQBackend(conn, submission.run_id, wf.tasks, submission.specs, lease=lease)
+    pauses: list[float] = []
+    monkeypatch.setattr(rq_backend.time, "sleep", pauses.append)
+
+    def report(status: str) -> None:
+        outcome = Outcome(run_id=submission.run_id, task="x", attempt=1, status=status, at=time.time(),
+                          result=codec.encode(1) if status == SUCCEEDED else None, worker="w")
+        conn.xadd(keys.events(submission.run_id), outcome.to_fields())
+
+    report(STARTED)
+    assert [type(e) for e in backend.wait(0.5)] == [TaskStarted] and pauses == []
+    report(SUCCEEDED)
+    assert [type(e) for e in backend.wait(0.5)] == [TaskSucceeded] and pauses == [rq_backend.START_BATCH]
+    report(STARTED)
+    backend.wait(0.5)
+    assert pauses == [rq_backend.START_BATCH], "no pause after a read that brought an outcome"

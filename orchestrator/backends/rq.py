@@ -70,6 +70,8 @@ READ_BATCH = 1000
 RQ_RESULT_TTL = 60
 """Seconds RQ keeps a finished orch job (its result is in the run's own keys). Not 0: RQ
 deletes a job with no result TTL down a path that costs its work horse ~11 round trips."""
+START_BATCH = 0.002
+"""Seconds the coordinator lets reports gather after a read that brought only starts."""
 HOUSEKEEPING_INTERVAL = 1.0
 """Most seconds between lease renewals and worker heartbeat checks (a third of the lease's
 TTL when that is shorter, so that a live coordinator's lease never lapses between two)."""
@@ -143,6 +145,7 @@ class RQBackend:
         self._deferred: Optional[Step] = None
         """Deferrable steps carried out in memory and not yet written (see :func:`_deferrable`)."""
         self._deferred_since = 0.0
+        self._only_starts_read = False
         self._housekeeping_at = 0.0
         self._housekeeping_every = min(HOUSEKEEPING_INTERVAL, self.settings.lease_ttl / 3)
 
@@ -397,7 +400,15 @@ class RQBackend:
         if not lost:
             if self._deferred is not None:  # wake in time to write the deferred records
                 timeout = min(timeout, max(0.0, self._deferred_since + DEFER_WRITES - time.monotonic()))
-            return self._reconnecting(self._read, min(timeout, self._housekeeping_every))
+            if self._only_starts_read and timeout > 0:
+                # Starts are never urgent: after a read that brought nothing else, what arrives in
+                # the next moment is read together (one wake-up for many reports, not one each).
+                pause = min(START_BATCH, timeout)
+                time.sleep(pause)
+                timeout -= pause
+            events = self._reconnecting(self._read, min(timeout, self._housekeeping_every))
+            self._only_starts_read = bool(events) and all(type(event) is TaskStarted for event in events)
+            return events
         # An attempt whose worker's heartbeat lapsed may have reported before it did (a worker
         # cut off for a while; a resumed run finds outcomes that waited in the stream for
         # longer than the TTL): read everything already in the stream first, so that those
