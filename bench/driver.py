@@ -162,7 +162,7 @@ class OrchDriver(Driver):
         from orchestrator.backends.rq import RQBackend
 
         stats = self.stats = {"steps": 0, "dispatches": 0, "reads": 0, "events": 0, "first_step_done": None}
-        carry_out, read, event_of = RQBackend.carry_out, RQBackend._read, RQBackend._event_of
+        carry_out, read, events_of = RQBackend.carry_out, RQBackend._read, RQBackend._events_of
         trace = self.trace = []  # (kind, epoch time, ...) when tracing
 
         def counted_carry_out(backend: Any, step: Any) -> None:
@@ -182,9 +182,9 @@ class OrchDriver(Driver):
             stats["events"] += len(events)
             return events
 
-        def traced_event_of(backend: Any, fields: Any, *rest: Any) -> Any:
-            event = event_of(backend, fields, *rest)
-            if self.tracing and event is not None:
+        def traced_events_of(backend: Any, fields: Any, *rest: Any) -> Any:
+            events = events_of(backend, fields, *rest)
+            if self.tracing and events:
                 from shared.messages import Outcome
 
                 try:
@@ -193,10 +193,10 @@ class OrchDriver(Driver):
                                   outcome.worker))
                 except Exception:  # noqa: BLE001 - a cancel request
                     pass
-            return event
+            return events
 
         self.tracing = False
-        RQBackend._event_of = traced_event_of  # type: ignore[method-assign]
+        RQBackend._events_of = traced_events_of  # type: ignore[method-assign]
         RQBackend.carry_out = counted_carry_out  # type: ignore[method-assign]
         RQBackend._read = counted_read  # type: ignore[method-assign]
 

@@ -53,7 +53,10 @@ class Outcome:
 
     ``result`` is the codec-encoded return value (``succeeded`` only); ``error``
     is one line, ``"ValueError: bad row 7"``; ``at`` is the worker's epoch time;
-    ``types`` the raised exception's classes (:func:`shared.errors.class_refs`), comma-separated.
+    ``types`` the raised exception's classes (:func:`shared.errors.class_refs`), comma-separated;
+    ``with_start``: a finished attempt's entry that also reports its start (at ``started_at``, by
+    ``worker``), which no entry of its own reported: one entry, one signature, one wake-up of the
+    coordinator per short task.
     """
 
     run_id: str
@@ -68,6 +71,7 @@ class Outcome:
     worker: Optional[str] = None
     started_at: Optional[float] = None
     types: Optional[str] = None
+    with_start: bool = False
 
     def to_fields(self, signer: Optional[Signer] = None) -> dict[str, bytes | str]:
         """The stream entry's fields, signed by ``signer`` if given."""
@@ -86,6 +90,7 @@ class Outcome:
             "worker": self.worker,
             "started_at": None if self.started_at is None else repr(self.started_at),
             "types": self.types,
+            "start": "1" if self.with_start else None,
         }
         fields.update({k: v for k, v in optional.items() if v is not None})
         return sign_fields(signer, OUTCOME_KIND, self.run_id, self.attempt, fields)
@@ -127,6 +132,7 @@ class Outcome:
                 worker=_shared(text("worker")),
                 started_at=None if started is None else float(started),
                 types=text("types"),
+                with_start=text("start") == "1",
             )
         except (ValueError, TypeError, AttributeError, UnicodeDecodeError) as exc:
             raise SerializationError(f"malformed outcome message: {exc}") from None

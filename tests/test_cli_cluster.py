@@ -96,8 +96,8 @@ def test_lean_worker_burst_runs_what_is_queued_then_exits(redis_server) -> None:
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr[-2000:]
     outcomes = [Outcome.from_fields(fields) for _, fields in client.xrange(keys.events("burst-run"))]
-    assert [o.status for o in outcomes] == ["started", "succeeded"]
-    assert outcomes[-1].result == b"41"
+    assert [(o.status, o.with_start) for o in outcomes] == [("succeeded", True)]  # its start with it: one entry
+    assert outcomes[-1].result == b"41" and outcomes[-1].worker and outcomes[-1].started_at
     assert client.llen(keys.lean_queue("default")) == 0
     slots = {m.decode() for m in client.smembers(keys.LEAN_WORKERS)}
     assert not {s for s in slots if keys.slot_worker(s) == outcomes[-1].worker}, "a worker that quit must leave the set"

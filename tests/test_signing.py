@@ -29,7 +29,7 @@ from orchestrator.run_store import open_event_stream
 from shared import codec, keys
 from shared.errors import LimitExceededError
 from shared.jobs import JOB_FUNCTION, job_message, job_signature
-from shared.messages import SUCCEEDED, Outcome
+from shared.messages import STARTED, SUCCEEDED, Outcome
 from shared.signing import Signer, fields_verified
 from tests.test_security import forged_payload, outcomes, wait_for_failure
 
@@ -197,10 +197,13 @@ def test_forged_outcomes_are_ignored(redis_server, orch_workers, tmp_path, signi
         client.xadd(keys.events(run_id), forged.to_fields())  # unsigned
         client.xadd(keys.events(run_id), forged.to_fields(Signer([b"not-the-key"])))  # wrongly signed
         client.xadd(keys.events(run_id), {"status": "cancel", "by": "attacker"})  # an unsigned cancel request
+        start = Outcome(run_id=run_id, task="slow", attempt=1, status=STARTED, at=time.time(), worker="attacker")
+        client.xadd(keys.events(run_id), start.to_fields())  # an unsigned start: not even shown
         thread.join(60)
-    assert finished["result"] == {"slow": "slept"}
+    assert finished["result"] == {"slow": "slept"} and wf.tasks["slow"].worker != "attacker"
     ignored = [r.getMessage() for r in caplog.records if "missing or wrong signature" in r.getMessage()]
-    assert len(ignored) == 3, ignored
+    assert len(ignored) == 4, ignored
+    assert any("ignored a started outcome of task 'slow' attempt 1" in line for line in ignored)
     assert any("ignored a succeeded outcome of task 'slow' attempt 1" in line for line in ignored)
     assert any("ignored a cancel request (by 'attacker')" in line for line in ignored)
 

@@ -1,19 +1,19 @@
 """The loop of one lean work process: take a job, run it, report it, with its own Redis connection.
 
 While jobs are waiting, a work process spends one round trip per task: one
-script reports the outcome of the attempt it just ran (``XADD`` on the run's
-stream, ``LREM`` from its slot's in-flight list), moves the next job from a
-queue into that list (``LMOVE``) and reports it started (``XADD``). When the
-queues are empty it waits on ``BLMOVE`` (at most :data:`BLOCK_SECONDS`, so a
-shutdown is seen). The start of a job taken that way is reported with its
-outcome, in the same script, unless the parent reported it first (it does for
-an attempt still running after ``START_REPORT_DELAY``): a short task then costs
-the coordinator one wake-up, not two.
+script reports the attempt it just ran (its start and outcome, ``XADD`` on the
+run's stream, ``LREM`` from its slot's in-flight list) and moves the next job
+from a queue into that list (``LMOVE``). When the queues are empty it waits on
+``BLMOVE`` (at most :data:`BLOCK_SECONDS`, so a shutdown is seen). A job's
+start is reported with its outcome, in the same stream entry, unless the parent reported
+it first (it does for an attempt still running after ``START_REPORT_DELAY``): a
+short task costs the coordinator one wake-up, not two, and the moment many
+tasks end together (a wave of equal tasks) carries only their outcomes.
 
 Before it decodes a job any further than its run, task and attempt, a work process refuses an
 entry longer than any honest one (``ORCH_MAX_PAYLOAD_BYTES``) and, with a signing key, one whose
 signature is missing or wrong (:func:`shared.jobs.parse_job_message`); it signs every report it
-makes (the start the take script reports is a hint the coordinator trusts for nothing).
+makes.
 
 Nothing goes through the parent: the work process only keeps its
 :class:`~worker.slot_record.SlotRecord` current, from which the parent times
@@ -34,7 +34,7 @@ import logging
 import os
 import signal
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Optional
 
 import redis
@@ -71,34 +71,18 @@ PARENT_WAIT_SECONDS = 0.1
 
 FINISH_AND_TAKE = """
 -- KEYS[1]: this slot's in-flight list; KEYS[2..]: queues, in the order to try.
--- ARGV: finished job ('' for none), its run's event stream, worker name, now,
--- event stream key prefix and suffix, the longest entry to decode, the number n of the finished
--- job's start fields (0: its start was reported), those n fields, then its outcome fields.
--- Reports go only to a stream that exists (NOMKSTREAM): the coordinator opens it with the run.
+-- ARGV: finished job ('' for none), its run's event stream, then its outcome's fields (none: an
+-- unreadable entry, dropped unreported). Reports go only to a stream that exists (NOMKSTREAM):
+-- the coordinator opens it with the run.
 if ARGV[1] ~= '' then
-  local n = tonumber(ARGV[8])
-  if n > 0 then
-    redis.call('XADD', ARGV[2], 'NOMKSTREAM', '*', unpack(ARGV, 9, 8 + n))
-  end
-  if #ARGV > 8 + n then
-    redis.call('XADD', ARGV[2], 'NOMKSTREAM', '*', unpack(ARGV, 9 + n))
+  if #ARGV > 2 then
+    redis.call('XADD', ARGV[2], 'NOMKSTREAM', '*', unpack(ARGV, 3))
   end
   redis.call('LREM', KEYS[1], 1, ARGV[1])
 end
 for i = 2, #KEYS do
   local job = redis.call('LMOVE', KEYS[i], KEYS[1], 'LEFT', 'RIGHT')
   if job then
-    local ok, decoded = false, nil
-    if #job <= tonumber(ARGV[7]) then  -- a longer one no coordinator wrote: not decoded, not reported
-      ok, decoded = pcall(cjson.decode, job)
-    end
-    if ok and type(decoded) == 'table' and type(decoded[1]) == 'string' and type(decoded[2]) == 'string'
-        and type(decoded[3]) == 'number' and decoded[3] >= 1 and decoded[3] < 1e9
-        and decoded[3] == math.floor(decoded[3]) then
-      redis.call('XADD', ARGV[5] .. decoded[1] .. ARGV[6], 'NOMKSTREAM', '*', 'run', decoded[1],
-                 'task', decoded[2], 'attempt', string.format('%d', decoded[3]), 'status', 'started',
-                 'at', ARGV[4], 'worker', ARGV[3])
-    end
     return {i - 2, job}
   end
 end
@@ -169,7 +153,6 @@ class _Loop:
         self.inflight = keys.inflight(config.slot)
         self._finish_and_take = self.wire.script(FINISH_AND_TAKE)
         self._next_queue = config.number % len(config.queue_keys)  # slots start on different queues
-        self._stream_affixes = tuple(keys.events("\0").split("\0"))
         self._unsure = False
         self._adopted: list[tuple[int, bytes]] = []
         self.signer = configured_signer()
@@ -198,7 +181,7 @@ class _Loop:
                     self.record.set(State.IDLE)
                     time.sleep(PARENT_WAIT_SECONDS)
                     continue
-                taken, reported = self._next(done)
+                taken = self._next(done)
             except redis.RedisError as exc:
                 log.warning("%s: Redis error (%s); retrying", self.config.slot, exc)
                 self._unsure = True
@@ -210,7 +193,7 @@ class _Loop:
                 if self.config.burst and self._heartbeat_left():
                     break  # --burst: the queues are empty, this slot is done
                 continue
-            done = self.run_job(*taken, reported=reported)
+            done = self.run_job(*taken)
         if done is not None:
             try:
                 self.finish_and_take(done, take=False)
@@ -219,16 +202,15 @@ class _Loop:
                 return
         self.record.set(State.DONE)
 
-    def _next(self, done: Optional[Done]) -> tuple[Optional[tuple[int, bytes]], bool]:
-        """Report ``done`` and take the next job: (queue number and entry, or ``None``; whether
-        its start was reported)."""
+    def _next(self, done: Optional[Done]) -> Optional[tuple[int, bytes]]:
+        """Report ``done`` and take the next job: its queue number and entry, or ``None``."""
         if self._adopted:
             self.finish_and_take(done, take=False)
-            return self._adopted.pop(0), False
+            return self._adopted.pop(0)
         taken = self.finish_and_take(done, take=True)
         if taken is not None:
-            return taken, True
-        return self.take_blocking(), False
+            return taken
+        return self.take_blocking()
 
     def _recover(self, done: Optional[Done]) -> Optional[Done]:
         """After a Redis error it is unknown whether the failed call reported ``done`` or took a
@@ -249,21 +231,20 @@ class _Loop:
         return [(first + i) % n for i in range(n)]
 
     def finish_and_take(self, done: Optional[Done], take: bool) -> Optional[tuple[int, bytes]]:
-        """One round trip: report ``done`` (after its start, unless that was reported) and, if
-        ``take``, move the next waiting job into this slot's in-flight list, reported started.
+        """One round trip: report ``done`` (its start with it, unless the parent reported that) and, if
+        ``take``, move the next waiting job into this slot's in-flight list.
         Returns (queue number, entry) or ``None``."""
         if done is None and not take:
             return None
         raw, outcome, start = done if done is not None else (b"", None, None)
-        if start is not None and self.record.claimed() == attempt_id(start.run_id, start.task, start.attempt):
-            start = None  # the parent reported it
-        started = _flat(start.to_fields(self.signer)) if start is not None and outcome is not None else []
+        if (outcome is not None and start is not None
+                and self.record.claimed() != attempt_id(start.run_id, start.task, start.attempt)):
+            outcome = replace(outcome, with_start=True, started_at=start.at)  # else the parent reported it
         order = self._queues_in_turn() if take else []
         self.record.set(State.TAKING)
         reply = self._finish_and_take(
             keys=[self.inflight, *(self.config.queue_keys[i] for i in order)],
-            args=[raw, keys.events(outcome.run_id) if outcome is not None else "", self.config.worker,
-                  repr(time.time()), *self._stream_affixes, self.max_entry, len(started), *started,
+            args=[raw, keys.events(outcome.run_id) if outcome is not None else "",
                   *(_flat(outcome.to_fields(self.signer)) if outcome is not None else [])])
         if not reply:
             return None
@@ -290,10 +271,10 @@ class _Loop:
     def _queue_name(self, number: int) -> str:
         return self.config.queue_keys[number] if number >= 0 else "an unknown queue"
 
-    def run_job(self, queue: int, raw: bytes, reported: bool) -> Done:
+    def run_job(self, queue: int, raw: bytes) -> Done:
         """Run one job taken from queue number ``queue``; return it with its outcome for reporting,
-        and its start too unless ``reported`` (the parent reports that one instead if the attempt
-        runs longer than ``worker.settle.START_REPORT_DELAY``: the record says it is unreported)."""
+        and its start (the parent reports that one instead if the attempt runs longer than
+        ``worker.settle.START_REPORT_DELAY``: the record says it is unreported)."""
         worker = self.config.worker
         try:
             job = parse_job_message(raw, self.signer, self.max_entry)
@@ -310,9 +291,9 @@ class _Loop:
         started = time.time()
         deadline = float("inf") if job.timeout is None else time.monotonic() + job.timeout
         self.record.set(State.RUNNING, queue=queue, attempt=attempt_id(job.run_id, job.task, job.attempt),
-                        started=started, deadline=deadline, timeout=job.timeout or 0.0, unreported=not reported)
-        start = None if reported else Outcome(run_id=job.run_id, task=job.task, attempt=job.attempt, status=STARTED,
-                                              at=started, worker=worker)
+                        started=started, deadline=deadline, timeout=job.timeout or 0.0, unreported=True)
+        start = Outcome(run_id=job.run_id, task=job.task, attempt=job.attempt, status=STARTED, at=started,
+                        worker=worker)
         outcome = attempt_outcome(self.task_connection, job.run_id, job.task, job.attempt, job.ref, job.payload,
                                   None, job.max_result_bytes, worker, kill_at=deadline if job.timeout else None)
         return raw, outcome, start

@@ -21,9 +21,8 @@ reads (at most a second apart) it renews its lease on the run and checks the
 heartbeat keys of the workers running its attempts: an attempt whose worker's
 heartbeat lapsed fails as "worker lost" and is retried like any failure.
 
-With a signing key (:mod:`shared.signing`) every job sent is signed, and an outcome or cancel
-request whose signature is missing or wrong is ignored with one log line; a "started" report
-without a signature (a lean take, reported in Lua) only marks the task running.
+With a signing key (:mod:`shared.signing`) every job sent is signed, and a report (a start or
+an outcome) or cancel request whose signature is missing or wrong is ignored with one log line.
 
 Every Redis call here survives an outage of up to ``Settings.outage`` seconds:
 a step is written again whole after a reconnect (its writes are idempotent;
@@ -57,9 +56,9 @@ from shared.config import NO_TIMEOUT, Settings
 from shared.errors import SerializationError
 from shared.jobs import JOB_FUNCTION, job_message, job_signature
 from shared.events import Event, RunCancelled, TaskStarted
-from shared.messages import (CANCEL_KIND, FAILED, OUTCOME_KIND, STARTED, SUCCEEDED, Outcome, cancel_requester,
+from shared.messages import (CANCEL_KIND, OUTCOME_KIND, STARTED, Outcome, cancel_requester,
                              finished_event)
-from shared.signing import SIGNATURE_FIELD, Signer, fields_verified
+from shared.signing import Signer, fields_verified
 from shared.states import RunState, TaskState
 from shared.workers import LEAN
 
@@ -78,10 +77,6 @@ TTL when that is shorter, so that a live coordinator's lease never lapses betwee
 DEFER_WRITES = 0.2
 """Longest a step that only marks tasks running or succeeded (and starts nothing) waits to be
 written with the next one."""
-
-
-def outcome_field_names(fields: Mapping[Any, Any]) -> set[str]:
-    return {name.decode() if isinstance(name, bytes) else name for name in fields}
 
 
 def _deferrable(step: Step) -> bool:
@@ -443,54 +438,42 @@ class RQBackend:
         for _stream, entries in reply or ():
             for entry_id, fields in entries:
                 self._last_event = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
-                event = self._event_of(fields, now)
-                if event is not None:
-                    events.append(event)
+                events.extend(self._events_of(fields, now))
         return events
 
-    def _event_of(self, fields: Mapping[Any, Any], now: Optional[float] = None) -> Optional[Event]:
-        """The event an entry of the run's stream stands for, at ``now`` (the coordinator's clock, which
-        decides retry times, not a worker's; read here if not given), or ``None`` for one to ignore."""
+    def _events_of(self, fields: Mapping[Any, Any], now: Optional[float] = None) -> tuple[Event, ...]:
+        """The events an entry of the run's stream stands for, at ``now`` (the coordinator's clock, which
+        decides retry times, not a worker's; read here if not given): none for one to ignore, two for
+        a finished attempt's outcome that also reports its start."""
         now = time.time() if now is None else now
         by = cancel_requester(fields)
         if by is not None:
             if self.signer is not None and not fields_verified(self.signer, CANCEL_KIND, self.run_id, 0, fields):
                 log.error("run %s: ignored a cancel request (by %.80r) with a missing or wrong signature",
                           self.run_id, by)
-                return None
-            return RunCancelled(now, by)
+                return ()
+            return (RunCancelled(now, by),)
         try:
             outcome = Outcome.from_fields(fields)
         except SerializationError as exc:
             log.error("run %s: ignored an unreadable event: %s", self.run_id, exc)
-            return None
+            return ()
         if outcome.run_id != self.run_id or outcome.task not in self.tasks:
             log.error("run %s: ignored an event for run %.80r task %.80r", self.run_id, outcome.run_id, outcome.task)
-            return None
-        watched = outcome.worker
-        if self.signer is not None and not self._verified(outcome, fields):
-            if outcome.status != STARTED or SIGNATURE_FIELD in outcome_field_names(fields):
-                log.error("run %s: ignored a %s outcome of task %.80r attempt %s with a missing or wrong signature",
-                          self.run_id, outcome.status, outcome.task, outcome.attempt)
-                return None
-            # An unsigned start (a lean take reports it in Lua, without the key) is a hint: shown,
-            # never a result, and its worker's heartbeat is not what decides a loss (the in-flight
-            # lists are). See README "Security model".
-            watched = None
+            return ()
+        if self.signer is not None and not fields_verified(self.signer, OUTCOME_KIND, self.run_id, outcome.attempt,
+                                                           fields):
+            log.error("run %s: ignored a %s outcome of task %.80r attempt %s with a missing or wrong signature",
+                      self.run_id, outcome.status, outcome.task, outcome.attempt)
+            return ()
         job_id = self.job_id(outcome.task, outcome.attempt)
         if outcome.status == STARTED:
-            self.watch.started(job_id, outcome.task, outcome.attempt, watched)
-            return TaskStarted(outcome.task, outcome.attempt, now, outcome.worker)
+            self.watch.started(job_id, outcome.task, outcome.attempt, outcome.worker)
+            return (TaskStarted(outcome.task, outcome.attempt, now, outcome.worker),)
         self.watch.finished(job_id, outcome.task, outcome.attempt)
-        if outcome.status in (SUCCEEDED, FAILED):
-            return finished_event(outcome, now)
-        return None
-
-    def _verified(self, outcome: Outcome, fields: Mapping[Any, Any]) -> bool:
-        if outcome.status == STARTED and SIGNATURE_FIELD.encode() not in fields:
-            return False  # a hint (see below): no signature to check
-        assert self.signer is not None
-        return fields_verified(self.signer, OUTCOME_KIND, self.run_id, outcome.attempt, fields)
+        if outcome.with_start:
+            return TaskStarted(outcome.task, outcome.attempt, now, outcome.worker), finished_event(outcome, now)
+        return (finished_event(outcome, now),)
 
     def close(self) -> None:
         self.connection.close()
