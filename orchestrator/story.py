@@ -30,7 +30,8 @@ class Stories:
         self._latest = array("i", [-1]) * size
         self._previous = array("i")
         self._cause = array("I")
-        self._argument: list[Optional[int]] = []
+        self._argument = array("i")
+        """The number filling a row's template (0 for a plain cause): no int object per row."""
         self._start = bytearray()
         self._finish = bytearray()
         self._at = array("d")
@@ -55,7 +56,7 @@ class Stories:
         self._previous.append(self._latest[task])
         self._latest[task] = len(self._at)
         self._cause.append(code)
-        self._argument.append(argument)
+        self._argument.append(argument or 0)
         self._start.append(_CODES[start])
         self._finish.append(_CODES[finish])
         self._at.append(at)
