@@ -18,6 +18,9 @@ from shared.states import TaskState
 _STATES = tuple(TaskState)
 _CODES = {state: code for code, state in enumerate(_STATES)}
 
+_INT_LIMIT = 2 ** 31
+"""What fits one entry of an ``array("i")``."""
+
 TEXT, NUMBER, TASK = 0, 1, 2
 """How a cause is written: as it is, or as a template filled with a number or a task's name."""
 
@@ -32,6 +35,8 @@ class Stories:
         self._cause = array("I")
         self._argument = array("i")
         """The number filling a row's template (0 for a plain cause): no int object per row."""
+        self._large: dict[int, int] = {}
+        """row -> its number where it does not fit the array (a forged event's attempt)."""
         self._start = bytearray()
         self._finish = bytearray()
         self._at = array("d")
@@ -56,6 +61,9 @@ class Stories:
         self._previous.append(self._latest[task])
         self._latest[task] = len(self._at)
         self._cause.append(code)
+        if argument is not None and not -_INT_LIMIT <= argument < _INT_LIMIT:
+            self._large[len(self._argument)] = argument
+            argument = 0
         self._argument.append(argument or 0)
         self._start.append(_CODES[start])
         self._finish.append(_CODES[finish])
@@ -72,7 +80,7 @@ class Stories:
 
     def _entry(self, row: int) -> tuple[str, TaskState, TaskState, float]:
         template, kind = self._templates[self._cause[row]]
-        argument: Any = self._argument[row]
+        argument: Any = self._large.get(row, self._argument[row])
         if kind == TASK:
             argument = self._names[argument]
         cause = template if kind == TEXT else template.format(argument)

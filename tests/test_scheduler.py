@@ -107,6 +107,16 @@ def test_start_dispatches_exactly_the_roots():
     assert h.finishes() == []
 
 
+def test_a_stale_event_with_any_attempt_number_is_ignored_and_kept_in_the_story():
+    s = Scheduler([Spec("a")])
+    s.start(0.0)
+    huge = 99999999999999999999  # a forged outcome may name any attempt: the story must keep it, not fail
+    assert s.handle(TaskFailed("a", huge, 1.0, "x")) == []
+    assert s.handle(TaskSucceeded("a", 7, 2.0)) == []
+    causes = [cause for cause, *_ in s.story("a")]
+    assert causes[-2:] == [f"ignored TaskFailed(attempt {huge})", "ignored TaskSucceeded(attempt 7)"]
+
+
 def test_start_twice_and_handle_before_start_are_refused():
     s = Scheduler([Spec("a")])
     with pytest.raises(RuntimeError):
