@@ -187,3 +187,25 @@ def test_tls_end_to_end_and_an_untrusted_certificate_is_one_error_line(tmp_path:
     assert_one_error_line(missing, "'ca='", "not a readable file")
     not_tls = orch("runs", "--redis-url", f"redis://127.0.0.1:{port}/0?ca={files['ca']}")
     assert_one_error_line(not_tls, "use a rediss:// URL")
+
+
+def test_a_new_connection_costs_one_handshake_round_trip(redis_server) -> None:
+    """orch's connections send ``HELLO`` and nothing else before their first command: no ``CLIENT
+    SETINFO`` nor ``CLIENT MAINT_NOTIFICATIONS`` (redis-py 8's defaults, one more round trip each time
+    a connection opens, and an RQ work horse opens one per job). ``MONITOR`` hides ``CLIENT``
+    commands, so Redis's own counters say what arrived: a server that knows them counts them under
+    ``cmdstat_client|...``, one that does not (7.0) answers each with an error."""
+    watcher = redis.Redis.from_url(redis_server.url)
+
+    def counters() -> tuple[int, int, int]:
+        info = watcher.info("all")
+        client_calls = sum(v["calls"] for k, v in info.items() if k.startswith("cmdstat_client"))
+        return info["total_error_replies"], client_calls, info.get("cmdstat_hello", {}).get("calls", 0)
+
+    before = counters()
+    client = connect(redis_server.url, check=False)
+    client.set("handshake:probe", "1")
+    client.close()
+    errors, client_calls, hellos = (after - first for after, first in zip(counters(), before))
+    watcher.close()
+    assert (errors, client_calls, hellos) == (0, 0, 1)
